@@ -1,0 +1,26 @@
+# The two README commands: `make study` and `make test`.
+# Both create .venv, install torch 2.13.0 first (the CPU wheel on a CPU machine), then the project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup study test bench clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+study: setup
+	$(PY) jobs/tune.py --space search_spaces/quick.yaml
+
+test: setup
+	$(PY) -m pytest tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,45 @@
+"""The `mg-ray` console script: one subcommand per job.
+
+Each subcommand lives in the module that implements it and exposes `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their subcommand runs, so `mg-ray --help` stays
+fast and importing the package has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("mg_ray.data.synth", "write the synthetic micro-gesture dataset"),
+    "prepare": ("mg_ray.data.prepare", "re-encode clips for cheap random access"),
+    "convert-openpose": ("mg_ray.data.openpose", "build a dataset from OpenPose JSON output"),
+    "train": ("mg_ray.train.job", "train one model on a Ray cluster"),
+    "tune": ("mg_ray.tune.job", "run a hyperparameter study"),
+    "promote": ("mg_ray.tune.promote", "register a run's model and set its aliases"),
+    "predict": ("mg_ray.predict", "classify clips with a registered model"),
+    "ensemble": ("mg_ray.tune.ensemble", "combine several runs' saved predictions"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="mg-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd = argparse.ArgumentParser(prog=f"mg-ray {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd)
+    args = cmd.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
