@@ -1,0 +1,375 @@
+"""The per-worker training loop run by Ray Train's `TorchTrainer` (one process per DDP rank).
+
+Read top to bottom: setup (config, data, model, optimiser, resume), then one iteration per epoch
+(train, evaluate on the whole validation split across ranks, checkpoint + `ray.train.report`),
+then the final multi-clip test evaluation of the best weights. Only Ray Train touches DDP
+(`prepare_model`, `prepare_data_loader`); everything rank 0 alone does (MLflow, checkpoint files)
+sits behind `if rank == 0`.
+
+The loop is told by its driver (see `mg_ray.train.trainer`) which MLflow run to log into; the
+driver owns that run's lifecycle.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from mg_ray.config import dump_yaml, from_mapping
+from mg_ray.train.checkpoint import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    build_from_spec,
+    model_spec,
+    resolve_model_file,
+    safe_load,
+    save_model_file,
+    unwrap,
+)
+from mg_ray.train.config import ExperimentConfig
+from mg_ray.train.metrics import classification_metrics
+
+STREAMS = ("rgb", "pose")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """loop_config: {"experiment": <ExperimentConfig as dict>, "tracking_uri": str, "run_id": str}."""
+    import ray.train
+    import ray.train.torch
+
+    from mg_ray.data import build_dataset
+    from mg_ray.models import TwoStreamCriterion, merge_stream_checkpoints
+
+    cfg = from_mapping(ExperimentConfig, loop_config["experiment"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    amp_dtype = torch.bfloat16 if (cfg.optim.amp == "bf16" or (cfg.optim.amp == "auto" and device.type == "cuda")) else None
+
+    # ---- data ------------------------------------------------------------------------------
+    train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train")
+    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)
+    class_names = list(train_set.class_names)
+    num_classes = len(class_names)
+    per_worker_batch = cfg.optim.batch_size // world
+    loader_workers = cfg.data.num_workers
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(
+            train_set,
+            batch_size=per_worker_batch,
+            shuffle=True,
+            drop_last=len(train_set) >= cfg.optim.batch_size,
+            num_workers=loader_workers,
+            persistent_workers=loader_workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    # Validation is sharded by hand (rank r takes samples r, r+world, ...) instead of with a
+    # DistributedSampler, which pads with duplicates: metrics must count every sample once.
+    val_loader = DataLoader(
+        Subset(val_set, range(rank, len(val_set), world)),
+        batch_size=per_worker_batch,
+        num_workers=loader_workers,
+        persistent_workers=loader_workers > 0,
+    )
+
+    # ---- model, loss, optimiser --------------------------------------------------------------
+    seed_everything(cfg.optim.seed)  # same initial weights and prototypes on every rank
+    spec = model_spec(cfg.model, cfg.data, num_classes, train_set.pose_channels)
+    model = build_from_spec(spec)
+    if cfg.model.rgb_init or cfg.model.pose_init:
+        model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, loop_config["tracking_uri"]))
+    streams = tuple(s for s in STREAMS if cfg.model.modality in ("rgbpose", s))
+    criterion = TwoStreamCriterion(
+        num_classes,
+        model.embed_dim,
+        alpha=cfg.loss.alpha,
+        tau=cfg.loss.tau,
+        rho=cfg.loss.rho,
+        refinement=cfg.model.refinement,
+        stream_weights=tuple(cfg.model.stream_weights),
+        streams=streams,
+    ).to(device)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
+
+    # ---- resume ------------------------------------------------------------------------------
+    start_epoch, best = 0, Best()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = safe_load(Path(folder) / CHECKPOINT_FILE)
+        unwrap(model).load_state_dict(state["model"])
+        criterion.load_state_dict(state["prototypes"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        best = Best.from_state(state["best"])
+        print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}")
+
+    logger = None
+    if rank == 0:
+        from mg_ray.train.tracking import RunLogger
+
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        if start_epoch == 0:
+            logger.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
+            logger.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
+
+    # ---- epochs ------------------------------------------------------------------------------
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, optimizer, train_loader, device, amp_dtype, cfg.optim.grad_clip
+        )
+        lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
+        scheduler.step()
+        val = evaluate(model, val_loader, device, amp_dtype, cfg.model.stream_weights, world)
+        val_metrics = classification_metrics(val.stream_probs, val.fused, val.labels, "val")
+        improved = val_metrics["val_top1"] > best.val_top1
+        if improved:
+            best = Best(
+                epoch=epoch,
+                val_top1=val_metrics["val_top1"],
+                model={k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()},
+                prototypes={k: v.detach().cpu().clone() for k, v in criterion.state_dict().items()},
+            )
+        metrics = {
+            "epoch": epoch,
+            "lr": lr,
+            **train_stats,
+            **val_metrics,
+            "best_val_top1": best.val_top1,
+            "best_epoch": best.epoch,
+        }
+        last = epoch == cfg.optim.epochs - 1
+        if last and cfg.data.test_split:
+            metrics.update(final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, logger))
+
+        if rank == 0:
+            logger.log_metrics(metrics, step=epoch)
+            if improved:
+                clip_names = [val_set.clip_name(i) for i in val.indices]
+                logger.log_classification_report("val", val.labels, val.fused, val.stream_probs, class_names, clip_names)
+            if last:
+                log_best_model(logger, best, spec, class_names, cfg)
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(
+                    {
+                        "model": unwrap(model).state_dict(),
+                        "prototypes": criterion.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "best": best.state(),
+                    },
+                    Path(folder) / CHECKPOINT_FILE,
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)  # a barrier: every rank reports
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad_clip) -> dict[str, float]:
+    """One pass over this rank's shard. Returns mean losses, throughput and the fraction of the
+    epoch spent waiting for the data loader (time in `next(batch)` over wall time)."""
+    model.train()
+    criterion.train()
+    sums: dict[str, float] = {}
+    samples, steps, wait = 0, 0, 0.0
+    start = time.perf_counter()
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t0
+        rgb, pose, labels = (batch[k].to(device, non_blocking=True) for k in ("rgb", "pose", "label"))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(rgb, pose)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        losses = criterion(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(labels)
+        samples += len(labels)
+        steps += 1
+    elapsed = time.perf_counter() - start
+    stats = {f"train_{k}": v / max(samples, 1) for k, v in sums.items()}
+    stats["train_samples_per_s"] = samples / elapsed if elapsed > 0 else 0.0
+    stats["train_data_wait_frac"] = wait / elapsed if elapsed > 0 else 0.0
+    stats["train_epoch_s"] = elapsed
+    return stats
+
+
+@dataclass
+class Predictions:
+    indices: np.ndarray                  # [N] dataset indices, sorted
+    labels: np.ndarray                   # [N]
+    stream_probs: dict[str, np.ndarray]  # stream -> [N, K] softmax
+    fused: np.ndarray                    # [N, K]
+
+
+@torch.no_grad()
+def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
+    """Class probabilities for every sample of `loader` on this process.
+
+    Test-mode items may carry several clips ([B, clips, C, T, H, W]); their probabilities are
+    averaged over the clips, as in the multi-clip test protocol.
+    """
+    from mg_ray.models import fuse_probabilities
+
+    model.eval()
+    indices, labels, fused, streams = [], [], [], {}
+    for batch in loader:
+        rgb, pose = batch["rgb"].to(device), batch["pose"].to(device)
+        clips = 1
+        if rgb.dim() == 6:  # [B, clips, ...] -> [B * clips, ...]
+            clips = rgb.shape[1]
+            rgb, pose = rgb.flatten(0, 1), pose.flatten(0, 1)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(rgb, pose)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        probs_fused = fuse_probabilities(outputs, stream_weights)
+        fused.append(probs_fused.view(-1, clips, probs_fused.shape[-1]).mean(1).cpu())
+        for stream in STREAMS:
+            if f"{stream}_logits" in outputs:
+                p = outputs[f"{stream}_logits"].softmax(-1)
+                streams.setdefault(stream, []).append(p.view(-1, clips, p.shape[-1]).mean(1).cpu())
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0,))  # noqa: E731
+    return Predictions(cat(indices), cat(labels), {s: cat(v) for s, v in streams.items()}, cat(fused))
+
+
+def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Predictions:
+    """Predictions over the whole split: every rank predicts its shard, then all ranks gather
+    every shard so each holds the full, de-duplicated split (and the same metrics)."""
+    local = predict(model, loader, device, amp_dtype, stream_weights)
+    if world == 1:
+        return local
+    shards: list[Any] = [None] * world
+    dist.all_gather_object(shards, local)
+    indices = np.concatenate([s.indices for s in shards])
+    order = np.argsort(indices, kind="stable")
+    return Predictions(
+        indices[order],
+        np.concatenate([s.labels for s in shards])[order],
+        {k: np.concatenate([s.stream_probs[k] for s in shards])[order] for k in local.stream_probs},
+        np.concatenate([s.fused for s in shards])[order],
+    )
+
+
+def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, logger) -> dict[str, float]:
+    """Multi-clip test evaluation of the best weights (then the current weights are restored)."""
+    from mg_ray.data import build_dataset
+
+    current = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    if best.model is not None:
+        unwrap(model).load_state_dict(best.model)
+    test_set = build_dataset(cfg.data, cfg.data.test_split, mode="test", num_clips=cfg.data.test_clips)
+    loader = DataLoader(
+        Subset(test_set, range(rank, len(test_set), world)),
+        batch_size=max(1, cfg.optim.batch_size // world),
+        num_workers=cfg.data.num_workers,
+    )
+    test = evaluate(model, loader, device, amp_dtype, cfg.model.stream_weights, world)
+    unwrap(model).load_state_dict(current)
+    metrics = classification_metrics(test.stream_probs, test.fused, test.labels, "test")
+    if logger is not None:
+        names = [test_set.clip_name(i) for i in test.indices]
+        logger.log_classification_report("test", test.labels, test.fused, test.stream_probs, class_names, names)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@dataclass
+class Best:
+    """The best validation epoch so far and its weights (kept in memory and in checkpoints)."""
+
+    epoch: int = -1
+    val_top1: float = -math.inf
+    model: dict[str, torch.Tensor] | None = None
+    prototypes: dict[str, torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "val_top1": self.val_top1, "model": self.model, "prototypes": self.prototypes}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Best":
+        return cls(**state)
+
+
+def log_best_model(logger, best: Best, spec, class_names, cfg) -> None:
+    from mg_ray.config import to_dict
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_model_file(
+            Path(folder) / MODEL_FILE,
+            spec=spec,
+            model_state=best.model,
+            criterion_state=best.prototypes,
+            class_names=class_names,
+            data=to_dict(cfg.data),
+            metrics={"val_top1": best.val_top1, "epoch": best.epoch},
+        )
+        logger.log_file(path, "best_model")
+
+
+def lr_factor(optim_cfg):
+    """Multiplier of the base lr at epoch e: linear warm-up, then x gamma at each milestone."""
+
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / optim_cfg.warmup_epochs) if optim_cfg.warmup_epochs else 1.0
+        decays = sum(epoch >= m for m in optim_cfg.milestones)
+        return warm * optim_cfg.gamma ** decays
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_stream_init(cfg, model, merge, tracking_uri) -> dict[str, torch.Tensor]:
+    """The two-stream initialisation from an RGB-only and a pose-only model file (paper recipe)."""
+    states = {}
+    for stream, location in (("rgb", cfg.model.rgb_init), ("pose", cfg.model.pose_init)):
+        if location:
+            content = safe_load(resolve_model_file(location, tracking_uri))
+            states[stream] = content["model"]
+    return merge(states.get("rgb", {}), states.get("pose", {}), model)

@@ -1,0 +1,241 @@
+"""MLflow tracking for training runs.
+
+Who does what:
+- The *driver* (the `mg-ray train` process, or a Tune trial) owns a run's lifecycle. It finds the
+  run by its key (a tag) or creates it, passes the run id to the workers, and terminates it when
+  `fit()` returns or raises. A worker group restarted by `FailureConfig` therefore logs into the
+  same run, and no run is left RUNNING whatever happens to the workers.
+- *Rank 0* of the worker group logs metrics and artifacts into that run id (see `RunLogger`).
+
+Everything goes through `MlflowClient` with an explicit tracking URI: no fluent global state in
+worker processes, which Ray may reuse.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mg_ray import paths
+
+RUN_KEY_TAG = "mg_ray.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """`MLFLOW_TRACKING_URI` wins (as in MLflow itself), then the config, then the sqlite store
+    under $MG_RAY_HOME (never the current directory, which is temporary under `ray job submit`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or paths.mlflow_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def check_tracking_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any training, when the tracking store cannot be reached."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):  # basic-auth is on: the server is up
+            return
+        problem = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise ConnectionError(
+        f"MLflow tracking server {tracking_uri} cannot be reached ({problem}). Start it "
+        f"(infra/local/start.sh), fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store."
+    )
+
+
+def get_or_create_experiment(mlflow_client, name: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
+                f"or choose another tracking.experiment"
+            )
+        return experiment.experiment_id
+    artifact_location = None
+    if mlflow_client.tracking_uri.startswith("sqlite:"):
+        artifact_location = paths.mlflow_artifact_root().as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another trial
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(mlflow_client, experiment_id: str, run_key: str):
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=2
+    )
+    if len(runs) > 1:
+        raise RuntimeError(f"two MLflow runs carry {RUN_KEY_TAG}={run_key!r}; expected one")
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(
+    mlflow_client,
+    experiment_id: str,
+    run_key: str,
+    *,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, object] | None = None,
+) -> tuple[str, bool]:
+    """Return (run_id, resumed). A run found by `run_key` is reopened (status RUNNING again)."""
+    run = find_run(mlflow_client, experiment_id, run_key)
+    if run is not None:
+        mlflow_client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, True
+    all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    if params:
+        log_params(mlflow_client, run.info.run_id, params)
+    return run.info.run_id, False
+
+
+def log_params(mlflow_client, run_id: str, params: Mapping[str, object]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def terminate_run(mlflow_client, run_id: str, status: str) -> None:
+    """status: FINISHED, FAILED or KILLED. Idempotent."""
+    mlflow_client.set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Rank 0's handle on the run: metrics per epoch and the end-of-training artifacts."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = client(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v)
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_classification_report(
+        self,
+        split: str,
+        labels: np.ndarray,
+        fused: np.ndarray,
+        stream_probs: Mapping[str, np.ndarray],
+        class_names: Sequence[str],
+        clip_names: Sequence[str],
+    ) -> None:
+        """Confusion matrix PNG, per-class accuracy CSV and the predictions of one split."""
+        from mg_ray.train.metrics import confusion_matrix, per_class_accuracy
+
+        cm = confusion_matrix(fused.argmax(1), labels, len(class_names))
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            plot_confusion_matrix(cm, class_names, tmp / f"{split}_confusion_matrix.png",
+                                  title=f"{split}: fused prediction")
+            (tmp / f"{split}_per_class_accuracy.csv").write_text(
+                per_class_csv(cm, per_class_accuracy(cm), class_names)
+            )
+            np.savez_compressed(
+                tmp / f"{split}_predictions.npz",
+                labels=labels,
+                fused=fused,
+                clip_names=np.asarray(clip_names),
+                **{f"probs_{s}": p for s, p in stream_probs.items()},
+            )
+            (tmp / f"{split}_predictions.csv").write_text(
+                predictions_csv(labels, fused, clip_names, class_names)
+            )
+            self.client.log_artifacts(self.run_id, str(tmp), "evaluation")
+
+
+def per_class_csv(cm: np.ndarray, accuracy: np.ndarray, class_names: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["class_id", "class_name", "support", "correct", "accuracy"])
+    for k, name in enumerate(class_names):
+        acc = "" if np.isnan(accuracy[k]) else f"{accuracy[k]:.4f}"
+        writer.writerow([k, name, int(cm[k].sum()), int(cm[k, k]), acc])
+    return out.getvalue()
+
+
+def predictions_csv(
+    labels: np.ndarray, fused: np.ndarray, clip_names: Iterable[str], class_names: Sequence[str]
+) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["clip", "label", "label_name", "predicted", "predicted_name", "confidence"])
+    for name, label, probs in zip(clip_names, labels, fused):
+        pred = int(probs.argmax())
+        writer.writerow([name, int(label), class_names[label], pred, class_names[pred], f"{probs[pred]:.4f}"])
+    return out.getvalue()
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    size = max(5.0, 0.35 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if normalised[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
