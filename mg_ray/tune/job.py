@@ -1,0 +1,65 @@
+"""`python jobs/tune.py` / `mg-ray tune`: run or resume a hyperparameter study.
+
+    python jobs/tune.py --space search_spaces/quick.yaml            # the embedded default
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/tune.py --space search_spaces/quick.yaml
+
+The study name defaults to the space file's stem; running the same command again resumes an
+interrupted study (completed trials are not rerun). Use --study to start another one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from mg_ray import paths
+
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", default="search_spaces/quick.yaml", help="search-space YAML")
+    parser.add_argument("--study", help="study name (default: the space file's stem)")
+    parser.add_argument("--trials", type=int, help="number of trials (default: the space's)")
+    parser.add_argument("--data", help="dataset folder (default: the synthetic dataset)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    parser.add_argument("--storage-path", help=f"Ray storage (default: {paths.ray_storage()})")
+    parser.add_argument("--no-promote", action="store_true", help="do not register the best model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mg_ray.train import tracking
+    from mg_ray.train.trainer import init_ray
+    from mg_ray.tune.space import load_space
+    from mg_ray.tune.study import run_study
+
+    space = load_space(args.space)  # validated before anything starts
+    study = args.study or Path(args.space).stem
+    if not STUDY_NAME.match(study):
+        raise SystemExit(f"error: --study {study!r}: expected letters, digits, '_', '.', '-' (max 64)")
+    if args.trials is not None and args.trials < 1:
+        raise SystemExit(f"error: --trials: expected an integer >= 1, got {args.trials}")
+    init_ray(args.address)
+    summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
+                        storage_path=args.storage_path, promote=not args.no_promote)
+    print()
+    print(f"study {study}: {summary['num_trials']} trials {summary.get('states', {})}")
+    if "best_trial_id" in summary:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in summary["best_params"].items())
+        print(f"best trial {summary['best_trial_id']} (MLflow run {summary['best_run_id']}): "
+              f"best val_top1 {summary['best_score']:.3f} with {params}")
+    promotion = summary.get("promotion")
+    if promotion:
+        role = "champion" if promotion["champion"] else "candidate"
+        print(f"registered model {promotion['name']} version {promotion['version']} (alias {role}); "
+              f"predict: mg-ray predict --model models:/{promotion['name']}@champion CLIP.mp4 --skeleton CLIP.npz")
+    uri = tracking.resolve_tracking_uri(None)
+    if uri.startswith("sqlite:"):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
+              f"then open http://127.0.0.1:5000 (experiment 'mg-ray', run '{study}')")
+    else:
+        print(f"MLflow UI: {uri} (experiment 'mg-ray', run '{study}')")
+    return 0

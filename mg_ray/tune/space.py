@@ -1,0 +1,248 @@
+"""Search spaces: YAML files in `search_spaces/`, validated on load, sampled by Optuna.
+
+A space file names the training config it starts from, the fixed overrides, the study settings
+and the searched parameters:
+
+    base: small                       # a train preset (small, paper) or a train-config YAML path
+    fixed:                            # dotted config keys -> values, applied to every trial
+      optim.epochs: 3
+    study:
+      num_trials: 4
+      metric: val_top1
+      mode: max
+      ...
+    parameters:
+      loss.alpha: {type: float, low: 0.02, high: 0.5, log: true}
+      optim.lr:   {type: float, low: 0.01, high: 0.2, log: true}
+      data.rgb_frames:  {type: categorical, choices: [4, 8]}
+      data.pose_frames: {type: categorical, choices: [8, 16, 32]}
+      model.fusion: {type: fixed, value: true}
+
+Constraints between parameters: the model can only be built for some (rgb_frames, pose_frames)
+pairs (`mg_ray.models.check_frame_counts`). The space samples `data.rgb_frames` first and then
+`data.pose_frames` among the choices compatible with it (a define-by-run space, so Optuna never
+proposes a pair the model cannot build); a space where some rgb choice has no compatible pose
+choice, or where the pair is fixed to an impossible value, is refused on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mg_ray.config import ConfigError, check, from_mapping
+
+RGB_FRAMES, POSE_FRAMES = "data.rgb_frames", "data.pose_frames"
+
+
+@dataclass
+class Parameter:
+    type: Literal["float", "int", "categorical", "fixed"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    value: Any = None
+
+    def validate(self) -> None:
+        if self.type in ("float", "int"):
+            check(self.low is not None and self.high is not None, "low",
+                  "both low and high for a numeric parameter", (self.low, self.high))
+            check(self.low < self.high, "high", f"a number greater than low={self.low}", self.high)
+            check(not self.log or self.low > 0, "low", "a number > 0 with log: true", self.low)
+            check(self.choices is None and self.value is None, "choices",
+                  "no choices/value for a numeric parameter", self.choices)
+            if self.type == "int":
+                check(float(self.low).is_integer() and float(self.high).is_integer(), "low",
+                      "integer bounds for an int parameter", (self.low, self.high))
+        elif self.type == "categorical":
+            check(bool(self.choices), "choices", "a non-empty list", self.choices)
+            check(self.low is None and self.high is None, "low", "no low/high for a categorical", self.low)
+        else:  # fixed
+            check(self.value is not None, "value", "a value for a fixed parameter", self.value)
+
+
+@dataclass
+class AshaSettings:
+    grace_period: int = 1       # epochs every trial gets before it can be stopped
+    reduction_factor: float = 2
+
+    def validate(self) -> None:
+        check(self.grace_period >= 1, "grace_period", "an integer >= 1", self.grace_period)
+        check(self.reduction_factor > 1, "reduction_factor", "a number > 1", self.reduction_factor)
+
+
+@dataclass
+class StudySettings:
+    num_trials: int = 4
+    metric: str = "val_top1"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent: int | None = None  # None: as many as the cluster's CPUs/GPUs allow
+    time_budget_s: float | None = None
+    seed: int = 0
+    trial_driver_cpus: float = 0.1    # the Tune trial function only waits on its Train run
+    asha: AshaSettings = field(default_factory=AshaSettings)
+    register_as: str = "mg-ray-fused"  # registered model name for promotion
+
+    def validate(self) -> None:
+        check(self.num_trials >= 1, "num_trials", "an integer >= 1", self.num_trials)
+        check(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent",
+              "an integer >= 1 or null", self.max_concurrent)
+        check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
+              "a number of seconds > 0 or null", self.time_budget_s)
+        check(self.trial_driver_cpus >= 0, "trial_driver_cpus", "a number >= 0", self.trial_driver_cpus)
+
+
+@dataclass
+class SearchSpace:
+    base: str = "small"
+    fixed: dict[str, Any] = field(default_factory=dict)
+    study: StudySettings = field(default_factory=StudySettings)
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, trial) -> dict[str, Any]:
+        """Optuna define-by-run: draw one configuration (dotted keys -> values)."""
+        params: dict[str, Any] = {}
+        for name, p in self.parameters.items():
+            if name == POSE_FRAMES:
+                continue  # drawn after rgb_frames, conditioned on it
+            params[name] = _suggest(trial, name, p)
+        if POSE_FRAMES in self.parameters:
+            p = self.parameters[POSE_FRAMES]
+            rgb = params.get(RGB_FRAMES, self.fixed_value(RGB_FRAMES))
+            if p.type == "categorical":
+                allowed = [c for c in p.choices if _frames_ok(rgb, c)]
+                # Optuna needs a fixed choice list per parameter name, so the conditional draw
+                # gets a name of its own for each rgb value.
+                params[POSE_FRAMES] = trial.suggest_categorical(f"{POSE_FRAMES}|rgb={rgb}", allowed)
+            else:
+                params[POSE_FRAMES] = _suggest(trial, POSE_FRAMES, p)
+        return params
+
+    def fixed_value(self, key: str) -> Any:
+        p = self.parameters.get(key)
+        if p is not None and p.type == "fixed":
+            return p.value
+        return self.fixed.get(key)
+
+    def searched(self) -> list[str]:
+        return [n for n, p in self.parameters.items() if p.type != "fixed"]
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Load and validate a search-space YAML; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: search-space file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        space = from_mapping(SearchSpace, {**data, "source": str(path)})
+        _validate_against_config(space)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return space
+
+
+def base_config_dict(space: SearchSpace) -> dict[str, Any]:
+    """The base training config as a nested dict, before fixed values and trial parameters."""
+    from mg_ray.train.job import load_config
+    from mg_ray.config import to_dict
+
+    return to_dict(load_config(space.base, {}))
+
+
+def trial_overrides(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted-key overrides of one trial: fixed values, fixed parameters, sampled parameters."""
+    out = dict(space.fixed)
+    out.update({n: p.value for n, p in space.parameters.items() if p.type == "fixed"})
+    out.update(params)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _suggest(trial, name: str, p: Parameter) -> Any:
+    if p.type == "float":
+        return trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+    if p.type == "int":
+        return trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    if p.type == "categorical":
+        return trial.suggest_categorical(name, p.choices)
+    return p.value
+
+
+def _frames_ok(rgb_frames: Any, pose_frames: Any) -> bool:
+    from mg_ray.models import check_frame_counts
+
+    try:
+        check_frame_counts(int(rgb_frames), int(pose_frames))
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def _validate_against_config(space: SearchSpace) -> None:
+    """Every searched/fixed key must be a real config key of the right type, and the frame-count
+    constraint must leave at least one buildable pair for every rgb choice."""
+    from mg_ray.config import apply_overrides
+    from mg_ray.train.config import ExperimentConfig
+
+    try:
+        base = base_config_dict(space)
+    except ConfigError as err:
+        raise ConfigError(f"base: {err}") from None
+    for name, p in space.parameters.items():
+        # one representative value per parameter, type-checked through the config loader
+        probe = p.value if p.type == "fixed" else (p.choices[0] if p.type == "categorical" else p.low)
+        if p.type == "int":
+            probe = int(probe)
+        try:
+            from_mapping(ExperimentConfig, apply_overrides(base, {**space.fixed, name: probe}))
+        except ConfigError as err:
+            raise ConfigError(f"parameters.{name}: {err}") from None
+        if p.type == "categorical":
+            for choice in p.choices:
+                try:
+                    from_mapping(ExperimentConfig, apply_overrides(base, {**space.fixed, name: choice}))
+                except ConfigError as err:
+                    raise ConfigError(f"parameters.{name}: choice {choice!r}: {err}") from None
+    try:
+        from_mapping(ExperimentConfig, apply_overrides(base, space.fixed))
+    except ConfigError as err:
+        raise ConfigError(f"fixed: {err}") from None
+
+    rgb_p, pose_p = space.parameters.get(RGB_FRAMES), space.parameters.get(POSE_FRAMES)
+    rgb_values = _values(rgb_p, space.fixed.get(RGB_FRAMES, base["data"]["rgb_frames"]))
+    pose_values = _values(pose_p, space.fixed.get(POSE_FRAMES, base["data"]["pose_frames"]))
+    if pose_p is not None and pose_p.type in ("float", "int"):
+        raise ConfigError(f"parameters.{POSE_FRAMES}: expected type categorical or fixed (frame counts are "
+                          f"constrained by the model), got {pose_p.type}")
+    if rgb_p is not None and rgb_p.type in ("float", "int"):
+        raise ConfigError(f"parameters.{RGB_FRAMES}: expected type categorical or fixed, got {rgb_p.type}")
+    for rgb in rgb_values:
+        if not any(_frames_ok(rgb, pose) for pose in pose_values):
+            raise ConfigError(
+                f"parameters.{POSE_FRAMES}: no choice in {pose_values} builds a model with "
+                f"data.rgb_frames={rgb} (pose_frames must be a multiple of rgb_frames the model "
+                f"supports; see mg_ray.models.check_frame_counts): impossible constraint"
+            )
+
+
+def _values(p: Parameter | None, default: Any) -> list[Any]:
+    if p is None:
+        return [default]
+    if p.type == "categorical":
+        return list(p.choices)
+    if p.type == "fixed":
+        return [p.value]
+    return [p.low, p.high]

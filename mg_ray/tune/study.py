@@ -1,0 +1,336 @@
+"""A hyperparameter study: Ray Tune + OptunaSearch (TPE) + ASHA over Ray Train trials.
+
+    driver (this module)
+      |- MLflow parent run of the study (found again by its key on resume)
+      |- Tuner(trial_driver, OptunaSearch(define-by-run space, RDB storage), ASHA on `epochs_completed`)
+            |- trial_driver (one per trial, a Tune function trainable)
+                  |- mg_ray.train.trainer.fit(...)  -> TorchTrainer named after the trial id,
+                                                       MLflow child run keyed <study>/<trial id>
+
+Resuming: the Tune experiment lives in <storage>/<study name>; when it exists the same command
+restores it (`Tuner.restore`), the Optuna study of the same name is reloaded from its storage, and
+trials that were running resume their Train runs from their last checkpoints. Child runs are found
+by key, never duplicated. A study name used with a different search space is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mg_ray import paths
+from mg_ray.config import apply_overrides, from_mapping, to_dict
+from mg_ray.train import tracking
+from mg_ray.train.config import ExperimentConfig
+from mg_ray.tune.space import SearchSpace, base_config_dict, trial_overrides
+
+STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mg_ray.study", "mg_ray.role", "mg_ray.trial_id", "mg_ray.trial_state"
+SPACE_HASH_TAG = "mg_ray.space_sha256"
+TIME_ATTR = "epochs_completed"
+
+
+@dataclass
+class StudyContext:
+    """What every trial needs to know about its study (passed with `tune.with_parameters`)."""
+
+    name: str
+    base: dict[str, Any]          # base training config as a nested dict
+    space: SearchSpace
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    train_storage: str            # where the trials' Train runs (and checkpoints) live
+    optuna_storage: str           # Optuna RDB storage URL holding the study of the same name
+
+
+def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
+    """The full training config of one trial: base + fixed + sampled parameters."""
+    sampled = {k: v for k, v in params.items() if "|" not in k}  # drop conditional helper names
+    data = apply_overrides(ctx.base, trial_overrides(ctx.space, sampled))
+    data = apply_overrides(data, {"tracking.tracking_uri": ctx.tracking_uri,
+                                  "tracking.experiment": ctx.experiment})
+    return from_mapping(ExperimentConfig, data)
+
+
+def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
+    """One Tune trial: a Ray Train run whose reports reach Tune through TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mg_ray.train.trainer import fit
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(ctx, params)
+    fit(
+        cfg,
+        name=f"{ctx.name}_{trial_id}",
+        storage_path=ctx.train_storage,
+        run_key=f"{ctx.name}/{trial_id}",
+        parent_run_id=ctx.parent_run_id,
+        tags={STUDY_TAG: ctx.name, ROLE_TAG: "trial", TRIAL_TAG: trial_id},
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
+    """A Tune callback that closes each trial's MLflow child run with its final state.
+
+    A trial that ASHA stops, or that crashes, dies with its Train run: nothing inside it can end
+    its MLflow run, so the driver does, and tags the state (completed / stopped / failed).
+    """
+    from ray.tune import Callback
+
+    class TrialStateCallback(Callback):
+        def _close(self, trial, state: str, status: str) -> None:
+            mlflow_client = tracking.client(ctx.tracking_uri)
+            experiment = mlflow_client.get_experiment_by_name(ctx.experiment)
+            run = tracking.find_run(mlflow_client, experiment.experiment_id, f"{ctx.name}/{trial.trial_id}")
+            if run is None:  # the trial failed before its Train run started
+                return
+            mlflow_client.set_tag(run.info.run_id, STATE_TAG, state)
+            if run.info.status == "RUNNING" or state != "completed":
+                tracking.terminate_run(mlflow_client, run.info.run_id, status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            done = (trial.last_result or {}).get(TIME_ATTR, 0)
+            if done >= max_epochs:
+                self._close(trial, "completed", "FINISHED")
+            else:
+                self._close(trial, "stopped", "KILLED")  # ASHA or the time budget
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, "failed", "FAILED")
+
+    return TrialStateCallback()
+
+
+def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig) -> int:
+    """As many trials at once as the cluster's CPUs (and GPUs) hold, capped by the space."""
+    import ray
+
+    total = ray.cluster_resources()
+    res = cfg.resources
+    per_trial_cpus = res.num_workers * res.cpus_per_worker + space.study.trial_driver_cpus
+    fits = int(math.floor(total.get("CPU", 0) / per_trial_cpus + 1e-9))
+    if res.use_gpu:
+        fits = min(fits, int(total.get("GPU", 0) // res.num_workers))
+    fits = max(1, min(fits, space.study.num_trials))
+    return min(fits, space.study.max_concurrent) if space.study.max_concurrent else fits
+
+
+def space_fingerprint(space: SearchSpace) -> str:
+    payload = json.dumps(to_dict(space) | {"source": None}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_study(
+    space: SearchSpace,
+    *,
+    study_name: str,
+    data_root: str | None = None,
+    num_trials: int | None = None,
+    storage_path: str | Path | None = None,
+    optuna_storage: str | None = None,
+    promote: bool = True,
+    verbose: int = 1,
+) -> dict[str, Any]:
+    """Run (or resume) the study; returns a summary dict. Every check runs before any trial."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mg_ray.train.job import ensure_dataset
+    from mg_ray.train.trainer import check_resources
+
+    if num_trials is not None:
+        space.study.num_trials = num_trials
+    base = base_config_dict(space)
+    if data_root is not None:
+        base = apply_overrides(base, {"data.root": str(data_root)})
+    # The config every trial starts from (fixed values applied): checked once, here.
+    probe = from_mapping(ExperimentConfig, apply_overrides(base, trial_overrides(space, {})))
+    ensure_dataset(probe)
+    tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
+    tracking.check_tracking_server(tracking_uri)
+    res = probe.resources
+    check_resources(res.num_workers, res.cpus_per_worker, res.use_gpu,
+                    reserved_cpus=space.study.trial_driver_cpus, what=f"each trial of study {study_name!r}")
+    concurrency = max_concurrent_trials(space, probe)
+
+    storage = Path(storage_path or paths.ray_storage()).expanduser().resolve()
+    experiment_path = storage / study_name
+    fingerprint = space_fingerprint(space)
+    mlflow_client = tracking.client(tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(mlflow_client, probe.tracking.experiment)
+    existing = tracking.find_run(mlflow_client, experiment_id, f"study/{study_name}")
+    if existing is not None and existing.data.tags.get(SPACE_HASH_TAG) != fingerprint:
+        raise ValueError(
+            f"study {study_name!r} already exists (MLflow run {existing.info.run_id}) with a different "
+            f"search space; resume it with the same space file, or choose another --study name"
+        )
+    parent_run_id, resumed = tracking.start_or_resume_run(
+        mlflow_client, experiment_id, f"study/{study_name}", run_name=study_name,
+        tags={STUDY_TAG: study_name, ROLE_TAG: "study", SPACE_HASH_TAG: fingerprint,
+              "mg_ray.space_file": space.source},
+        params={"study.name": study_name, "study.space": space.source,
+                **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
+                "study.max_concurrent_trials": concurrency},
+    )
+    ctx = StudyContext(
+        name=study_name, base=base, space=space, tracking_uri=tracking_uri,
+        experiment=probe.tracking.experiment, parent_run_id=parent_run_id,
+        train_storage=str(storage / f"{study_name}_train"),
+        optuna_storage=optuna_storage or paths.optuna_storage_url(),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, ctx=ctx), {"cpu": space.study.trial_driver_cpus}
+    )
+    status = "FAILED"
+    try:
+        if tune.Tuner.can_restore(str(experiment_path)):
+            print(f"resuming study {study_name!r} from {experiment_path}")
+            tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+        else:
+            searcher = OptunaSearch(
+                space.sample,
+                metric=space.study.metric,
+                mode=space.study.mode,
+                storage=optuna.storages.RDBStorage(ctx.optuna_storage),
+                study_name=study_name,
+                seed=space.study.seed,
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+                    scheduler=ASHAScheduler(
+                        time_attr=TIME_ATTR,
+                        metric=space.study.metric,
+                        mode=space.study.mode,
+                        max_t=probe.optim.epochs,
+                        grace_period=space.study.asha.grace_period,
+                        reduction_factor=space.study.asha.reduction_factor,
+                    ),
+                    num_samples=space.study.num_trials,
+                    max_concurrent_trials=concurrency,
+                    time_budget_s=space.study.time_budget_s,
+                ),
+                run_config=tune.RunConfig(
+                    name=study_name,
+                    storage_path=str(storage),
+                    callbacks=[make_trial_state_callback(ctx, probe.optim.epochs)],
+                    verbose=verbose,
+                ),
+            )
+        results = tuner.fit()
+        summary = summarise(results, ctx, mlflow_client, space)
+        if promote and summary.get("best_run_id"):
+            from mg_ray.tune.promote import promote_run
+
+            summary["promotion"] = promote_run(
+                summary["best_run_id"], space.study.register_as, tracking_uri=tracking_uri,
+                metric=space.study.metric, mode=space.study.mode,
+                lineage={"study": study_name, "trial": summary["best_trial_id"]},
+            )
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.terminate_run(mlflow_client, parent_run_id, status)
+
+
+def summarise(results, ctx: StudyContext, mlflow_client, space: SearchSpace) -> dict[str, Any]:
+    """Log the study summary on the parent run: trials table, best config, Optuna plots."""
+    import pandas as pd
+
+    rows = []
+    experiment = mlflow_client.get_experiment_by_name(ctx.experiment)
+    children = {
+        r.data.tags.get(TRIAL_TAG): r
+        for r in mlflow_client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}'",
+            max_results=5000,
+        )
+    }
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id")
+        child = children.get(trial_id)
+        row = {
+            "trial_id": trial_id,
+            "mlflow_run_id": child.info.run_id if child else None,
+            "state": child.data.tags.get(STATE_TAG, "unknown") if child else ("failed" if result.error else "unknown"),
+            space.study.metric: metrics.get(space.study.metric),
+            f"best_{space.study.metric}": metrics.get(f"best_{space.study.metric}"),
+            "epochs_completed": metrics.get(TIME_ATTR),
+            "test_top1": metrics.get("test_top1"),
+        }
+        row.update({k: v for k, v in (result.config or {}).items() if "|" not in k})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    score_key = f"best_{space.study.metric}" if space.study.metric == "val_top1" else space.study.metric
+    best_row = None
+    if len(table) and table[score_key].notna().any():
+        ordered = table.sort_values(score_key, ascending=space.study.mode == "min", na_position="last")
+        best_row = ordered.iloc[0].to_dict()
+    logger = tracking.RunLogger(ctx.tracking_uri, ctx.parent_run_id)
+    logger.log_text(table.to_csv(index=False), "study/trials.csv")
+    summary: dict[str, Any] = {"study": ctx.name, "num_trials": len(table),
+                               "states": table["state"].value_counts().to_dict() if len(table) else {}}
+    if best_row is not None:
+        best_params = {k: v for k, v in best_row.items() if k.startswith(("loss.", "optim.", "data.", "model."))}
+        best_cfg = trial_config(ctx, best_params)
+        from mg_ray.config import dump_yaml
+
+        logger.log_text(dump_yaml(best_cfg), "study/best_config.yaml")
+        mlflow_client.log_metric(ctx.parent_run_id, f"best_{space.study.metric}", float(best_row[score_key]))
+        for key, value in best_params.items():
+            mlflow_client.set_tag(ctx.parent_run_id, f"best.{key}", str(value))
+        summary.update(best_trial_id=best_row["trial_id"], best_run_id=best_row["mlflow_run_id"],
+                       best_score=float(best_row[score_key]), best_params=best_params)
+    log_optuna_plots(ctx, logger)
+    return summary
+
+
+def log_optuna_plots(ctx: StudyContext, logger) -> None:
+    """Optimisation history, parameter importances, parallel coordinates (matplotlib PNGs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    study = optuna.load_study(study_name=ctx.name, storage=ctx.optuna_storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plots = {"optimization_history": ovm.plot_optimization_history,
+             "param_importances": ovm.plot_param_importances,
+             "parallel_coordinate": ovm.plot_parallel_coordinate}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, plot in plots.items():
+            try:
+                if name != "optimization_history" and len(complete) < 2:
+                    raise ValueError("needs at least 2 completed trials")
+                ax = plot(study)
+                fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
+                fig.set_size_inches(9, 5)
+                fig.tight_layout()
+                fig.savefig(Path(folder) / f"{name}.png", dpi=100)
+                plt.close(fig)
+            except Exception as err:  # plots are a convenience: never fail the study on one
+                (Path(folder) / f"{name}.txt").write_text(f"not plotted: {err}\n")
+        logger.client.log_artifacts(logger.run_id, folder, "study/plots")
