@@ -1,0 +1,150 @@
+"""`mg-ray ensemble`: score-level ensemble of several runs (the paper's final step).
+
+    mg-ray ensemble --runs <run id> <run id> ... [--study quick]
+
+Each run's saved validation and test predictions (`evaluation/{val,test}_predictions.npz`) are
+combined as a weighted sum of class probabilities; the weights are searched on validation
+(coordinate ascent over a grid on the simplex), then applied to test. The result is logged as a
+new MLflow run with the weights, the metrics and the ensembled predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mg_ray.train import tracking
+from mg_ray.train.metrics import topk_accuracy
+
+
+def load_predictions(run_id: str, split: str, tracking_uri: str, folder: Path) -> dict[str, np.ndarray]:
+    import mlflow.artifacts
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{run_id}/evaluation/{split}_predictions.npz",
+            dst_path=str(folder / run_id), tracking_uri=tracking_uri,
+        )
+    except Exception as err:
+        raise FileNotFoundError(f"run {run_id}: no evaluation/{split}_predictions.npz ({err})") from None
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def search_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int = 10, rounds: int = 3) -> np.ndarray:
+    """Weights (summing to 1) maximising validation top-1 of sum_i w_i * probs_i.
+
+    Small ensembles (<= 3 members) are searched exhaustively on a grid of 1/steps; larger ones by
+    coordinate ascent from equal weights. Ties keep the earlier (more uniform) weights.
+    """
+    n = len(probs)
+    stack = np.stack(probs)  # [M, N, K]
+
+    def score(w: np.ndarray) -> float:
+        return topk_accuracy(np.tensordot(w, stack, axes=1), labels, 1)
+
+    if n <= 3:
+        grid = [np.array(c) / steps for c in itertools.product(range(steps + 1), repeat=n) if sum(c) == steps]
+        grid.sort(key=lambda w: np.abs(w - 1 / n).sum())  # prefer uniform weights on ties
+        return max(grid, key=score)
+    weights = np.full(n, 1.0 / n)
+    for _ in range(rounds):
+        for i in range(n):
+            best_w, best_s = weights, score(weights)
+            for value in np.linspace(0, 1, steps + 1):
+                trial = weights.copy()
+                trial[i] = value
+                if trial.sum() == 0:
+                    continue
+                trial /= trial.sum()
+                s = score(trial)
+                if s > best_s:
+                    best_w, best_s = trial, s
+            weights = best_w
+    return weights
+
+
+def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment: str = "mg-ray",
+             name: str | None = None) -> dict:
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        val = [load_predictions(r, "val", uri, folder) for r in run_ids]
+        for r, v in zip(run_ids, val):
+            if not np.array_equal(v["clip_names"], val[0]["clip_names"]):
+                raise ValueError(f"run {r}: its validation clips differ from run {run_ids[0]}'s; "
+                                 f"an ensemble needs predictions on the same split")
+        labels = val[0]["labels"]
+        weights = search_weights([v["fused"] for v in val], labels)
+        metrics = {f"val_top1_member_{i}": topk_accuracy(v["fused"], labels, 1) for i, v in enumerate(val)}
+        fused_val = np.tensordot(weights, np.stack([v["fused"] for v in val]), axes=1)
+        metrics.update(val_top1=topk_accuracy(fused_val, labels, 1), val_top5=topk_accuracy(fused_val, labels, 5))
+        test = None
+        try:
+            test = [load_predictions(r, "test", uri, folder) for r in run_ids]
+        except FileNotFoundError:
+            pass
+        if test:
+            fused_test = np.tensordot(weights, np.stack([t["fused"] for t in test]), axes=1)
+            metrics.update(test_top1=topk_accuracy(fused_test, test[0]["labels"], 1),
+                           test_top5=topk_accuracy(fused_test, test[0]["labels"], 5))
+        mlflow_client = tracking.client(uri)
+        experiment_id = tracking.get_or_create_experiment(mlflow_client, experiment)
+        run = mlflow_client.create_run(experiment_id, run_name=name or f"ensemble-{len(run_ids)}",
+                                       tags={"mg_ray.role": "ensemble", "mg_ray.members": ",".join(run_ids)})
+        run_id = run.info.run_id
+        tracking.log_params(mlflow_client, run_id, {f"weight.{r}": f"{w:.4f}" for r, w in zip(run_ids, weights)})
+        logger = tracking.RunLogger(uri, run_id)
+        logger.log_metrics(metrics, step=0)
+        logger.log_text(json.dumps({"members": run_ids, "weights": weights.tolist()}, indent=2), "ensemble.json")
+        np.savez_compressed(folder / "val_predictions.npz", labels=labels, fused=fused_val, clip_names=val[0]["clip_names"])
+        logger.log_file(folder / "val_predictions.npz", "evaluation")
+        if test:
+            np.savez_compressed(folder / "test_predictions.npz", labels=test[0]["labels"], fused=fused_test,
+                                clip_names=test[0]["clip_names"])
+            logger.log_file(folder / "test_predictions.npz", "evaluation")
+        tracking.terminate_run(mlflow_client, run_id, "FINISHED")
+    return {"run_id": run_id, "weights": weights.tolist(), "metrics": metrics}
+
+
+def runs_of_study(study: str, tracking_uri: str, experiment: str, top: int) -> list[str]:
+    """The `top` best completed trial runs of a study by best_val_top1."""
+    mlflow_client = tracking.client(tracking_uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r}")
+    runs = mlflow_client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mg_ray.study` = '{study}' and tags.`mg_ray.role` = 'trial'",
+        order_by=["metrics.best_val_top1 DESC"], max_results=top,
+    )
+    if not runs:
+        raise ValueError(f"study {study!r} has no trial runs in experiment {experiment!r}")
+    return [r.info.run_id for r in runs]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", nargs="+", help="MLflow run ids to ensemble")
+    parser.add_argument("--study", help="ensemble the best --top trials of this study instead")
+    parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--experiment", default="mg-ray")
+    parser.add_argument("--name", help="run name of the ensemble run")
+    parser.add_argument("--tracking-uri")
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if bool(args.runs) == bool(args.study):
+        raise SystemExit("error: give either --runs RUN [RUN ...] or --study NAME")
+    run_ids = args.runs or runs_of_study(args.study, uri, args.experiment, args.top)
+    if len(run_ids) < 2:
+        raise SystemExit(f"error: an ensemble needs at least 2 runs, got {len(run_ids)}")
+    out = ensemble(run_ids, tracking_uri=uri, experiment=args.experiment, name=args.name)
+    print(f"ensemble run {out['run_id']}: weights {np.round(out['weights'], 3).tolist()} | "
+          + " | ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items()))
+    return 0
