@@ -155,6 +155,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         metrics = {
             "epoch": epoch,
+            "epochs_completed": epoch + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
             "lr": lr,
             **train_stats,
             **val_metrics,
