@@ -1,0 +1,29 @@
+"""The fused prototype model: two-pathway RGB + pose 3D CNN, cross-modal fusion, prototypical
+refinement loss (shared/paper, REFERENCE.md sections 4-6)."""
+
+from mg_ray.models.fusion import CrossModalFusion
+from mg_ray.models.net import (
+    MicroGestureNet,
+    build_model,
+    fuse_probabilities,
+    merge_stream_checkpoints,
+    paper,
+    small,
+)
+from mg_ray.models.prototype import PrototypeRefinementLoss, TwoStreamCriterion
+from mg_ray.models.rgbpose import RGBPoseBackbone, check_frame_counts, check_input_sizes
+
+__all__ = [
+    "CrossModalFusion",
+    "MicroGestureNet",
+    "PrototypeRefinementLoss",
+    "RGBPoseBackbone",
+    "TwoStreamCriterion",
+    "build_model",
+    "check_frame_counts",
+    "check_input_sizes",
+    "fuse_probabilities",
+    "merge_stream_checkpoints",
+    "paper",
+    "small",
+]

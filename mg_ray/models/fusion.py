@@ -1,0 +1,54 @@
+"""Cross-modal fusion at a lateral point (paper section 2.2, REFERENCE.md section 5).
+
+Both features are projected to a shared width C' (RGB by a 1x1x1 conv, pose by a conv whose
+temporal kernel and stride equal the speed ratio, so both give T_rgb steps), max-pooled over
+space to T_rgb tokens, and cross-attended: the RGB tokens query the pose tokens and vice versa.
+The attended tokens are projected back to each pathway's width and time (1x1x1 conv for RGB,
+transposed conv with stride = speed ratio for pose) and applied as a per-channel, per-time gate
+X'' = A * X + X, broadcast over H and W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CrossModalFusion(nn.Module):
+    """Input rgb [N, C_rgb, T, H, W], pose [N, C_pose, T * speed_ratio, H, W];
+    output the same shapes (the fused X'' of eq. 3)."""
+
+    def __init__(
+        self,
+        rgb_channels: int,
+        pose_channels: int,
+        hidden_channels: int,
+        *,
+        speed_ratio: int,
+        num_heads: int = 8,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if hidden_channels % num_heads:
+            raise ValueError(f"fusion width {hidden_channels} is not divisible by {num_heads} heads")
+        r = speed_ratio
+        self.rgb_proj = nn.Conv3d(rgb_channels, hidden_channels, 1)
+        self.pose_proj = nn.Conv3d(pose_channels, hidden_channels, (r, 1, 1), stride=(r, 1, 1))
+        self.rgb_attn = nn.MultiheadAttention(hidden_channels, num_heads, dropout=dropout, batch_first=True)
+        self.pose_attn = nn.MultiheadAttention(hidden_channels, num_heads, dropout=dropout, batch_first=True)
+        self.rgb_back = nn.Conv3d(hidden_channels, rgb_channels, 1)
+        # kernel == stride: every RGB time step expands to exactly r pose steps, no overlap, so
+        # T_pose = r * T_rgb is recovered for any r without output_padding.
+        self.pose_back = nn.ConvTranspose3d(hidden_channels, pose_channels, (r, 1, 1), stride=(r, 1, 1))
+
+    def forward(self, rgb: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [N, C', T, H, W] -> max over space -> tokens [N, T, C']
+        rgb_tokens = self.rgb_proj(rgb).amax(dim=(3, 4)).transpose(1, 2)
+        pose_tokens = self.pose_proj(pose).amax(dim=(3, 4)).transpose(1, 2)
+        rgb_att, _ = self.rgb_attn(rgb_tokens, pose_tokens, pose_tokens, need_weights=False)
+        pose_att, _ = self.pose_attn(pose_tokens, rgb_tokens, rgb_tokens, need_weights=False)
+        # tokens [N, T, C'] -> [N, C', T, 1, 1] -> per-channel, per-time gates
+        rgb_gate = self.rgb_back(rgb_att.transpose(1, 2)[..., None, None])    # [N, C_rgb, T, 1, 1]
+        pose_gate = self.pose_back(pose_att.transpose(1, 2)[..., None, None])  # [N, C_pose, rT, 1, 1]
+        # A * X + X in one fused op (addcmul) instead of a product and a sum over the full map
+        return torch.addcmul(rgb, rgb, rgb_gate), torch.addcmul(pose, pose, pose_gate)
