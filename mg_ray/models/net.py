@@ -163,10 +163,10 @@ def small(
     synthetic dataset (RGB ~64^2, heatmaps 16^2). 4 fusion heads: the fusion widths are 16 and
     32 here. `overrides` go to MicroGestureNet."""
     _check(modality, rgb_frames, pose_frames, rgb_size)
-    kwargs = dict(
-        rgb_base_channels=8, rgb_blocks=(1, 1, 1, 1), pose_base_channels=4, pose_blocks=(1, 1, 1),
-        fusion_heads=4,
-    )
+    kwargs = {
+        "rgb_base_channels": 8, "rgb_blocks": (1, 1, 1, 1),
+        "pose_base_channels": 4, "pose_blocks": (1, 1, 1), "fusion_heads": 4,
+    }
     kwargs.update(overrides)
     return MicroGestureNet(
         num_classes, modality=modality, rgb_frames=rgb_frames, pose_frames=pose_frames,

@@ -20,8 +20,8 @@ def reference(f, logits, labels, prototypes, *, tau, rho, a):
     p = logits.softmax(1)
     pred = [int(row.argmax()) for row in logits]
     y = [int(v) for v in labels]
-    cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))  # noqa: E731
-    mean = lambda idx: sum(f[m] for m in idx) / len(idx)  # noqa: E731
+    cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))
+    mean = lambda idx: sum(f[m] for m in idx) / len(idx)
 
     updated = prototypes.clone()
     for k in range(n_classes):
