@@ -192,12 +192,12 @@ def validate_entry(
     if keypoint.ndim != 4 or keypoint.shape[-1] != 2:
         raise fail("keypoint", f"expected shape [M, T, V, 2], got {list(keypoint.shape)}")
     m, t, v, _ = keypoint.shape
+    if v != num_joints:
+        raise fail("keypoint", f"expected V = {num_joints} joints (the dataset's keypoint layout), got {v}")
     if score.shape != (m, t, v):
         raise fail("keypoint_score", f"expected shape [M, T, V] = {[m, t, v]} (as keypoint), got {list(score.shape)}")
     if t != int(total_frames):
         raise fail("keypoint", f"expected T = total_frames = {int(total_frames)} frames, got {t}")
-    if v != num_joints:
-        raise fail("keypoint", f"expected V = {num_joints} joints (the dataset's keypoint layout), got {v}")
     if not np.isfinite(keypoint).all():
         bad = np.argwhere(~np.isfinite(keypoint))[0]
         raise fail("keypoint", f"contains NaN/inf (first at person {bad[0]}, frame {bad[1]}, joint {bad[2]})")
