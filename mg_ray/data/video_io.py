@@ -1,0 +1,198 @@
+"""Writing datasets: H.264 clips through PyAV, the annotation pickle, and safe folder replacement.
+
+Shared by `mg-ray synth`, `mg-ray prepare` and `mg-ray convert-openpose`. Reading datasets belongs
+to `mg_ray.data.annotations` / `mg_ray.data.dataset`; nothing here interprets annotations.
+
+Every writer builds its dataset in a hidden temporary sibling of the target folder and renames it
+into place at the end (`staged_output`), so an interrupted run never leaves half a dataset behind,
+and an existing folder is only ever replaced when the caller passed `force` and the folder looks
+like an mg-ray dataset (has `dataset.json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+ANNOTATIONS = "annotations.pkl"
+CLASSES = "classes.txt"
+METADATA = "dataset.json"
+VIDEOS = "videos"
+PICKLE_PROTOCOL = 4
+
+
+class DatasetWriteError(RuntimeError):
+    """The output folder cannot be written (exists, not a dataset, not writable)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos
+
+
+def write_video(
+    path: Path,
+    frames: np.ndarray,
+    fps: int = 25,
+    crf: int = 18,
+    gop: int = 12,
+    preset: str = "veryfast",
+) -> None:
+    """Encode uint8 RGB frames [T, H, W, 3] (H and W even) as H.264 in mp4.
+
+    No B-frames, one encoder thread: the file decodes to exactly T frames with presentation order
+    equal to decode order, and the same frames always give the same bytes (x264 is deterministic
+    single-threaded). `gop` is the keyframe interval: short intervals make random access cheap.
+    """
+    import av  # imported here: only writers need PyAV
+
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{path}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    if t == 0:
+        raise ValueError(f"{path}: no frames to write")
+    if h % 2 or w % 2:
+        raise ValueError(f"{path}: H.264 (yuv420p) needs even frame sizes, got {w}x{h}")
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {
+            "crf": str(crf),
+            "preset": preset,
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "bf": "0",
+            "threads": "1",
+        }
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotation file and metadata
+
+
+def write_annotations(folder: Path, split: dict[str, list[str]], annotations: list[dict]) -> Path:
+    """Write `annotations.pkl` in the PoseConv3D layout (plain containers + numpy arrays)."""
+    path = folder / ANNOTATIONS
+    with open(path, "wb") as f:
+        pickler = pickle.Pickler(f, protocol=PICKLE_PROTOCOL)
+        # No memo: the bytes then depend only on the values, not on which equal strings happen to
+        # be the same object (they differ when annotations come back from worker processes), so
+        # the same dataset always has the same fingerprint. Safe: the structure has no cycles.
+        pickler.fast = True
+        pickler.dump({"split": split, "annotations": annotations})
+    return path
+
+
+def write_classes(folder: Path, classes: list[str]) -> Path:
+    for name in classes:
+        if not name or "\n" in name or name != name.strip():
+            raise ValueError(f"class name {name!r}: must be non-empty, one line, no outer spaces")
+    path = folder / CLASSES
+    path.write_text("".join(f"{name}\n" for name in classes))
+    return path
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over annotations.pkl then classes.txt: identifies the dataset's content for lineage.
+
+    Videos are not hashed (too slow for large sets); they are named by the annotations.
+    """
+    digest = hashlib.sha256()
+    for name in (ANNOTATIONS, CLASSES):
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_metadata(folder: Path, **fields: Any) -> dict:
+    """Write `dataset.json` with the given fields plus the fingerprint; returns what was written."""
+    meta = dict(fields)
+    meta["fingerprint"] = fingerprint(folder)
+    (folder / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def read_classes(path: Path) -> list[str]:
+    """Class names, one per line, in label-id order (blank lines at the end are ignored)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: classes file not found")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    for i, name in enumerate(names):
+        if not name:
+            raise ValueError(f"{path}:{i + 1}: empty class name")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{path}: class {dup!r} is listed twice")
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder handling
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    """Refuse to touch anything a user already has unless it is an mg-ray dataset and `force`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DatasetWriteError(f"{out}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise DatasetWriteError(
+            f"{out}: folder exists and is not empty; pass --force to replace an mg-ray dataset "
+            "there, or choose another --out"
+        )
+    if not (out / METADATA).is_file():
+        raise DatasetWriteError(
+            f"{out}: not an mg-ray dataset (no {METADATA}); refusing to replace it even with "
+            "--force. Choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `out`; on success it replaces `out` atomically enough.
+
+    On any error the temporary folder is removed and `out` is left as it was.
+    """
+    out = Path(out).expanduser().absolute()
+    check_output_folder(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        # Re-check: another process may have created `out` meanwhile.
+        check_output_folder(out, force)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
