@@ -39,47 +39,66 @@ class DatasetWriteError(RuntimeError):
 # Videos
 
 
-def write_video(
-    path: Path,
-    frames: np.ndarray,
-    fps: int = 25,
-    crf: int = 18,
-    gop: int = 12,
-    preset: str = "veryfast",
-) -> None:
-    """Encode uint8 RGB frames [T, H, W, 3] (H and W even) as H.264 in mp4.
+class H264Writer:
+    """Streaming H.264/mp4 encoder for uint8 RGB frames [H, W, 3] (H and W even).
 
-    No B-frames, one encoder thread: the file decodes to exactly T frames with presentation order
-    equal to decode order, and the same frames always give the same bytes (x264 is deterministic
-    single-threaded). `gop` is the keyframe interval: short intervals make random access cheap.
+    No B-frames, one encoder thread: the file decodes to exactly the frames written, presentation
+    order equals decode order, and the same frames always give the same bytes (x264 is
+    deterministic single-threaded). `gop` is the keyframe interval: short intervals make random
+    access cheap, at some cost in file size.
     """
-    import av  # imported here: only writers need PyAV
 
+    def __init__(self, path: Path, width: int, height: int, fps: int = 25, crf: int = 18, gop: int = 12, preset: str = "veryfast") -> None:
+        import av  # imported here: only writers need PyAV
+
+        if width % 2 or height % 2:
+            raise ValueError(f"{path}: H.264 (yuv420p) needs even frame sizes, got {width}x{height}")
+        self.path, self.size, self.frames = path, (height, width), 0
+        self._av = av
+        self._container = av.open(str(path), mode="w", format="mp4")
+        stream = self._container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "keyint_min": str(gop), "bf": "0", "threads": "1"}
+        self._stream = stream
+
+    def write(self, image: np.ndarray) -> None:
+        if image.dtype != np.uint8 or image.shape != self.size + (3,):
+            raise ValueError(f"{self.path}: expected uint8 frame {self.size + (3,)}, got {image.dtype} {image.shape}")
+        frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        try:
+            if self.frames == 0:
+                raise ValueError(f"{self.path}: no frames to write")
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+
+    def __enter__(self) -> "H264Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._container is not None:
+            self._container.close()  # the file is incomplete; the staged folder goes with it
+            self._container = None
+        self.close()
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 25, crf: int = 18, gop: int = 12) -> None:
+    """Encode uint8 RGB frames [T, H, W, 3] as one H.264 mp4 clip (see `H264Writer`)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{path}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    t, h, w, _ = frames.shape
-    if t == 0:
-        raise ValueError(f"{path}: no frames to write")
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: H.264 (yuv420p) needs even frame sizes, got {w}x{h}")
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.thread_count = 1
-        stream.options = {
-            "crf": str(crf),
-            "preset": preset,
-            "g": str(gop),
-            "keyint_min": str(gop),
-            "bf": "0",
-            "threads": "1",
-        }
+    with H264Writer(path, frames.shape[2], frames.shape[1], fps=fps, crf=crf, gop=gop) as writer:
         for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            writer.write(image)
 
 
 # ---------------------------------------------------------------------------------------------

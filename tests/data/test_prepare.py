@@ -1,0 +1,128 @@
+"""`mg-ray prepare`: smaller clips with short keyframe intervals, annotations scaled to match, the
+source untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mg_ray import cli
+from mg_ray.data import prepare, video_io
+
+decord = pytest.importorskip("decord")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _load(folder: Path) -> dict:
+    with open(folder / "annotations.pkl", "rb") as f:  # written by the code under test
+        return pickle.load(f)
+
+
+def test_target_size_keeps_aspect_even_and_never_upscales():
+    assert prepare.target_size(720, 1280, 256) == (256, 456)
+    assert prepare.target_size(1280, 720, 256) == (456, 256)
+    assert prepare.target_size(120, 160, 64) == (64, 86)
+    assert prepare.target_size(120, 160, 256) == (120, 160)
+
+
+def test_scale_keypoints_keeps_undetected_at_zero():
+    kp = np.array([[[[0.0, 0.0], [160.0, 120.0], [80.0, 30.0]]]], np.float32)
+    scaled = prepare.scale_keypoints(kp, (120, 160), (64, 86))
+    np.testing.assert_allclose(scaled[0, 0], [[0, 0], [86, 64], [43, 16]], rtol=1e-6)
+    assert scaled.dtype == np.float32
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    before = _digest(tiny_dataset)
+    out = prepare.prepare(tiny_dataset, tmp_path_factory.mktemp("prep") / "small", short_side=64, gop=4, workers=2, log=lambda *_: None)
+    assert _digest(tiny_dataset) == before  # the source is never modified
+    return out, before
+
+
+def test_prepared_clips_decode_to_the_same_frames_smaller(prepared, tiny_dataset: Path):
+    out, _ = prepared
+    source, result = _load(tiny_dataset), _load(out)
+    assert result["split"] == source["split"]
+    assert (out / "classes.txt").read_text() == (tiny_dataset / "classes.txt").read_text()
+    for old, new in zip(source["annotations"], result["annotations"]):
+        assert new["frame_dir"] == old["frame_dir"] and new["label"] == old["label"]
+        assert new["total_frames"] == old["total_frames"] and new["subject"] == old["subject"]
+        assert new["img_shape"] == (64, 86) and new["original_shape"] == old["original_shape"] == (120, 160)
+        np.testing.assert_allclose(new["keypoint"], old["keypoint"] * np.array([86 / 160, 64 / 120], np.float32), rtol=1e-5)
+        np.testing.assert_array_equal(new["keypoint_score"], old["keypoint_score"])
+        assert new["keypoint"].dtype == np.float32
+    for ann in result["annotations"][:4]:
+        small = decord.VideoReader(str(out / "videos" / f"{ann['frame_dir']}.mp4"))
+        big = decord.VideoReader(str(tiny_dataset / "videos" / f"{ann['frame_dir']}.mp4"))
+        assert len(small) == ann["total_frames"]
+        # Same pictures in the same order: on an 8x8 grid of block means, each prepared frame is
+        # closest to the source frame with the same index.
+        index = [0, ann["total_frames"] // 2, ann["total_frames"] - 1]
+        got = small.get_batch(index).asnumpy()
+        assert got.shape == (3, 64, 86, 3)
+        ref = big.get_batch(index).asnumpy()
+        rows, cols = (np.arange(120) * 64 // 120), (np.arange(160) * 86 // 160)
+        coarse = lambda x: x.astype(np.float32).reshape(8, 15, 8, 20, 3).mean((1, 3))  # noqa: E731
+        dist = np.array([[np.abs(coarse(g[rows][:, cols]) - coarse(r)).mean() for r in ref] for g in got])
+        assert (dist.argmin(1) == [0, 1, 2]).all() and dist.diagonal().max() < 3.0, dist
+
+
+def test_prepared_metadata_records_the_source(prepared, tiny_dataset: Path):
+    out, _ = prepared
+    meta = json.loads((out / "dataset.json").read_text())
+    source_meta = json.loads((tiny_dataset / "dataset.json").read_text())
+    assert meta["prepared"]["source_fingerprint"] == source_meta["fingerprint"]
+    assert meta["prepared"]["short_side"] == 64 and meta["prepared"]["gop"] == 4
+    assert meta["fingerprint"] == video_io.fingerprint(out) != source_meta["fingerprint"]
+    assert meta["layout"] == "coco17" and meta["num_classes"] == 10
+
+
+def test_missing_video_names_the_clip(tiny_dataset: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    victim = sorted((broken / "videos").iterdir())[3]
+    victim.unlink()
+    with pytest.raises(prepare.PrepareError, match=f"clip '{victim.stem}'.*not found"):
+        prepare.prepare(broken, tmp_path / "out", short_side=64, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_video_names_the_clip_and_leaves_nothing(tiny_dataset: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    victim = sorted((broken / "videos").iterdir())[5]
+    victim.write_bytes(b"not a video at all")
+    with pytest.raises(prepare.PrepareError, match=f"clip '{victim.stem}'"):
+        prepare.prepare(broken, tmp_path / "out", short_side=64, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_refuses_output_inside_source_and_existing_folders(tiny_dataset: Path, tmp_path: Path):
+    with pytest.raises(prepare.PrepareError, match="outside the source"):
+        prepare.prepare(tiny_dataset, tiny_dataset / "prepared", workers=1)
+    with pytest.raises(prepare.PrepareError, match="outside the source"):
+        prepare.prepare(tiny_dataset, tiny_dataset, workers=1)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("mine")
+    with pytest.raises(video_io.DatasetWriteError, match="not empty"):
+        prepare.prepare(tiny_dataset, taken, workers=1)
+
+
+def test_cli(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "p"
+    assert cli.main(["prepare", "--src", str(tiny_dataset), "--out", str(out), "--short-side", "32", "--workers", "1"]) == 0
+    assert "30 clips" in capsys.readouterr().out
+    assert _load(out)["annotations"][0]["img_shape"] == (32, 42)
+    assert cli.main(["prepare", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "q")]) == 2
+    assert "nope" in capsys.readouterr().err
