@@ -152,9 +152,7 @@ def clip_inputs(
             flip = params.flip_permutation is not None and rng.uniform() < params.flip_prob
         ibox = integer_box(clip_box)
 
-        rgb = crop_resize_frames(frames[clip], ibox, size)  # [Tr, 3, S, S]
-        if flip:
-            rgb = rgb.flip(-1)
+        rgb = crop_resize_frames(frames[clip], ibox, size, flip)  # [Tr, 3, S, S]
         rgb_out.append(normalize(rgb).permute(1, 0, 2, 3))  # [3, Tr, S, S]
 
         sel = pose_idx[clip]
@@ -165,6 +163,8 @@ def clip_inputs(
         hkp = scale_keypoints(ckp, (hm / size, hm / size))
         heat = pose_heatmaps(hkp, csc, (hm, hm), params.sigma, params.limbs)  # [C, Tp, s, s]
         pose_out.append(torch.from_numpy(heat))
+    if num_clips == 1:  # no copy for the common case
+        return ClipInputs(rgb_out[0][None], pose_out[0][None], decoded.clamped, no_person)
     return ClipInputs(torch.stack(rgb_out), torch.stack(pose_out), decoded.clamped, no_person)
 
 

@@ -18,8 +18,8 @@ Pixel (x, y) is at integer coordinates: keypoints are expected in heatmap pixel 
 
 Vectorisation: every (person, frame, channel) window is enumerated at once as a ragged list of
 pixels (np.repeat over window sizes), so the work is proportional to the window areas, exactly
-what the definition touches, instead of the full H x W grid per joint. Joints are drawn as
-segments of length 0, so one code path serves both kinds. Values are written into the output
+what the definition touches, instead of the full H x W grid per limb; joints, whose windows
+are small and whose Gaussian is separable, are one [N, P, P] outer product. Values are written into the output
 with flat indices, one vectorised write per person (persons may overlap, nothing else does).
 """
 
@@ -133,18 +133,46 @@ def joint_heatmaps(
 
     keypoint float [M, T, V, 2] (x, y) in heatmap pixels; score float [M, T, V];
     size (H, W). Returns float32 [V, T, H, W].
+
+    A joint's Gaussian is separable, exp(-(dx^2 + dy^2) / 2s^2) = gx * gy, and its window is
+    at most P = trunc-width pixels wide, so all joints are drawn as one [N, P, P] outer product
+    of two [N, P] profiles; pixels outside a joint's window get index `out.size` (a dummy slot).
     """
     kp = np.asarray(keypoint, dtype=np.float32)
     sc = np.asarray(score, dtype=np.float32)
     m, t, v, _ = kp.shape
     h, w = size
-    out = np.zeros((v, t, h, w), dtype=np.float32)
+    out = np.zeros(v * t * h * w + 1, dtype=np.float32)  # + 1: the dummy slot
     # Items ordered (person, frame, joint).
-    person, frame, joint = (g.ravel() for g in np.indices((m, t, v), dtype=np.intp))
-    points = kp.reshape(-1, 2)
-    _draw_segments(out, points, points, sc.ravel(), points, points,
-                   (joint * t + frame) * (h * w), person, sigma)
-    return out
+    mx, my, s = kp[..., 0].ravel(), kp[..., 1].ravel(), sc.ravel()
+    x0, x1 = _window(mx, mx, sigma, w)
+    y0, y1 = _window(my, my, sigma, h)
+    keep = np.flatnonzero((s >= EPS) & (x1 > x0) & (y1 > y0))
+    if keep.size:
+        mx, my, s, x0, x1, y0, y1 = mx[keep], my[keep], s[keep], x0[keep], x1[keep], y0[keep], y1[keep]
+        p = int(max((x1 - x0).max(), (y1 - y0).max()))
+        steps = np.arange(p)
+        px = x0[:, None] + steps                     # [N, P]
+        py = y0[:, None] + steps
+        k = np.float32(-0.5 / (sigma * sigma))
+        gx = np.exp((px - mx[:, None]) ** 2 * k, dtype=np.float32)
+        gy = np.exp((py - my[:, None]) ** 2 * k, dtype=np.float32) * s[:, None]
+        values = gy[:, :, None] * gx[:, None, :]     # [N, P, P]
+        person, frame, joint = np.unravel_index(keep, (m, t, v))
+        base = (joint * t + frame) * (h * w)
+        flat = (base[:, None, None] + py[:, :, None] * w) + px[:, None, :]
+        inside = (px < x1[:, None])[:, None, :] & (py < y1[:, None])[:, :, None]
+        flat = np.where(inside, flat, out.size - 1)
+        # Persons merge by maximum; one vectorised write per person (windows of one person
+        # never share a pixel, except the dummy slot).
+        bounds = np.searchsorted(person, np.arange(m + 1))
+        for mi in range(m):
+            lo, hi = bounds[mi], bounds[mi + 1]
+            if lo == hi:
+                continue
+            idx, val = flat[lo:hi].ravel(), values[lo:hi].ravel()
+            out[idx] = val if lo == 0 else np.maximum(out[idx], val)
+    return out[:-1].reshape(v, t, h, w)
 
 
 def limb_heatmaps(

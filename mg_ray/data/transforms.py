@@ -122,11 +122,15 @@ def scale_keypoints(keypoint: np.ndarray, factor_xy: tuple[float, float]) -> np.
     return ((keypoint + 0.5) * f - 0.5).astype(np.float32)
 
 
-def crop_resize_frames(frames: np.ndarray, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """Crop integer `box` out of uint8 frames [T, H, W, 3] (zero padding outside the image) and
-    resize to size x size (bilinear, align_corners=False). Returns float32 [T, 3, S, S] in 0..1.
+def crop_resize_frames(
+    frames: np.ndarray, box: tuple[int, int, int, int], size: int, flip: bool = False
+) -> torch.Tensor:
+    """Crop integer `box` out of uint8 frames [T, H, W, 3] (zero padding outside the image),
+    optionally flip it horizontally, and resize to size x size (bilinear, align_corners=False).
+    Returns float32 [T, 3, S, S] in 0..255 (see `normalize`).
 
-    Only the crop is converted to float and resized, which is most of the loader's CPU saving.
+    Only the crop is converted to float and resized, which is most of the loader's CPU saving;
+    the flip happens on the small uint8 crop (bilinear resizing commutes with a mirror).
     """
     t, h, w, _ = frames.shape
     x0, y0, x1, y1 = box
@@ -138,14 +142,18 @@ def crop_resize_frames(frames: np.ndarray, box: tuple[int, int, int, int], size:
         ix0, iy0, ix1, iy1 = inside
         if ix1 > ix0 and iy1 > iy0:
             crop[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = torch.from_numpy(frames[:, iy0:iy1, ix0:ix1])
+    if flip:
+        crop = crop.flip(2)
     crop = crop.permute(0, 3, 1, 2).float()  # [T, 3, h, w]
     if crop.shape[-2:] != (size, size):
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
-    return crop.mul_(1 / 255.0)
+    return crop
 
 
 def normalize(rgb: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std over the channel axis of [T, 3, H, W] in 0..1 (in place)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    """ImageNet mean/std over the channel axis of [T, 3, H, W] in 0..255, in one pass:
+    (x / 255 - mean) / std = x * (1 / (255 std)) - mean / std."""
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return rgb.sub_(mean).div_(std)
+    scale = 1 / (255 * std)
+    shift = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std
+    return torch.addcmul(shift, rgb, scale)

@@ -1,0 +1,191 @@
+"""Data pipeline benchmark: heatmaps (vectorised vs loop reference) and loader throughput.
+
+    python benchmarks/bench_data.py [--clips 2] [--samples 40]
+
+Prints, in one run:
+- heatmap time per clip (32 frames, 17 COCO joints, 56 x 56; joints and limbs) for
+  `mg_ray.data.heatmaps` and for a loop-by-loop reference (the peer's per-person, per-frame,
+  per-joint numpy loop, duplicated from tests/data/helpers.py), with the speed-up;
+- loader throughput in paper-size samples/s for one worker (rgb 8 x 224^2, pose 32 x 56^2,
+  train mode) on raw 1280x720 H.264 clips (GOP 250) and on prepared 456x256 clips (GOP 8),
+  both written here with PyAV into a temporary folder.
+Targets (issue 2): heatmaps >= 20x the reference; >= 30 samples/s per worker on prepared clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+import numpy as np
+
+EPS = 1e-4
+
+
+# ---- loop reference (as tests/data/helpers.py) ----------------------------------------------
+
+def ref_point(arr, mx, my, value, sigma):
+    h, w = arr.shape
+    if value < EPS:
+        return
+    st_x, ed_x = max(int(mx - 3 * sigma), 0), min(int(mx + 3 * sigma) + 1, w)
+    st_y, ed_y = max(int(my - 3 * sigma), 0), min(int(my + 3 * sigma) + 1, h)
+    x = np.arange(st_x, ed_x, 1, np.float32)
+    y = np.arange(st_y, ed_y, 1, np.float32)
+    if not (len(x) and len(y)):
+        return
+    y = y[:, None]
+    patch = np.exp(-((x - mx) ** 2 + (y - my) ** 2) / 2 / sigma**2) * value
+    arr[st_y:ed_y, st_x:ed_x] = np.maximum(arr[st_y:ed_y, st_x:ed_x], patch)
+
+
+def ref_limb(arr, a, b, sa, sb, sigma):
+    h, w = arr.shape
+    value = min(sa, sb)
+    if value < EPS:
+        return
+    min_x, max_x = max(int(min(a[0], b[0]) - 3 * sigma), 0), min(int(max(a[0], b[0]) + 3 * sigma) + 1, w)
+    min_y, max_y = max(int(min(a[1], b[1]) - 3 * sigma), 0), min(int(max(a[1], b[1]) + 3 * sigma) + 1, h)
+    x = np.arange(min_x, max_x, 1, np.float32)
+    y = np.arange(min_y, max_y, 1, np.float32)
+    if not (len(x) and len(y)):
+        return
+    d2_ab = float((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2)
+    if d2_ab < 1:
+        ref_point(arr, a[0], a[1], value, sigma)
+        return
+    y = y[:, None]
+    d2_a = (x - a[0]) ** 2 + (y - a[1]) ** 2
+    d2_b = (x - b[0]) ** 2 + (y - b[1]) ** 2
+    coeff = (d2_a - d2_b + d2_ab) / 2.0 / d2_ab
+    px, py = x - (a[0] + coeff * (b[0] - a[0])), y - (a[1] + coeff * (b[1] - a[1]))
+    d2 = np.where(coeff <= 0, d2_a, np.where(coeff >= 1, d2_b, px**2 + py**2))
+    patch = np.exp(-d2 / 2.0 / sigma**2) * value
+    arr[min_y:max_y, min_x:max_x] = np.maximum(arr[min_y:max_y, min_x:max_x], patch)
+
+
+def ref_heatmaps(keypoint, score, size, sigma, limbs=None):
+    m, t, v, _ = keypoint.shape
+    out = np.zeros((v if limbs is None else len(limbs), t, *size), np.float32)
+    for ti in range(t):
+        for mi in range(m):
+            if limbs is None:
+                for j in range(v):
+                    ref_point(out[j, ti], keypoint[mi, ti, j, 0], keypoint[mi, ti, j, 1], score[mi, ti, j], sigma)
+            else:
+                for li, (ja, jb) in enumerate(limbs):
+                    ref_limb(out[li, ti], keypoint[mi, ti, ja], keypoint[mi, ti, jb],
+                             score[mi, ti, ja], score[mi, ti, jb], sigma)
+    return out
+
+
+# ---- synthetic clips ------------------------------------------------------------------------
+
+BASE = np.array([
+    [0, -2], [-0.3, -2.2], [0.3, -2.2], [-0.6, -2], [0.6, -2], [-1, -1], [1, -1], [-1.3, 0], [1.3, 0],
+    [-1, 0.8], [1, 0.8], [-0.7, 1.2], [0.7, 1.2], [-0.7, 2], [0.7, 2], [-0.7, 2.6], [0.7, 2.6],
+], np.float32)
+
+
+def person(t, cx, cy, scale, rng):
+    sway = np.sin(np.linspace(0, 4 * np.pi, t, dtype=np.float32))[:, None, None] * np.array([scale * 0.3, 0], np.float32)
+    kp = np.array([cx, cy], np.float32) + scale * BASE[None] + sway + rng.normal(0, scale * 0.02, (t, 17, 2))
+    return kp[None].astype(np.float32)
+
+
+def write_clip(path, t, h, w, gop, seed):
+    import av
+
+    y, x = np.mgrid[0:h, 0:w]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.options = {"preset": "ultrafast"}
+        for i in range(t):
+            frame = np.empty((h, w, 3), np.uint8)
+            frame[..., 0] = (x * 256 // w + i * 3 + seed * 40) % 256
+            frame[..., 1] = (y * 256 // h + i * 2) % 256
+            frame[..., 2] = ((x // 32 + y // 32 + i // 5) % 2) * 200
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_bench_dataset(root: Path, clips: int, frames: int, video_hw, gop):
+    rng = np.random.default_rng(0)
+    (root / "videos").mkdir(parents=True)
+    entries = []
+    for i in range(clips):
+        kp = person(frames, 640 + 40 * i, 380, 110, rng)  # in the raw 1280x720 frame
+        entries.append({"frame_dir": f"c{i}", "label": 0, "img_shape": (720, 1280), "original_shape": (720, 1280),
+                        "total_frames": frames, "keypoint": kp,
+                        "keypoint_score": rng.uniform(0.5, 1, kp.shape[:3]).astype(np.float32)})
+        write_clip(root / "videos" / f"c{i}.mp4", frames, *video_hw, gop, seed=i)
+    names = [e["frame_dir"] for e in entries]
+    with open(root / "annotations.pkl", "wb") as f:
+        pickle.dump({"split": {"train": names, "val": names, "test": names}, "annotations": entries}, f)
+    (root / "classes.txt").write_text("a\nb\n")
+    return root
+
+
+def loader_rate(root: Path, samples: int) -> float:
+    import torch
+
+    from mg_ray.data import DataConfig, build_dataset
+
+    ds = build_dataset(DataConfig(root=root), "train", "train")  # paper sizes
+    torch.manual_seed(0)
+    ds[0]  # warm-up (imports, first reader)
+    start = time.perf_counter()
+    for k in range(samples):
+        item = ds[k % len(ds)]
+    elapsed = time.perf_counter() - start
+    assert item["rgb"].shape == (3, 8, 224, 224) and item["pose"].shape == (17, 32, 56, 56)
+    return samples / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=2, help="clips per video kind")
+    parser.add_argument("--samples", type=int, default=40, help="samples timed per video kind")
+    parser.add_argument("--frames", type=int, default=150, help="frames per clip")
+    args = parser.parse_args()
+
+    import torch
+
+    from mg_ray.data.heatmaps import pose_heatmaps
+    from mg_ray.data.layouts import COCO17
+
+    torch.set_num_threads(1)  # per-worker figures: one core per loader worker
+    rng = np.random.default_rng(0)
+    kp = person(32, 28, 28, 8, rng)  # a person filling the 56 x 56 heatmap, as after the compact crop
+    score = rng.uniform(0.3, 1, kp.shape[:3]).astype(np.float32)
+    print("heatmaps per clip (32 frames, 17 COCO joints, 56x56, sigma 0.7, 1 person, 1 thread)")
+    print(f"{'kind':8s} {'vectorised ms':>14s} {'loop ref ms':>12s} {'speed-up':>9s} {'max |diff|':>11s}")
+    for name, limbs in (("joints", None), ("limbs", COCO17.limbs)):
+        fast = min(timeit.repeat(lambda: pose_heatmaps(kp, score, (56, 56), 0.7, limbs), number=50, repeat=5)) / 50
+        ref = min(timeit.repeat(lambda: ref_heatmaps(kp, score, (56, 56), 0.7, limbs), number=5, repeat=3)) / 5
+        diff = np.abs(pose_heatmaps(kp, score, (56, 56), 0.7, limbs) - ref_heatmaps(kp, score, (56, 56), 0.7, limbs)).max()
+        print(f"{name:8s} {fast * 1e3:14.3f} {ref * 1e3:12.2f} {ref / fast:8.1f}x {diff:11.1e}")
+
+    print(f"\nloader throughput, paper-size train samples (rgb 8x224x224, pose 32x56x56), 1 worker, "
+          f"{args.clips} clips x {args.frames} frames")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        raw = write_bench_dataset(tmp / "raw", args.clips, args.frames, (720, 1280), gop=250)
+        prepared = write_bench_dataset(tmp / "prepared", args.clips, args.frames, (256, 456), gop=8)
+        print(f"(clips written in {time.perf_counter() - t0:.1f} s)")
+        for name, root in (("raw 1280x720 gop 250", raw), ("prepared 456x256 gop 8", prepared)):
+            rate = loader_rate(root, args.samples)
+            print(f"{name:24s} {rate:7.1f} samples/s  ({1e3 / rate:6.1f} ms/sample)")
+
+
+if __name__ == "__main__":
+    main()
