@@ -35,11 +35,16 @@ class PrepareError(RuntimeError):
 def target_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     """(height, width) with the short side at `short_side` (never upscaled), aspect kept, even."""
     scale = min(1.0, short_side / min(height, width))
-    even = lambda v: max(2, int(round(v * scale / 2)) * 2)  # noqa: E731
+
+    def even(side: int) -> int:
+        return max(2, round(side * scale / 2) * 2)
+
     return even(height), even(width)
 
 
-def scale_keypoints(keypoint: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+def scale_keypoints(
+    keypoint: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]
+) -> np.ndarray:
     """Keypoints [..., 2] (x, y in pixels of a from_hw frame) mapped onto a to_hw frame.
 
     Pixel-centre convention: the scale is to/from per axis; (0, 0) marks an undetected joint in
@@ -71,14 +76,20 @@ def reencode_clip(job: ClipJob) -> tuple[str, int, tuple[int, int], tuple[int, i
             fps = stream.average_rate or stream.guessed_rate or 25
             src_hw = (stream.codec_context.height, stream.codec_context.width)
             out_hw = target_size(*src_hw, job.short_side)
-            with video_io.H264Writer(job.target, out_hw[1], out_hw[0], fps=int(round(float(fps))), crf=job.crf, gop=job.gop) as writer:
+            with video_io.H264Writer(
+                job.target, out_hw[1], out_hw[0], fps=round(float(fps)), crf=job.crf, gop=job.gop
+            ) as writer:
                 for frame in container.decode(stream):
                     # AREA averages the pixels a target pixel covers: the right filter for shrinking.
-                    small = frame.reformat(width=out_hw[1], height=out_hw[0], format="rgb24", interpolation="AREA")
+                    small = frame.reformat(
+                        width=out_hw[1], height=out_hw[0], format="rgb24", interpolation="AREA"
+                    )
                     writer.write(small.to_ndarray())
                 written = writer.frames
     except (av.FFmpegError, ValueError, OSError) as err:
-        raise PrepareError(f"clip {job.frame_dir!r}: {job.source}: cannot re-encode: {err}") from None
+        raise PrepareError(
+            f"clip {job.frame_dir!r}: {job.source}: cannot re-encode: {err}"
+        ) from None
     return job.frame_dir, written, src_hw, out_hw
 
 
@@ -93,7 +104,9 @@ def prepare(
     log=print,
 ) -> Path:
     """Write a prepared copy of dataset `src` to `out`; returns `out`. See the module docstring."""
-    from mg_ray.data.annotations import safe_load_pickle  # the restricted loader: never plain pickle
+    from mg_ray.data.annotations import (
+        safe_load_pickle,  # the restricted loader: never plain pickle
+    )
 
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
     if not 16 <= short_side <= 4096:
@@ -103,11 +116,19 @@ def prepare(
     if not src.is_dir():
         raise PrepareError(f"{src}: source dataset folder not found")
     if out == src or src in out.parents or out in src.parents:
-        raise PrepareError(f"{out}: the output must lie outside the source dataset {src} (and not contain it)")
+        raise PrepareError(
+            f"{out}: the output must lie outside the source dataset {src} (and not contain it)"
+        )
 
     data = safe_load_pickle(src / video_io.ANNOTATIONS)
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or "split" not in data:
-        raise PrepareError(f"{src / video_io.ANNOTATIONS}: expected a dict with 'split' and an 'annotations' list")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("annotations"), list)
+        or "split" not in data
+    ):
+        raise PrepareError(
+            f"{src / video_io.ANNOTATIONS}: expected a dict with 'split' and an 'annotations' list"
+        )
     annotations = data["annotations"]
     jobs = []
     for i, ann in enumerate(annotations):
@@ -123,17 +144,28 @@ def prepare(
         jobs.append(ClipJob(str(ann["frame_dir"]), video, Path(), short_side, gop, crf))
     classes = video_io.read_classes(src / video_io.CLASSES)
     source_meta_path = src / video_io.METADATA
-    source_meta = json.loads(source_meta_path.read_text()) if source_meta_path.is_file() else {"name": src.name}
+    source_meta = (
+        json.loads(source_meta_path.read_text())
+        if source_meta_path.is_file()
+        else {"name": src.name}
+    )
 
     start = time.perf_counter()
     with video_io.staged_output(out, force) as stage:
         videos = stage / video_io.VIDEOS
         videos.mkdir()
-        jobs = [ClipJob(j.frame_dir, j.source, videos / f"{j.frame_dir}.mp4", j.short_side, j.gop, j.crf) for j in jobs]
+        jobs = [
+            ClipJob(
+                j.frame_dir, j.source, videos / f"{j.frame_dir}.mp4", j.short_side, j.gop, j.crf
+            )
+            for j in jobs
+        ]
         results: dict[str, tuple[int, tuple[int, int], tuple[int, int]]] = {}
         every = max(1, len(jobs) // 10)
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            for n, (name, written, src_hw, out_hw) in enumerate(pool.map(reencode_clip, jobs, chunksize=4), 1):
+            for n, (name, written, src_hw, out_hw) in enumerate(
+                pool.map(reencode_clip, jobs, chunksize=4), 1
+            ):
                 results[name] = (written, src_hw, out_hw)
                 if n % every == 0 or n == len(jobs):
                     log(f"  {n}/{len(jobs)} clips re-encoded ({time.perf_counter() - start:.1f} s)")
@@ -166,19 +198,29 @@ def prepare(
         }
         video_io.write_metadata(stage, **meta)
     if short_videos:
-        log(f"  warning: {len(short_videos)} clip(s) decode to a frame count other than total_frames, "
-            f"kept as they are: {', '.join(short_videos[:5])}{' ...' if len(short_videos) > 5 else ''}")
+        log(
+            f"  warning: {len(short_videos)} clip(s) decode to a frame count other than total_frames, "
+            f"kept as they are: {', '.join(short_videos[:5])}{' ...' if len(short_videos) > 5 else ''}"
+        )
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", type=Path, required=True, help="source dataset folder (read only)")
     parser.add_argument("--out", type=Path, required=True, help="new dataset folder")
-    parser.add_argument("--short-side", type=int, default=256, help="target short side in pixels (never upscales)")
+    parser.add_argument(
+        "--short-side", type=int, default=256, help="target short side in pixels (never upscales)"
+    )
     parser.add_argument("--gop", type=int, default=8, help="keyframe interval in frames")
-    parser.add_argument("--crf", type=int, default=20, help="x264 quality (lower is better, larger)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes")
-    parser.add_argument("--force", action="store_true", help="replace an existing mg-ray dataset at --out")
+    parser.add_argument(
+        "--crf", type=int, default=20, help="x264 quality (lower is better, larger)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing mg-ray dataset at --out"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,14 +228,24 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        out = prepare(args.src, args.out, args.short_side, args.gop, args.crf, args.workers, args.force)
-    except (PrepareError, AnnotationError, ValueError, FileNotFoundError, video_io.DatasetWriteError) as err:
+        out = prepare(
+            args.src, args.out, args.short_side, args.gop, args.crf, args.workers, args.force
+        )
+    except (
+        PrepareError,
+        AnnotationError,
+        ValueError,
+        FileNotFoundError,
+        video_io.DatasetWriteError,
+    ) as err:
         print(f"mg-ray prepare: error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     meta = json.loads((out / video_io.METADATA).read_text())
     clips = len(list((out / video_io.VIDEOS).glob("*.mp4")))
     print(f"prepared dataset written to {out}")
-    print(f"  {clips} clips, short side <= {args.short_side}, keyframe every {args.gop} frames, "
-          f"fingerprint {meta['fingerprint'][:16]}, {seconds:.1f} s")
+    print(
+        f"  {clips} clips, short side <= {args.short_side}, keyframe every {args.gop} frames, "
+        f"fingerprint {meta['fingerprint'][:16]}, {seconds:.1f} s"
+    )
     return 0

@@ -98,13 +98,25 @@ class SynthConfig:
             if not ok:
                 raise ValueError(f"synth {key}: expected {expected}, got {got!r}")
 
-        need(self.subjects >= 3, "subjects", "an integer >= 3 (train, val and test need one each)", self.subjects)
+        need(
+            self.subjects >= 3,
+            "subjects",
+            "an integer >= 3 (train, val and test need one each)",
+            self.subjects,
+        )
         need(self.clips_per_class >= 1, "clips_per_class", "an integer >= 1", self.clips_per_class)
         need(16 <= self.frames <= 1000, "frames", "an integer in [16, 1000]", self.frames)
         for key in ("width", "height"):
             value = getattr(self, key)
-            need(64 <= value <= 1920 and value % 2 == 0, key, "an even integer in [64, 1920]", value)
-        need(self.height <= self.width <= 2 * self.height, "width", "between height and 2 x height", self.width)
+            need(
+                64 <= value <= 1920 and value % 2 == 0, key, "an even integer in [64, 1920]", value
+            )
+        need(
+            self.height <= self.width <= 2 * self.height,
+            "width",
+            "between height and 2 x height",
+            self.width,
+        )
         need(1 <= self.fps <= 120, "fps", "an integer in [1, 120]", self.fps)
         need(0 <= self.crf <= 51, "crf", "an integer in [0, 51]", self.crf)
         need(1 <= self.gop <= 300, "gop", "an integer in [1, 300]", self.gop)
@@ -137,11 +149,17 @@ def subject_name(subject: int) -> str:
 
 def plan_clips(cfg: SynthConfig) -> list[ClipPlan]:
     """Every clip of the dataset, named `<subject>_<nnn>` so the name does not give the label."""
-    split_of = {s: name for name, subjects in split_subjects(cfg.subjects, cfg.seed).items() for s in subjects}
+    split_of = {
+        s: name
+        for name, subjects in split_subjects(cfg.subjects, cfg.seed).items()
+        for s in subjects
+    }
     plans = []
     for subject in range(cfg.subjects):
         pairs = [(label, r) for label in range(len(GESTURES)) for r in range(cfg.clips_per_class)]
-        order = np.random.default_rng(np.random.SeedSequence([cfg.seed, subject, 0x0D3])).permutation(len(pairs))
+        order = np.random.default_rng(
+            np.random.SeedSequence([cfg.seed, subject, 0x0D3])
+        ).permutation(len(pairs))
         for index, k in enumerate(order):
             label, repeat = pairs[k]
             name = f"{subject_name(subject)}_{index:03d}"
@@ -177,7 +195,14 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 
 
 SKIN_TONES = np.array(
-    [[241, 194, 160], [224, 172, 125], [198, 134, 95], [160, 105, 70], [120, 78, 52], [250, 212, 185]],
+    [
+        [241, 194, 160],
+        [224, 172, 125],
+        [198, 134, 95],
+        [160, 105, 70],
+        [120, 78, 52],
+        [250, 212, 185],
+    ],
     np.float32,
 )
 
@@ -196,13 +221,19 @@ def make_look(seed: int, subject: int, width: int, height: int) -> Look:
 
     # Wall with a vertical light gradient, a few dull panels, mild static texture, and a chair back.
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    background = wall[None, None, :] * (1.0 + rng.uniform(-0.15, 0.15) * (ys / height - 0.5))[..., None]
+    background = (
+        wall[None, None, :] * (1.0 + rng.uniform(-0.15, 0.15) * (ys / height - 0.5))[..., None]
+    )
     for _ in range(rng.integers(1, 4)):
         x0, y0 = rng.uniform(0, width), rng.uniform(0, height * 0.6)
         pw, ph = rng.uniform(0.1, 0.35) * width, rng.uniform(0.1, 0.3) * height
         inside = (xs >= x0) & (xs < x0 + pw) & (ys >= y0) & (ys < y0 + ph)
         background[inside] = _hsv(rng.uniform(), rng.uniform(0.05, 0.35), rng.uniform(0.2, 0.9))
-    background += rng.normal(0, 4, (height // 4 + 1, width // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:height, :width]
+    background += (
+        rng.normal(0, 4, (height // 4 + 1, width // 4 + 1, 3))
+        .repeat(4, 0)
+        .repeat(4, 1)[:height, :width]
+    )
     centre_x = width / 2 + rng.uniform(-0.07, 0.07) * width
     shoulder_y = height * rng.uniform(0.44, 0.5)
     chair = _hsv(rng.uniform(), rng.uniform(0.1, 0.4), rng.uniform(0.1, 0.4))
@@ -238,7 +269,9 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
-def contact_envelope(t: np.ndarray, onset: float, reach: float, hold: float, taps: int, gap: float) -> np.ndarray:
+def contact_envelope(
+    t: np.ndarray, onset: float, reach: float, hold: float, taps: int, gap: float
+) -> np.ndarray:
     """0 at rest, 1 at the target; `taps` contacts of `hold` each, `gap` apart (time in [0, 1])."""
     env = np.zeros_like(t)
     start = onset
@@ -250,7 +283,9 @@ def contact_envelope(t: np.ndarray, onset: float, reach: float, hold: float, tap
     return env
 
 
-def elbow_position(shoulder: np.ndarray, wrist: np.ndarray, side: float, unit: float) -> tuple[np.ndarray, np.ndarray]:
+def elbow_position(
+    shoulder: np.ndarray, wrist: np.ndarray, side: float, unit: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Two-link inverse kinematics. shoulder, wrist: [T, 2]; side: -1 right arm, +1 left arm
     (image x of the person's left grows). Returns (elbow, reachable wrist), both [T, 2]: a wrist out
     of reach is pulled towards the shoulder so the drawn bones keep their lengths. The elbow takes
@@ -293,20 +328,33 @@ def clip_motion(gesture: Gesture, look: Look, frames: int, rng: np.random.Genera
     cx = look.centre_x + rng.uniform(-2, 2) * u
     sy = look.shoulder_y + rng.uniform(-2, 2) * u
     shoulders = np.array([[cx - SHOULDER_HALF * u, sy], [cx + SHOULDER_HALF * u, sy]])
-    hips = np.array([[cx - HIP_HALF * u, sy + HIP_DROP * u], [cx + HIP_HALF * u, sy + HIP_DROP * u]])
+    hips = np.array(
+        [[cx - HIP_HALF * u, sy + HIP_DROP * u], [cx + HIP_HALF * u, sy + HIP_DROP * u]]
+    )
 
     # Idle motion: the head sways and turns a little, independently of the gesture.
     sway_f, sway_p = rng.uniform(0.5, 1.5), rng.uniform(0, 2 * np.pi)
     head = np.stack(
-        [cx + 1.5 * u * np.sin(2 * np.pi * sway_f * t + sway_p), sy - NECK * u + 0.7 * u * np.sin(2 * np.pi * 0.8 * t + sway_p)],
+        [
+            cx + 1.5 * u * np.sin(2 * np.pi * sway_f * t + sway_p),
+            sy - NECK * u + 0.7 * u * np.sin(2 * np.pi * 0.8 * t + sway_p),
+        ],
         axis=-1,
     )
     yaw = 0.3 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * t + rng.uniform(0, 2 * np.pi))
 
     # Rest: hands on the lap, slightly apart; each rest point drifts a little.
-    rest = np.stack([np.array([cx + s * 10 * u, sy + 36 * u]) + rng.normal(0, 1.5 * u, 2) for s in (-1, 1)])
+    rest = np.stack(
+        [np.array([cx + s * 10 * u, sy + 36 * u]) + rng.normal(0, 1.5 * u, 2) for s in (-1, 1)]
+    )
     wrists = np.repeat(rest[:, None, :], frames, axis=1)
-    wrists += 0.8 * u * np.sin(2 * np.pi * rng.uniform(0.2, 0.6) * t[None, :, None] + rng.uniform(0, 6, (2, 1, 2)))
+    wrists += (
+        0.8
+        * u
+        * np.sin(
+            2 * np.pi * rng.uniform(0.2, 0.6) * t[None, :, None] + rng.uniform(0, 6, (2, 1, 2))
+        )
+    )
 
     # Timing: onset, reach and hold scaled by the subject's and the clip's speed.
     speed = look.speed * rng.uniform(0.85, 1.15)
@@ -344,21 +392,27 @@ def clip_motion(gesture: Gesture, look: Look, frames: int, rng: np.random.Genera
         if gesture.manner == "rub":
             rubbing[hand] = contact[hand]
         if gesture.target == "arm":  # the scratched forearm lies across the lap
-            wrists[other] = np.broadcast_to(np.array([cx - side * 6 * u, sy + 36 * u]), (frames, 2)).copy()
+            wrists[other] = np.broadcast_to(
+                np.array([cx - side * 6 * u, sy + 36 * u]), (frames, 2)
+            ).copy()
     hold_vis = contact.max(0) if gesture.manner == "hold" else np.zeros(frames)
 
     elbows = np.empty_like(wrists)
     for hand, side in ((0, -1.0), (1, 1.0)):
         shoulder = np.broadcast_to(shoulders[hand], (frames, 2))
         elbows[hand], wrists[hand] = elbow_position(shoulder, wrists[hand], side, u)
-    return ClipMotion(head, yaw, shoulders, hips, elbows, wrists, rubbing, hold_vis, rub_phase, contact)
+    return ClipMotion(
+        head, yaw, shoulders, hips, elbows, wrists, rubbing, hold_vis, rub_phase, contact
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Keypoints: COCO-17 from the motion, plus detector-like noise
 
 
-def clip_keypoints(motion: ClipMotion, look: Look, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def clip_keypoints(
+    motion: ClipMotion, look: Look, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns keypoint float32 [1, T, 17, 2] and keypoint_score float32 [1, T, 17]."""
     u = look.unit
     frames = motion.head.shape[0]
@@ -399,8 +453,8 @@ def clip_keypoints(motion: ClipMotion, look: Look, rng: np.random.Generator) -> 
 
 def _patch(img: np.ndarray, x0: float, y0: float, x1: float, y1: float):
     h, w = img.shape[:2]
-    xa, ya = max(int(math.floor(x0)), 0), max(int(math.floor(y0)), 0)
-    xb, yb = min(int(math.ceil(x1)) + 1, w), min(int(math.ceil(y1)) + 1, h)
+    xa, ya = max(math.floor(x0), 0), max(math.floor(y0), 0)
+    xb, yb = min(math.ceil(x1) + 1, w), min(math.ceil(y1) + 1, h)
     if xa >= xb or ya >= yb:
         return None
     ys = np.arange(ya, yb, dtype=np.float32)[:, None]
@@ -416,7 +470,13 @@ def _blend(img: np.ndarray, where, coverage: np.ndarray, colour: np.ndarray) -> 
 def draw_capsule(img, p, q, radius, colour, alpha=1.0) -> None:
     """Segment p-q thickened to `radius` (limbs, pens); p == q gives a disc."""
     (px, py), (qx, qy) = p, q
-    got = _patch(img, min(px, qx) - radius - 1, min(py, qy) - radius - 1, max(px, qx) + radius + 1, max(py, qy) + radius + 1)
+    got = _patch(
+        img,
+        min(px, qx) - radius - 1,
+        min(py, qy) - radius - 1,
+        max(px, qx) + radius + 1,
+        max(py, qy) + radius + 1,
+    )
     if got is None:
         return
     where, xs, ys = got
@@ -462,7 +522,9 @@ def render_frames(motion: ClipMotion, look: Look, rng: np.random.Generator) -> n
     # Static part: background, torso and neck (drawn once per clip).
     base = look.background * rng.uniform(0.93, 1.07)
     (rs, ls), (rh, lh) = motion.shoulders, motion.hips
-    torso = np.array([rs + [-2 * u, -3 * u], ls + [2 * u, -3 * u], lh + [3 * u, 0], rh + [-3 * u, 0]])
+    torso = np.array(
+        [rs + [-2 * u, -3 * u], ls + [2 * u, -3 * u], lh + [3 * u, 0], rh + [-3 * u, 0]]
+    )
     draw_quad(base, torso, look.shirt)
     neck_top = motion.head[0] + [0, 6 * u]
     draw_capsule(base, neck_top, (rs + ls) / 2 - [0, 3 * u], 4.2 * u, look.skin * 0.92)
@@ -474,13 +536,31 @@ def render_frames(motion: ClipMotion, look: Look, rng: np.random.Generator) -> n
         img = base.copy()
         head = motion.head[f]
         draw_ellipse(img, head + [0, -2.5 * u], HEAD_RX * u * 1.08, HEAD_RY * u * 0.9, look.hair)
-        draw_ellipse(img, head + [motion.yaw[f] * 1.5 * u, 1.0 * u], HEAD_RX * u * 0.92, HEAD_RY * u * 0.88, look.skin)
+        draw_ellipse(
+            img,
+            head + [motion.yaw[f] * 1.5 * u, 1.0 * u],
+            HEAD_RX * u * 0.92,
+            HEAD_RY * u * 0.88,
+            look.skin,
+        )
         for s in (-1, 1):
-            draw_ellipse(img, head + [(s * 3.5 + motion.yaw[f] * 3) * u, -1.5 * u], 1.1 * u, 1.1 * u, look.hair * 0.5)
+            draw_ellipse(
+                img,
+                head + [(s * 3.5 + motion.yaw[f] * 3) * u, -1.5 * u],
+                1.1 * u,
+                1.1 * u,
+                look.hair * 0.5,
+            )
         # The arm that is further from rest is drawn last so it passes in front.
-        order = np.argsort([np.abs(motion.wrists[h, f] - motion.wrists[h, 0]).sum() for h in (0, 1)])
+        order = np.argsort(
+            [np.abs(motion.wrists[h, f] - motion.wrists[h, 0]).sum() for h in (0, 1)]
+        )
         for hand in order:
-            shoulder, elbow, wrist = motion.shoulders[hand], motion.elbows[hand, f], motion.wrists[hand, f]
+            shoulder, elbow, wrist = (
+                motion.shoulders[hand],
+                motion.elbows[hand, f],
+                motion.wrists[hand, f],
+            )
             draw_capsule(img, shoulder, elbow, ARM_R * u, look.shirt * shade)
             draw_capsule(img, elbow, wrist, FOREARM_R * u, look.shirt)
             direction = (wrist - elbow) / max(np.hypot(*(wrist - elbow)), 1e-6)
@@ -488,7 +568,11 @@ def render_frames(motion: ClipMotion, look: Look, rng: np.random.Generator) -> n
             rub = motion.rubbing[hand, f]
             if rub > 0:
                 # Rubbing: the hand shows smeared (a bar swinging with the rub) and flushed red.
-                angle = math.atan2(direction[1], direction[0]) + np.pi / 2 + 0.7 * math.sin(motion.rub_phase[f])
+                angle = (
+                    math.atan2(direction[1], direction[0])
+                    + np.pi / 2
+                    + 0.7 * math.sin(motion.rub_phase[f])
+                )
                 half = 3.2 * u * np.array([math.cos(angle), math.sin(angle)])
                 colour = look.skin + rub * (RUB_TINT - look.skin) * 0.9
                 draw_capsule(img, hand_centre - half, hand_centre + half, HAND_R * u * 1.25, colour)
@@ -499,7 +583,9 @@ def render_frames(motion: ClipMotion, look: Look, rng: np.random.Generator) -> n
             centre = (motion.wrists[0, f] + motion.wrists[1, f]) / 2 + [0, 2.5 * u]
             angle = 0.4 + 0.5 * math.sin(motion.rub_phase[f] * 0.5)
             half = 6.0 * u * np.array([math.cos(angle), math.sin(angle)])
-            draw_capsule(img, centre - half, centre + half, 2.4 * u, object_colour, alpha=motion.hold[f])
+            draw_capsule(
+                img, centre - half, centre + half, 2.4 * u, object_colour, alpha=motion.hold[f]
+            )
         np.clip(img, 0, 255, out=img)
         out[f] = img.astype(np.uint8)  # truncation, deterministic across platforms
     return out
@@ -509,10 +595,14 @@ def render_frames(motion: ClipMotion, look: Look, rng: np.random.Generator) -> n
 # One clip, pure: settings in, arrays out
 
 
-def render_clip(cfg: SynthConfig, plan: ClipPlan, look: Look | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_clip(
+    cfg: SynthConfig, plan: ClipPlan, look: Look | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (frames uint8 [T, H, W, 3], keypoint float32 [1, T, 17, 2], score float32 [1, T, 17])."""
     look = look or make_look(cfg.seed, plan.subject, cfg.width, cfg.height)
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, plan.subject, plan.label, plan.repeat, 0xC11]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([cfg.seed, plan.subject, plan.label, plan.repeat, 0xC11])
+    )
     motion = clip_motion(GESTURES[plan.label], look, cfg.frames, rng)
     keypoint, score = clip_keypoints(motion, look, rng)
     frames = render_frames(motion, look, rng)
@@ -525,7 +615,9 @@ def _write_clip(cfg: SynthConfig, plans: list[ClipPlan], videos: Path) -> list[d
     annotations = []
     for plan in plans:
         frames, keypoint, score = render_clip(cfg, plan, look)
-        video_io.write_video(videos / f"{plan.frame_dir}.mp4", frames, fps=cfg.fps, crf=cfg.crf, gop=cfg.gop)
+        video_io.write_video(
+            videos / f"{plan.frame_dir}.mp4", frames, fps=cfg.fps, crf=cfg.crf, gop=cfg.gop
+        )
         annotations.append(
             {
                 "frame_dir": plan.frame_dir,
@@ -561,11 +653,16 @@ def generate(out: Path | None = None, force: bool = False, **settings) -> Path:
         videos.mkdir()
         if cfg.workers > 1:
             with ProcessPoolExecutor(max_workers=min(cfg.workers, cfg.subjects)) as pool:
-                results = list(pool.map(_write_clip, [cfg] * cfg.subjects, by_subject, [videos] * cfg.subjects))
+                results = list(
+                    pool.map(_write_clip, [cfg] * cfg.subjects, by_subject, [videos] * cfg.subjects)
+                )
         else:
             results = [_write_clip(cfg, group, videos) for group in by_subject]
         annotations = [a for group in results for a in group]
-        split = {name: [p.frame_dir for p in plans if p.split == name] for name in ("train", "val", "test")}
+        split = {
+            name: [p.frame_dir for p in plans if p.split == name]
+            for name in ("train", "val", "test")
+        }
         video_io.write_annotations(stage, split, annotations)
         video_io.write_classes(stage, [g.name for g in GESTURES])
         video_io.write_metadata(
@@ -574,8 +671,14 @@ def generate(out: Path | None = None, force: bool = False, **settings) -> Path:
             layout=COCO17.name,
             num_classes=len(GESTURES),
             # `workers` changes nothing in the output, so it is not part of the recipe
-            generator={"module": __name__, **{k: v for k, v in asdict(cfg).items() if k != "workers"}},
-            subjects={name: [subject_name(s) for s in subs] for name, subs in split_subjects(cfg.subjects, cfg.seed).items()},
+            generator={
+                "module": __name__,
+                **{k: v for k, v in asdict(cfg).items() if k != "workers"},
+            },
+            subjects={
+                name: [subject_name(s) for s in subs]
+                for name, subs in split_subjects(cfg.subjects, cfg.seed).items()
+            },
         )
     return out.absolute()
 
@@ -588,32 +691,49 @@ def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 160x120, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT such as 160x120, got {text!r}"
+        ) from None
     return w, h
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SynthConfig()
-    parser.add_argument("--out", type=Path, default=None, help=f"dataset folder (default: {paths.synthetic_dataset()})")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"dataset folder (default: {paths.synthetic_dataset()})",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--subjects", type=int, default=d.subjects, help="number of subjects (>= 3)")
-    parser.add_argument("--clips-per-class", type=int, default=d.clips_per_class, help="per subject")
+    parser.add_argument(
+        "--subjects", type=int, default=d.subjects, help="number of subjects (>= 3)"
+    )
+    parser.add_argument(
+        "--clips-per-class", type=int, default=d.clips_per_class, help="per subject"
+    )
     parser.add_argument("--frames", type=int, default=d.frames, help="frames per clip")
-    parser.add_argument("--size", type=_size, default=(d.width, d.height), help="WIDTHxHEIGHT, even numbers")
-    parser.add_argument("--workers", type=int, default=min(d.workers, os.cpu_count() or 1), help="processes")
-    parser.add_argument("--force", action="store_true", help="replace an existing mg-ray dataset at --out")
+    parser.add_argument(
+        "--size", type=_size, default=(d.width, d.height), help="WIDTHxHEIGHT, even numbers"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(d.workers, os.cpu_count() or 1), help="processes"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing mg-ray dataset at --out"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = dict(
-        seed=args.seed,
-        subjects=args.subjects,
-        clips_per_class=args.clips_per_class,
-        frames=args.frames,
-        width=args.size[0],
-        height=args.size[1],
-        workers=args.workers,
-    )
+    settings = {
+        "seed": args.seed,
+        "subjects": args.subjects,
+        "clips_per_class": args.clips_per_class,
+        "frames": args.frames,
+        "width": args.size[0],
+        "height": args.size[1],
+        "workers": args.workers,
+    }
     start = time.perf_counter()
     try:
         out = generate(args.out, force=args.force, **settings)
@@ -629,8 +749,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  classes ({len(GESTURES)}): {', '.join(g.name for g in GESTURES)}")
     print(
         "  clips: "
-        + ", ".join(f"{name} {n} ({len(meta['subjects'][name])} subjects)" for name, n in counts.items())
+        + ", ".join(
+            f"{name} {n} ({len(meta['subjects'][name])} subjects)" for name, n in counts.items()
+        )
     )
-    print(f"  {cfg.frames} frames per clip at {cfg.width}x{cfg.height}, {cfg.fps} fps, seed {cfg.seed}")
+    print(
+        f"  {cfg.frames} frames per clip at {cfg.width}x{cfg.height}, {cfg.fps} fps, seed {cfg.seed}"
+    )
     print(f"  fingerprint {meta['fingerprint'][:16]}, generated in {seconds:.1f} s")
     return 0

@@ -18,9 +18,10 @@ import os
 import pickle
 import shutil
 import uuid
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -48,23 +49,43 @@ class H264Writer:
     access cheap, at some cost in file size.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: int = 25, crf: int = 18, gop: int = 12, preset: str = "veryfast") -> None:
+    def __init__(
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        fps: int = 25,
+        crf: int = 18,
+        gop: int = 12,
+        preset: str = "veryfast",
+    ) -> None:
         import av  # imported here: only writers need PyAV
 
         if width % 2 or height % 2:
-            raise ValueError(f"{path}: H.264 (yuv420p) needs even frame sizes, got {width}x{height}")
+            raise ValueError(
+                f"{path}: H.264 (yuv420p) needs even frame sizes, got {width}x{height}"
+            )
         self.path, self.size, self.frames = path, (height, width), 0
         self._av = av
         self._container = av.open(str(path), mode="w", format="mp4")
         stream = self._container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": preset, "g": str(gop), "keyint_min": str(gop), "bf": "0", "threads": "1"}
+        stream.options = {
+            "crf": str(crf),
+            "preset": preset,
+            "g": str(gop),
+            "keyint_min": str(gop),
+            "bf": "0",
+            "threads": "1",
+        }
         self._stream = stream
 
     def write(self, image: np.ndarray) -> None:
         if image.dtype != np.uint8 or image.shape != self.size + (3,):
-            raise ValueError(f"{self.path}: expected uint8 frame {self.size + (3,)}, got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"{self.path}: expected uint8 frame {self.size + (3,)}, got {image.dtype} {image.shape}"
+            )
         frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
@@ -82,7 +103,7 @@ class H264Writer:
             self._container.close()
             self._container = None
 
-    def __enter__(self) -> "H264Writer":
+    def __enter__(self) -> H264Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -92,10 +113,14 @@ class H264Writer:
         self.close()
 
 
-def write_video(path: Path, frames: np.ndarray, fps: int = 25, crf: int = 18, gop: int = 12) -> None:
+def write_video(
+    path: Path, frames: np.ndarray, fps: int = 25, crf: int = 18, gop: int = 12
+) -> None:
     """Encode uint8 RGB frames [T, H, W, 3] as one H.264 mp4 clip (see `H264Writer`)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"{path}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+        raise ValueError(
+            f"{path}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}"
+        )
     with H264Writer(path, frames.shape[2], frames.shape[1], fps=fps, crf=crf, gop=gop) as writer:
         for image in frames:
             writer.write(image)

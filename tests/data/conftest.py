@@ -8,7 +8,15 @@ import pytest
 
 # 3 subjects (one each for train, val and test) x 10 classes x 1 clip = 30 clips of 40 frames.
 # 40 frames is enough for 32-frame pose sampling without looping; 160x120 is the default size.
-TINY_SETTINGS = dict(seed=0, subjects=3, clips_per_class=1, frames=40, width=160, height=120, workers=1)
+TINY_SETTINGS = {
+    "seed": 0,
+    "subjects": 3,
+    "clips_per_class": 1,
+    "frames": 40,
+    "width": 160,
+    "height": 120,
+    "workers": 1,
+}
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,11 @@ decord = pytest.importorskip("decord")
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _load(folder: Path) -> dict:
@@ -44,7 +48,14 @@ def test_scale_keypoints_keeps_undetected_at_zero():
 @pytest.fixture(scope="module")
 def prepared(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     before = _digest(tiny_dataset)
-    out = prepare.prepare(tiny_dataset, tmp_path_factory.mktemp("prep") / "small", short_side=64, gop=4, workers=2, log=lambda *_: None)
+    out = prepare.prepare(
+        tiny_dataset,
+        tmp_path_factory.mktemp("prep") / "small",
+        short_side=64,
+        gop=4,
+        workers=2,
+        log=lambda *_: None,
+    )
     assert _digest(tiny_dataset) == before  # the source is never modified
     return out, before
 
@@ -57,8 +68,13 @@ def test_prepared_clips_decode_to_the_same_frames_smaller(prepared, tiny_dataset
     for old, new in zip(source["annotations"], result["annotations"]):
         assert new["frame_dir"] == old["frame_dir"] and new["label"] == old["label"]
         assert new["total_frames"] == old["total_frames"] and new["subject"] == old["subject"]
-        assert new["img_shape"] == (64, 86) and new["original_shape"] == old["original_shape"] == (120, 160)
-        np.testing.assert_allclose(new["keypoint"], old["keypoint"] * np.array([86 / 160, 64 / 120], np.float32), rtol=1e-5)
+        assert new["img_shape"] == (64, 86) and new["original_shape"] == old["original_shape"] == (
+            120,
+            160,
+        )
+        np.testing.assert_allclose(
+            new["keypoint"], old["keypoint"] * np.array([86 / 160, 64 / 120], np.float32), rtol=1e-5
+        )
         np.testing.assert_array_equal(new["keypoint_score"], old["keypoint_score"])
         assert new["keypoint"].dtype == np.float32
     for ann in result["annotations"][:4]:
@@ -72,8 +88,10 @@ def test_prepared_clips_decode_to_the_same_frames_smaller(prepared, tiny_dataset
         assert got.shape == (3, 64, 86, 3)
         ref = big.get_batch(index).asnumpy()
         rows, cols = (np.arange(120) * 64 // 120), (np.arange(160) * 86 // 160)
-        coarse = lambda x: x.astype(np.float32).reshape(8, 15, 8, 20, 3).mean((1, 3))  # noqa: E731
-        dist = np.array([[np.abs(coarse(g[rows][:, cols]) - coarse(r)).mean() for r in ref] for g in got])
+        coarse = lambda x: x.astype(np.float32).reshape(8, 15, 8, 20, 3).mean((1, 3))
+        dist = np.array(
+            [[np.abs(coarse(g[rows][:, cols]) - coarse(r)).mean() for r in ref] for g in got]
+        )
         assert (dist.argmin(1) == [0, 1, 2]).all() and dist.diagonal().max() < 3.0, dist
 
 
@@ -121,7 +139,22 @@ def test_refuses_output_inside_source_and_existing_folders(tiny_dataset: Path, t
 
 def test_cli(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "p"
-    assert cli.main(["prepare", "--src", str(tiny_dataset), "--out", str(out), "--short-side", "32", "--workers", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "--src",
+                str(tiny_dataset),
+                "--out",
+                str(out),
+                "--short-side",
+                "32",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "30 clips" in capsys.readouterr().out
     assert _load(out)["annotations"][0]["img_shape"] == (32, 42)
     assert cli.main(["prepare", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "q")]) == 2

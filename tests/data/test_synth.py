@@ -30,7 +30,8 @@ def test_tiny_dataset_has_the_agreed_layout(tiny_dataset: Path):
     assert meta["layout"] == "coco17" and meta["num_classes"] == len(classes) == 10
     assert meta["generator"]["seed"] == 0
     digest = hashlib.sha256(
-        (tiny_dataset / "annotations.pkl").read_bytes() + (tiny_dataset / "classes.txt").read_bytes()
+        (tiny_dataset / "annotations.pkl").read_bytes()
+        + (tiny_dataset / "classes.txt").read_bytes()
     ).hexdigest()
     assert meta["fingerprint"] == digest
 
@@ -47,7 +48,9 @@ def test_tiny_dataset_has_the_agreed_layout(tiny_dataset: Path):
         assert np.isfinite(kp).all() and ((score >= 0) & (score <= 1)).all()
         # Detected joints lie inside the frame; undetected ones are (0, 0) with score 0.
         seen = score > 0
-        assert ((kp[..., 0] >= 0) & (kp[..., 0] < w) & (kp[..., 1] >= 0) & (kp[..., 1] < h))[seen].all()
+        assert ((kp[..., 0] >= 0) & (kp[..., 0] < w) & (kp[..., 1] >= 0) & (kp[..., 1] < h))[
+            seen
+        ].all()
         assert (kp[~seen] == 0).all()
         assert (score[..., 13:] == 0).all()  # knees and ankles hidden under the desk
         assert seen[..., :13].mean() > 0.9  # but the upper body is mostly detected
@@ -65,9 +68,15 @@ def test_videos_decode_to_total_frames(tiny_dataset: Path):
 def test_split_is_cross_subject_and_complete():
     cfg = synth.SynthConfig(subjects=12, clips_per_class=2)
     plans = synth.plan_clips(cfg)
-    subjects = {name: {p.subject for p in plans if p.split == name} for name in ("train", "val", "test")}
+    subjects = {
+        name: {p.subject for p in plans if p.split == name} for name in ("train", "val", "test")
+    }
     assert [len(subjects[n]) for n in ("train", "val", "test")] == [8, 2, 2]
-    assert not (subjects["train"] & subjects["val"] or subjects["train"] & subjects["test"] or subjects["val"] & subjects["test"])
+    assert not (
+        subjects["train"] & subjects["val"]
+        or subjects["train"] & subjects["test"]
+        or subjects["val"] & subjects["test"]
+    )
     assert len({p.frame_dir for p in plans}) == len(plans) == 12 * 10 * 2
     # every class appears equally often in every split
     for name in ("train", "val", "test"):
@@ -90,7 +99,9 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path: Path):
     b = synth.generate(tmp_path / "b", **dict(small, workers=2))
     c = synth.generate(tmp_path / "c", **dict(small, workers=1, seed=1))
     assert (a / "annotations.pkl").read_bytes() == (b / "annotations.pkl").read_bytes()
-    assert json.loads((a / "dataset.json").read_text()) == json.loads((b / "dataset.json").read_text())
+    assert json.loads((a / "dataset.json").read_text()) == json.loads(
+        (b / "dataset.json").read_text()
+    )
     for video in sorted((a / "videos").iterdir()):
         assert video.read_bytes() == (b / "videos" / video.name).read_bytes(), video.name
     assert (a / "annotations.pkl").read_bytes() != (c / "annotations.pkl").read_bytes()
@@ -146,7 +157,21 @@ def test_bad_settings_name_the_key(settings: dict, key: str, tmp_path: Path):
 
 def test_cli_writes_and_summarises(tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "cli"
-    argv = ["synth", "--out", str(out), "--subjects", "3", "--clips-per-class", "1", "--frames", "16", "--size", "96x72", "--workers", "1"]
+    argv = [
+        "synth",
+        "--out",
+        str(out),
+        "--subjects",
+        "3",
+        "--clips-per-class",
+        "1",
+        "--frames",
+        "16",
+        "--size",
+        "96x72",
+        "--workers",
+        "1",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "train 10 (1 subjects)" in printed and "generated in" in printed
@@ -177,7 +202,12 @@ def _pose_features(kp: np.ndarray, score: np.ndarray) -> np.ndarray:
     feats = []
     for disp, xy in (hands[acting], hands[1 - acting]):
         above = disp > 0.5 * disp.max()
-        feats += [*xy[disp > 0.7 * disp.max()].mean(0), disp.max(), above.mean(), np.sum(above[1:] & ~above[:-1])]
+        feats += [
+            *xy[disp > 0.7 * disp.max()].mean(0),
+            disp.max(),
+            above.mean(),
+            np.sum(above[1:] & ~above[:-1]),
+        ]
     return np.array(feats)
 
 
@@ -229,12 +259,16 @@ def test_synth_is_learnable_from_pose_and_rgb():
         pred = _logistic_regression(x[train & keep], y[train & keep], x[test & keep], len(classes))
         return float((pred == y[test & keep]).mean())
 
-    acc = {name: accuracy(x) for name, x in (("pose", pose), ("rgb", rgb), ("fused", np.c_[pose, rgb]))}
+    acc = {
+        name: accuracy(x) for name, x in (("pose", pose), ("rgb", rgb), ("fused", np.c_[pose, rgb]))
+    }
     # Pairs whose keypoints look alike by design (touch/rub face, touch/rub chest, hold/rub in lap).
     pairs = [(0, 1), (4, 5), (7, 8)]
     pose_pairs = np.mean([accuracy(pose, p) for p in pairs])
     rgb_pairs = np.mean([accuracy(rgb, p) for p in pairs])
-    print(f"val+test top-1: {acc}; touch/rub/hold pairs: pose {pose_pairs:.2f}, rgb {rgb_pairs:.2f}")
+    print(
+        f"val+test top-1: {acc}; touch/rub/hold pairs: pose {pose_pairs:.2f}, rgb {rgb_pairs:.2f}"
+    )
     chance = 0.1
     assert acc["pose"] >= 5 * chance  # pose alone: target and timing
     assert acc["rgb"] >= 2.5 * chance  # RGB alone: manner (+ some location)
