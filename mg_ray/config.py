@@ -182,7 +182,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (dict, typing.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        args = get_args(tp)
+        if not args:
+            return dict(value)
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value

@@ -31,9 +31,8 @@ def model_spec(model_cfg, data_cfg, num_classes: int, pose_channels: int) -> dic
         "modality": model_cfg.modality,
         "fusion": model_cfg.fusion,
         "stream_weights": tuple(model_cfg.stream_weights),
+        "rgb_size": data_cfg.rgb_size,
     }
-    if model_cfg.preset == "small":
-        kwargs["rgb_size"] = data_cfg.rgb_size
     if model_cfg.embed_dim is not None:
         kwargs["embed_dim"] = model_cfg.embed_dim
     if model_cfg.dropout is not None:

@@ -172,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 clip_names = [val_set.clip_name(i) for i in val.indices]
                 logger.log_classification_report("val", val.labels, val.fused, val.stream_probs, class_names, clip_names)
             if last:
-                log_best_model(logger, best, spec, class_names, cfg)
+                log_best_model(logger, best, spec, class_names, cfg, train_set.layout.name)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(
                     {
@@ -333,7 +333,7 @@ class Best:
         return cls(**state)
 
 
-def log_best_model(logger, best: Best, spec, class_names, cfg) -> None:
+def log_best_model(logger, best: Best, spec, class_names, cfg, layout: str) -> None:
     from mg_ray.config import to_dict
 
     with tempfile.TemporaryDirectory() as folder:
@@ -343,7 +343,7 @@ def log_best_model(logger, best: Best, spec, class_names, cfg) -> None:
             model_state=best.model,
             criterion_state=best.prototypes,
             class_names=class_names,
-            data=to_dict(cfg.data),
+            data={**to_dict(cfg.data), "layout": layout},  # the layout actually used
             metrics={"val_top1": best.val_top1, "epoch": best.epoch},
         )
         logger.log_file(path, "best_model")

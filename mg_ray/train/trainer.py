@@ -26,7 +26,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster in `address` / RAY_ADDRESS, or start a local one on loopback.
 
     Without an address we start a private local cluster (`address="local"`) rather than letting
-    `ray.init()` attach to whatever cluster happens to run on this machine.
+    `ray.init()` attach to whatever cluster happens to run on this machine. Its dashboard (which
+    serves the State API that Ray Train's placement-group cleaner polls) listens on loopback only.
     """
     import ray
 
@@ -36,8 +37,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def check_resources(
