@@ -11,7 +11,33 @@ X'' = A * X + X, broadcast over H and W.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def project_max(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """conv(x).amax over H, W, computed cheaply: x [N, C, T*r, H, W] -> tokens [N, T, K] for a
+    conv with kernel = stride = (r, 1, 1) (r = 1: a 1x1x1 conv).
+
+    Same values and gradients as `conv(x).amax(dim=(3, 4))` (up to ties), at a third of the
+    cost: the full-map projection runs once without autograd just to find each output channel's
+    spatial argmax, and only the selected positions are projected again with autograd. The naive
+    form back-propagates a dense [N, K, T, H, W] gradient that is zero everywhere but at the
+    maxima; on CPU its backward made the fusion cost ~2x the backbone step instead of a few %.
+    """
+    n, c, frames, h, w = x.shape
+    k, r = conv.out_channels, conv.kernel_size[0]
+    t = frames // r
+    with torch.no_grad():
+        where = F.conv3d(x, conv.weight, conv.bias, stride=conv.stride).flatten(3).argmax(dim=3)  # [N, K, T]
+    # [N, C, T, r, HW] -> [N, T, HW, C, r]; pick, for every (n, k, t), the column at `where`
+    columns = x.reshape(n, c, t, r, h * w).permute(0, 2, 4, 1, 3)
+    picked = columns[
+        torch.arange(n, device=x.device)[:, None, None], torch.arange(t, device=x.device)[None, None, :], where
+    ]  # [N, K, T, C, r]
+    weight = conv.weight.reshape(k, c, r)
+    tokens = torch.einsum("nktcj,kcj->ntk", picked, weight.to(picked.dtype))
+    return tokens + conv.bias.to(tokens.dtype) if conv.bias is not None else tokens
 
 
 class CrossModalFusion(nn.Module):
@@ -43,8 +69,8 @@ class CrossModalFusion(nn.Module):
 
     def forward(self, rgb: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [N, C', T, H, W] -> max over space -> tokens [N, T, C']
-        rgb_tokens = self.rgb_proj(rgb).amax(dim=(3, 4)).transpose(1, 2)
-        pose_tokens = self.pose_proj(pose).amax(dim=(3, 4)).transpose(1, 2)
+        rgb_tokens = project_max(rgb, self.rgb_proj)
+        pose_tokens = project_max(pose, self.pose_proj)
         rgb_att, _ = self.rgb_attn(rgb_tokens, pose_tokens, pose_tokens, need_weights=False)
         pose_att, _ = self.pose_attn(pose_tokens, rgb_tokens, rgb_tokens, need_weights=False)
         # tokens [N, T, C'] -> [N, C', T, 1, 1] -> per-channel, per-time gates
