@@ -153,13 +153,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model={k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()},
                 prototypes={k: v.detach().cpu().clone() for k, v in criterion.state_dict().items()},
             )
+        # Key order matters: Tune's progress table shows the first four metrics it sees.
         metrics = {
-            "epoch": epoch,
+            "val_top1": val_metrics["val_top1"],
+            "best_val_top1": best.val_top1,
             "epochs_completed": epoch + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
+            "train_loss": train_stats["train_loss"],
+            "epoch": epoch,
             "lr": lr,
             **train_stats,
             **val_metrics,
-            "best_val_top1": best.val_top1,
             "best_epoch": best.epoch,
         }
         last = epoch == cfg.optim.epochs - 1

@@ -29,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-promote", action="store_true", help="do not register the best model")
 
 
+def example_clip(root: str) -> str:
+    """A test clip's name in the dataset, for the printed `mg-ray predict` example."""
+    from mg_ray.data import load_index
+
+    index = load_index(root)
+    split = index.split("test") if "test" in index.splits else next(iter(index.splits.values()))
+    return split[0].frame_dir
+
+
 def run(args: argparse.Namespace) -> int:
     from mg_ray.train import tracking
     from mg_ray.train.trainer import init_ray
@@ -54,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     promotion = summary.get("promotion")
     if promotion:
         role = "champion" if promotion["champion"] else "candidate"
-        print(f"registered model {promotion['name']} version {promotion['version']} (alias {role}); "
-              f"predict: mg-ray predict --model models:/{promotion['name']}@champion CLIP.mp4 --skeleton CLIP.npz")
+        print(f"registered model {promotion['name']} version {promotion['version']} (alias {role})")
+        print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
+              f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
     uri = tracking.resolve_tracking_uri(None)
     if uri.startswith("sqlite:"):
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "

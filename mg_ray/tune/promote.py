@@ -33,9 +33,9 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 class MicroGestureClassifier:
     """The pyfunc model: loads `model.pt` (weights-only) and returns fused class probabilities.
 
-    Input: {"rgb": float32 [N, 3, T, H, W] or [N, clips, 3, T, H, W],
-            "pose": float32 [N, C, T', h, w] or [N, clips, C, T', h, w]}
-    Output: float32 [N, K] probabilities (averaged over clips when given).
+    Input: {"rgb": float32 [N, 3, T, H, W], "pose": float32 [N, C, T', h, w]}
+    Output: float32 [N, K] fused probabilities. Several clips of one video: predict them as a
+    batch and average the rows (as `mg-ray predict` does).
     """
 
     # Defined lazily as a PythonModel subclass (mlflow import is heavy); see `_pyfunc_class()`.
@@ -62,13 +62,8 @@ def _pyfunc_class():
 
             rgb = torch.as_tensor(np.asarray(model_input["rgb"], dtype=np.float32))
             pose = torch.as_tensor(np.asarray(model_input["pose"], dtype=np.float32))
-            clips = 1
-            if rgb.dim() == 6:
-                clips = rgb.shape[1]
-                rgb, pose = rgb.flatten(0, 1), pose.flatten(0, 1)
             with torch.no_grad():
-                probs = fuse_probabilities(self.model(rgb, pose), self.stream_weights)
-            return probs.view(-1, clips, probs.shape[-1]).mean(1).numpy()
+                return fuse_probabilities(self.model(rgb, pose), self.stream_weights).numpy()
 
     return _MicroGestureClassifier
 

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import tempfile
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,6 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or resume) the study; returns a summary dict. Every check runs before any trial."""
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -235,6 +234,7 @@ def run_study(
             )
         results = tuner.fit()
         summary = summarise(results, ctx, mlflow_client, space)
+        summary["data_root"] = probe.data.root
         if promote and summary.get("best_run_id"):
             from mg_ray.tune.promote import promote_run
 
@@ -320,7 +320,8 @@ def log_optuna_plots(ctx: StudyContext, logger) -> None:
     plots = {"optimization_history": ovm.plot_optimization_history,
              "param_importances": ovm.plot_param_importances,
              "parallel_coordinate": ovm.plot_parallel_coordinate}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, plot in plots.items():
             try:
                 if name != "optimization_history" and len(complete) < 2:
