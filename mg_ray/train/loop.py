@@ -45,6 +45,7 @@ STREAMS = ("rgb", "pose")
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """loop_config: {"experiment": <ExperimentConfig as dict>, "tracking_uri": str, "run_id": str}."""
+    entered = time.perf_counter()
     import ray.train
     import ray.train.torch
 
@@ -133,6 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
 
     # ---- epochs ------------------------------------------------------------------------------
+    setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
     for epoch in range(start_epoch, cfg.optim.epochs):
         seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
         sampler = getattr(train_loader, "sampler", None)
@@ -143,7 +145,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
         scheduler.step()
+        started = time.perf_counter()
         val = evaluate(model, val_loader, device, amp_dtype, cfg.model.stream_weights, world)
+        val_s = time.perf_counter() - started
         val_metrics = classification_metrics(val.stream_probs, val.fused, val.labels, "val")
         improved = val_metrics["val_top1"] > best.val_top1
         if improved:
@@ -163,11 +167,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": lr,
             **train_stats,
             **val_metrics,
+            "val_s": val_s,
             "best_epoch": best.epoch,
         }
+        if epoch == start_epoch:
+            metrics["worker_setup_s"] = setup_s
         last = epoch == cfg.optim.epochs - 1
         if last and cfg.data.test_split:
+            started = time.perf_counter()
             metrics.update(final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, logger))
+            metrics["test_s"] = time.perf_counter() - started
 
         if rank == 0:
             logger.log_metrics(metrics, step=epoch)

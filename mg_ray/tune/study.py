@@ -141,6 +141,7 @@ def run_study(
     optuna_storage: str | None = None,
     promote: bool = True,
     verbose: int = 1,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the study; returns a summary dict. Every check runs before any trial."""
     import optuna
@@ -221,14 +222,16 @@ def run_study(
                         grace_period=space.study.asha.grace_period,
                         reduction_factor=space.study.asha.reduction_factor,
                     ),
-                    num_samples=space.study.num_trials,
-                    max_concurrent_trials=concurrency,
+                    num_samples=space.study.num_trials,  # concurrency: the ConcurrencyLimiter
+                    # keep each trial driver's process (imports of torch, MLflow, Ray Train) for
+                    # the next trial instead of starting a fresh one
+                    reuse_actors=True,
                     time_budget_s=space.study.time_budget_s,
                 ),
                 run_config=tune.RunConfig(
                     name=study_name,
                     storage_path=str(storage),
-                    callbacks=[make_trial_state_callback(ctx, probe.optim.epochs)],
+                    callbacks=[make_trial_state_callback(ctx, probe.optim.epochs), *(callbacks or [])],
                     verbose=verbose,
                 ),
             )

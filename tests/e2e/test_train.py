@@ -1,0 +1,128 @@
+"""End to end: `mg-ray train` on a real local Ray cluster (2 DDP workers, gloo) with a real
+sqlite MLflow store, on the tiny synthetic dataset.
+
+- A 2-epoch run: its MLflow run is FINISHED with metrics for every epoch and every artifact, and
+  both the Ray checkpoint and the logged best model reproduce the logged validation accuracy.
+- A worker killed mid-training: the worker group restarts from the last checkpoint and the run
+  finishes as one MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.e2e.helpers import alive, artifact_paths, mlflow_client, run, runs, start, train_workers
+
+pytestmark = pytest.mark.slow
+
+# The tiny dataset has 10 train clips: one step per epoch per worker at this batch size.
+TRAIN_ARGS = ("train", "--workers", "2", "--cpus-per-worker", "1", "--set", "data.test_clips=1",
+              "--set", "optim.warmup_epochs=0")
+
+
+def fused_top1(model, dataset) -> tuple[float, np.ndarray]:
+    """Single-process evaluation of a checkpointed model on a whole split."""
+    from mg_ray.models import fuse_probabilities
+
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            out = model(item["rgb"][None], item["pose"][None])
+            probs.append(fuse_probabilities(out, model_stream_weights(model)).numpy()[0])
+            labels.append(int(item["label"]))
+    probs = np.stack(probs)
+    return float((probs.argmax(1) == np.asarray(labels)).mean()), probs
+
+
+def model_stream_weights(model) -> tuple[float, float]:
+    return tuple(getattr(model, "stream_weights", (1.0, 1.0)))
+
+
+def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset, tmp_path):
+    from mg_ray.config import load_yaml
+    from mg_ray.data import build_dataset
+    from mg_ray.train.checkpoint import build_from_spec, load_model_file, safe_load
+    from mg_ray.train.config import ExperimentConfig
+
+    home = tmp_path / "home"
+    done = run(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "2", "--name", "e2e-train")
+    assert "val_top1" in done.stdout  # the final summary line
+
+    client = mlflow_client(home)
+    [mlrun] = runs(client, "tags.`mg_ray.train_run` = 'e2e-train'")
+    assert mlrun.info.status == "FINISHED"
+    for key in ("val_top1", "val_top5", "val_mean_class_acc", "val_top1_rgb", "val_top1_pose", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(mlrun.info.run_id, key)] == [0, 1], key
+    assert "test_top1" in mlrun.data.metrics
+    assert mlrun.data.params["optim.epochs"] == "2" and mlrun.data.params["data.root"] == str(tiny_dataset)
+    files = artifact_paths(client, mlrun.info.run_id)
+    for expected in ("config/resolved_config.yaml", "best_model/model.pt",
+                     "evaluation/val_confusion_matrix.png", "evaluation/val_per_class_accuracy.csv",
+                     "evaluation/val_predictions.npz", "evaluation/val_predictions.csv",
+                     "evaluation/test_confusion_matrix.png", "evaluation/test_predictions.npz"):
+        assert expected in files, f"{expected} not in {sorted(files)}"
+    csv = (Path(client.download_artifacts(mlrun.info.run_id, "evaluation/val_per_class_accuracy.csv", str(tmp_path))))
+    assert "touch face" in csv.read_text()  # class names, not indices
+
+    # The latest Ray checkpoint (epoch 1) in a fresh model reproduces epoch 1's val_top1.
+    cfg_file = client.download_artifacts(mlrun.info.run_id, "config/resolved_config.yaml", str(tmp_path))
+    cfg = load_yaml(ExperimentConfig, cfg_file)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)
+    model_file = client.download_artifacts(mlrun.info.run_id, "best_model/model.pt", str(tmp_path))
+    best_model, content = load_model_file(model_file)
+    [checkpoint] = sorted((home / "ray_results" / "e2e-train").glob("checkpoint_*/checkpoint.pt"))[-1:]
+    state = safe_load(checkpoint)
+    assert state["epoch"] == 1
+    fresh = build_from_spec(content["spec"])
+    fresh.load_state_dict(state["model"])
+    last_top1 = client.get_metric_history(mlrun.info.run_id, "val_top1")[-1].value
+    assert fused_top1(fresh, val_set)[0] == pytest.approx(last_top1)
+
+    # The logged best model reproduces best_val_top1 and the logged validation predictions.
+    top1, probs = fused_top1(best_model, val_set)
+    assert top1 == pytest.approx(mlrun.data.metrics["best_val_top1"])
+    best_epoch = int(mlrun.data.metrics["best_epoch"])
+    if best_epoch == 1:  # the logged predictions are the best epoch's
+        with np.load(client.download_artifacts(mlrun.info.run_id, "evaluation/val_predictions.npz", str(tmp_path))) as npz:
+            np.testing.assert_allclose(npz["fused"], probs, atol=1e-4)
+
+
+def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset, tmp_path):
+    home = tmp_path / "home"
+    log = tmp_path / "train.log"
+    proc = start(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "5", "--name", "e2e-kill", log=log)
+    try:
+        client = mlflow_client(home)
+        deadline = time.monotonic() + 300
+        victim = None
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            found = runs(client, "tags.`mg_ray.train_run` = 'e2e-kill'") if (home / "mlflow.db").exists() else []
+            epochs = len(client.get_metric_history(found[0].info.run_id, "val_top1")) if found else 0
+            workers = train_workers(proc.pid)
+            if 1 <= epochs < 4 and workers:  # a checkpoint exists and training goes on
+                victim = workers[-1]
+            time.sleep(0.5)
+        assert victim is not None, "never saw a finished epoch with workers alive:\n" + log.read_text()[-4000:]
+        victim.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=420) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    output = log.read_text()
+    assert "resumed from the checkpoint of epoch" in output, output[-4000:]
+    [mlrun] = runs(client, "tags.`mg_ray.train_run` = 'e2e-kill'")
+    assert mlrun.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_top1")]
+    assert sorted(set(steps)) == [0, 1, 2, 3, 4]
+    assert not alive(proc.pid)
