@@ -1,0 +1,193 @@
+"""End to end: the study (`jobs/tune.py`) on a real local Ray cluster with a real sqlite MLflow
+store, on the tiny synthetic dataset, then promotion and prediction from the registry.
+
+- A 3-trial study: one parent run, exactly one child per trial, all terminated, states that
+  match what ran; the parent's summary artifacts; version 1 registered with `candidate` and
+  `champion` and lineage tags. A worse model registered by hand does not take `champion`, a
+  better one does. `mg-ray predict` and `mlflow.pyfunc.load_model` work from `@champion`.
+- A study whose driver is killed mid-study resumes with the same command: completed trials are
+  not rerun, exactly the requested number of trials, one child run per trial.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.e2e.helpers import ROOT, alive, artifact_paths, mlflow_client, run, runs, start
+
+pytestmark = pytest.mark.slow
+
+TINY_SPACE = """\
+base: small
+fixed:
+  optim.epochs: {epochs}
+  optim.milestones: [{epochs}]
+  optim.warmup_epochs: 0
+  resources.num_workers: 2
+  resources.cpus_per_worker: 0.9
+  data.test_clips: 1
+study:
+  num_trials: {trials}
+  metric: val_top1
+  mode: max
+  seed: 0
+  trial_driver_cpus: 0.1
+  register_as: tiny-model
+  asha: {{grace_period: 1, reduction_factor: 2}}
+parameters:
+  loss.alpha: {{type: float, low: 0.05, high: 0.5, log: true}}
+  loss.tau: {{type: float, low: 0.05, high: 0.5, log: true}}
+  loss.rho: {{type: float, low: 0.8, high: 0.99}}
+  optim.lr: {{type: float, low: 0.01, high: 0.1, log: true}}
+  data.rgb_frames: {{type: categorical, choices: [4, 8]}}
+  data.pose_frames: {{type: categorical, choices: [8, 16]}}
+"""
+
+
+def write_space(folder: Path, *, trials: int, epochs: int) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_SPACE.format(trials=trials, epochs=epochs))
+    return path
+
+
+def study_runs(client, study: str) -> tuple[object, list]:
+    [parent] = runs(client, f"tags.`mg_ray.role` = 'study' and tags.`mg_ray.study` = '{study}'")
+    children = runs(client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, children
+
+
+def check_children(client, children: list, epochs: int) -> None:
+    """Every child terminated, tagged with its trial id, and its state matches what it ran."""
+    assert len({c.data.tags["mg_ray.trial_id"] for c in children}) == len(children)
+    for child in children:
+        ran = len(client.get_metric_history(child.info.run_id, "val_top1"))
+        state = child.data.tags["mg_ray.trial_state"]
+        assert child.info.status != "RUNNING" and child.info.end_time
+        if state == "completed":
+            assert child.info.status == "FINISHED" and ran == epochs
+        else:
+            assert state == "stopped" and child.info.status == "KILLED" and ran < epochs, (state, ran)
+
+
+def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=3, epochs=2)
+    done = run(home, "tune", "--space", str(space), "--study", "s1", "--data", str(tiny_dataset), timeout=900)
+    assert "Trial status" in done.stdout  # Tune's progress table
+    assert "best trial" in done.stdout and "registered model tiny-model version 1" in done.stdout
+    assert "mlflow ui --backend-store-uri" in done.stdout
+
+    client = mlflow_client(home)
+    parent, children = study_runs(client, "s1")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    check_children(client, children, epochs=2)
+    assert {c.data.tags["mg_ray.study"] for c in children} == {"s1"}
+    files = artifact_paths(client, parent.info.run_id)
+    assert {"study/trials.csv", "study/best_config.yaml", "study/plots/optimization_history.png"} <= files
+    assert {f for f in files if f.startswith("study/plots/")} >= {
+        f"study/plots/{name}.{ext}" for name, ext in [("param_importances", "png"), ("parallel_coordinate", "png")]
+    } or len(children) < 2
+
+    # Registry: version 1 with both aliases and its lineage.
+    v1 = client.get_model_version_by_alias("tiny-model", "champion")
+    assert str(v1.version) == "1" and set(v1.aliases) == {"candidate", "champion"}
+    best_run = client.get_run(v1.run_id)
+    assert best_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert v1.tags["study"] == "s1" and v1.tags["trial"] == best_run.data.tags["mg_ray.trial_id"]
+    assert v1.tags["run_id"] == v1.run_id and len(v1.tags["git_commit"]) >= 7
+    assert v1.tags["dataset_fingerprint"] not in ("", "unknown")
+    champion_score = float(v1.tags["val_top1"])
+    assert champion_score == pytest.approx(max(c.data.metrics["best_val_top1"] for c in children))
+
+    # Guarded promotion: a copy of the best model claiming a worse score stays `candidate`;
+    # one claiming a better score becomes `champion`.
+    model_file = client.download_artifacts(v1.run_id, "best_model/model.pt", str(tmp_path))
+    experiment_id = parent.info.experiment_id
+    for delta, expect_champion in ((-0.5, "1"), (+0.5, "3")):
+        fake = client.create_run(experiment_id, run_name=f"manual{delta:+}")
+        client.log_artifact(fake.info.run_id, model_file, "best_model")
+        client.log_metric(fake.info.run_id, "best_val_top1", champion_score + delta)
+        client.set_terminated(fake.info.run_id)
+        out = run(home, "promote", "--run", fake.info.run_id, "--name", "tiny-model")
+        assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == expect_champion, out.stdout
+        assert ("champion stays version 1" in out.stdout) == (delta < 0)
+    latest = client.get_model_version_by_alias("tiny-model", "candidate")
+    assert str(latest.version) == "3"
+
+    # Predict from the registry: the CLI and plain MLflow pyfunc.
+    from mg_ray.data import build_dataset, load_index
+
+    clip = load_index(tiny_dataset).split("test")[0].frame_dir
+    out = run(home, "predict", "--model", "models:/tiny-model@champion", "--data", str(tiny_dataset), clip)
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert len(lines) == 5 and sum(float(p) for p, *_ in lines) <= 1.0 + 1e-6
+    assert all(float(a[0]) >= float(b[0]) for a, b in zip(lines, lines[1:]))  # sorted
+
+    import mlflow.pyfunc
+
+    from mg_ray.config import load_yaml
+    from mg_ray.train.config import ExperimentConfig
+
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/tiny-model@champion")
+
+    cfg = load_yaml(ExperimentConfig, client.download_artifacts(v1.run_id, "config/resolved_config.yaml", str(tmp_path)))
+    item = build_dataset(cfg.data, "test", mode="test", num_clips=1)[0]
+    probs = model.predict({"rgb": item["rgb"][None].numpy(), "pose": item["pose"][None].numpy()})
+    assert probs.shape == (1, 10) and np.isclose(probs.sum(), 1.0, atol=1e-4)
+
+    # The paper's last step: an ensemble of the study's runs, logged as a run.
+    out = run(home, "ensemble", "--study", "s1", "--top", "2")
+    assert runs(client, "tags.`mg_ray.role` = 'ensemble'"), out.stdout
+
+
+def test_killed_study_resumes_without_rerunning_or_duplicating(tiny_dataset, tmp_path):
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=3, epochs=2)
+    args = ("tune", "--space", str(space), "--study", "s2", "--data", str(tiny_dataset), "--no-promote")
+    proc = start(home, *args, log=tmp_path / "first.log")
+    client = mlflow_client(home)
+    try:
+        # Kill the driver (and its local Ray cluster) once one trial has ended and another runs.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = runs(client, "tags.`mg_ray.role` = 'trial'") if (home / "mlflow.db").exists() else []
+            ended = [c for c in children if c.info.status != "RUNNING"]
+            if ended and len(children) > len(ended):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-4000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    first_ended = {c.data.tags["mg_ray.trial_id"]: c for c in runs(client, "tags.`mg_ray.role` = 'trial'")
+                   if c.info.status != "RUNNING"}
+    assert first_ended
+
+    done = run(home, *args, timeout=900)
+    assert "resuming study 's2'" in done.stdout
+    parent, children = study_runs(client, "s2")
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 3 and len({c.data.tags["mg_ray.trial_id"] for c in children}) == 3
+    check_children(client, children, epochs=2)
+    for trial_id, before in first_ended.items():  # not rerun: same run, untouched since
+        [after] = [c for c in children if c.data.tags["mg_ray.trial_id"] == trial_id]
+        assert after.info.run_id == before.info.run_id and after.info.end_time == before.info.end_time
+        assert len(client.get_metric_history(after.info.run_id, "val_top1")) == len(
+            client.get_metric_history(before.info.run_id, "val_top1"))
+
+    import optuna
+
+    study = optuna.load_study(study_name="s2", storage=f"sqlite:///{home / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) >= 3
+    assert not alive(proc.pid)
