@@ -111,7 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
 
     # ---- resume ------------------------------------------------------------------------------
-    start_epoch, best = 0, Best()
+    start_epoch, best, last_metrics = 0, Best(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -122,6 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         best = Best.from_state(state["best"])
+        last_metrics = state.get("metrics")
         print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}")
 
     logger = None
@@ -194,12 +195,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch,
                         "best": best.state(),
+                        "metrics": {k: float(v) for k, v in metrics.items()},
                     },
                     Path(folder) / CHECKPOINT_FILE,
                 )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)  # a barrier: every rank reports
+
+    if start_epoch >= cfg.optim.epochs and last_metrics is not None:
+        # Resumed after the last epoch (the driver died between the final report and the end of
+        # the run): report the final metrics again, so whoever waits for them (Tune) gets them.
+        ray.train.report(last_metrics)
 
 
 # ---------------------------------------------------------------------------------------------

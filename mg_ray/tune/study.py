@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -196,6 +197,10 @@ def run_study(
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, ctx=ctx), {"cpu": space.study.trial_driver_cpus}
     )
+    # Tune saves its experiment state (trials, searcher) every 10+ s by default; a driver killed
+    # in between would, on resume, forget trials that had started. Save on every step instead:
+    # the state of a study of tens of trials is a few kB.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     status = "FAILED"
     try:
         if tune.Tuner.can_restore(str(experiment_path)):
@@ -269,6 +274,7 @@ def summarise(results, ctx: StudyContext, mlflow_client, space: SearchSpace) -> 
             max_results=5000,
         )
     }
+    detach_orphans(mlflow_client, children, {t.trial_id for t in results._experiment_analysis.trials})
     for result in results:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id")
@@ -307,6 +313,23 @@ def summarise(results, ctx: StudyContext, mlflow_client, space: SearchSpace) -> 
                        best_score=float(best_row[score_key]), best_params=best_params)
     log_optuna_plots(ctx, logger)
     return summary
+
+
+def detach_orphans(mlflow_client, children: dict[str, Any], trial_ids: set[str]) -> None:
+    """Child runs of trials the Tune experiment does not know: a driver killed after a trial
+    started but before Tune saved its experiment state leaves one behind, and the resumed study
+    runs that trial's slot again under a new id. The run is kept (nothing a user has is deleted)
+    but leaves the tree: tagged `orphaned`, ended KILLED, its parent link removed."""
+    for trial_id, run in list(children.items()):
+        if trial_id in trial_ids:
+            continue
+        mlflow_client.set_tag(run.info.run_id, STATE_TAG, "orphaned")
+        mlflow_client.delete_tag(run.info.run_id, tracking.PARENT_TAG)
+        if run.info.status == "RUNNING":
+            tracking.terminate_run(mlflow_client, run.info.run_id, "KILLED")
+        print(f"MLflow run {run.info.run_id} (trial {trial_id}) belongs to no trial of the resumed "
+              f"study: tagged orphaned and detached from the study run")
+        del children[trial_id]
 
 
 def log_optuna_plots(ctx: StudyContext, logger) -> None:
