@@ -196,7 +196,10 @@ def dataset_fingerprint(root: str | None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="MLflow run id of a training run (or trial)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="MLflow run id of a training run (or trial)")
+    which.add_argument("--study", help="promote the best trial of this study instead")
+    parser.add_argument("--experiment", default="mg-ray", help="the study's MLflow experiment")
     parser.add_argument("--name", default="mg-ray-fused", help="registered model name")
     parser.add_argument("--metric", default="val_top1")
     parser.add_argument("--mode", choices=["max", "min"], default="max")
@@ -205,7 +208,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or the local sqlite store")
 
 
+def best_trial_run(study: str, experiment: str, metric: str, mode: str, tracking_uri: str | None) -> str:
+    """The run id of the study's best trial by `best_<metric>`."""
+    mlflow_client = tracking.client(tracking.resolve_tracking_uri(tracking_uri))
+    found = mlflow_client.get_experiment_by_name(experiment)
+    trials = [] if found is None else mlflow_client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`mg_ray.study` = '{study}' and tags.`mg_ray.role` = 'trial'",
+        order_by=[f"metrics.`best_{metric}` {'DESC' if mode == 'max' else 'ASC'}"],
+        max_results=1,
+    )
+    if not trials:
+        raise SystemExit(f"error: --study {study!r}: no trials of that study in MLflow experiment {experiment!r}")
+    return trials[0].info.run_id
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.study:
+        args.run = best_trial_run(args.study, args.experiment, args.metric, args.mode, args.tracking_uri)
     out = promote_run(args.run, args.name, tracking_uri=args.tracking_uri, metric=args.metric,
                       mode=args.mode, force_champion=args.force_champion)
     state = "champion" if out["champion"] else f"candidate (champion stays version {out['previous_champion']})"

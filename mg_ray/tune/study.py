@@ -228,9 +228,6 @@ def run_study(
                         reduction_factor=space.study.asha.reduction_factor,
                     ),
                     num_samples=space.study.num_trials,  # concurrency: the ConcurrencyLimiter
-                    # keep each trial driver's process (imports of torch, MLflow, Ray Train) for
-                    # the next trial instead of starting a fresh one
-                    reuse_actors=True,
                     time_budget_s=space.study.time_budget_s,
                 ),
                 run_config=tune.RunConfig(

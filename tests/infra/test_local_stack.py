@@ -7,8 +7,8 @@ machine. About 45 s on 2 cores (Ray head start-up dominates).
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -107,32 +107,6 @@ def stack(tmp_path):
         shutil.rmtree(stack.ray_temp, ignore_errors=True)
 
 
-def submit_study(stack: Stack, space: str = "search_spaces/quick.yaml", timeout: float = 1800):
-    """`ray job submit` the study from the repository root and wait for it; returns the output.
-
-    What the job needs: the head was started from the venv, so `python` in the job is the venv's
-    and imports mg_ray; the head's environment carries MG_RAY_HOME and MLFLOW_TRACKING_URI (set
-    again here explicitly); `--working-dir .` uploads the repo minus .gitignore'd paths and the
-    excludes below, into a temporary dir that is deleted afterwards, so outputs must go to
-    MG_RAY_HOME.
-    """
-    if not (ROOT / "jobs" / "tune.py").exists():
-        pytest.skip("jobs/tune.py does not exist yet")
-    runtime_env = {
-        "env_vars": {"MG_RAY_HOME": str(stack.home), "MLFLOW_TRACKING_URI": stack.mlflow},
-        "excludes": [".git", ".venv", "data", "mlruns", "mlartifacts", "ray_results", "*.db"],
-    }
-    cmd = ["ray", "job", "submit", "--address", stack.dashboard, "--working-dir", ".",
-           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "jobs/tune.py",
-           "--space", space]
-    done = subprocess.run(cmd, env=stack.client_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-5000:] + done.stderr[-5000:]
-    return done.stdout
-    # TODO(lead): assert the MLflow run tree and the `champion` alias on stack.mlflow, and that
-    # stack.home holds ray_results/ and optuna.db.
-
-
 def test_local_stack_starts_authenticates_and_stops(stack):
     ray_pgid, mlflow_pgid = stack.pid("ray-head.pid"), stack.pid("mlflow.pid")
     ours = group_pids(ray_pgid) | group_pids(mlflow_pgid)
@@ -178,5 +152,60 @@ def test_local_stack_starts_authenticates_and_stops(stack):
     assert stack.run("stop.sh").returncode == 0  # idempotent
 
 
-def test_quick_study_via_ray_job_submit(stack):
-    submit_study(stack)
+def readme_cluster_blocks() -> list[str]:
+    """The bash blocks of README.md's "Running on a cluster" section, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+def test_readme_cluster_section_verbatim(tmp_path):
+    """Start the stack, `ray job submit` the quick study, promote, predict and stop, with the
+    README's commands as written (free ports and a temporary home in place of the defaults);
+    then check the study's MLflow run tree and the registry on the MLflow server, that outputs
+    landed in the stack's home, and that no process is left behind."""
+    *run_blocks, stop_block = readme_cluster_blocks()
+    assert len(run_blocks) == 3 and "ray job submit" in run_blocks[1] and "stop.sh" in stop_block
+    stack = Stack(tmp_path)
+    ours = lambda text: text.replace("http://127.0.0.1:8265", stack.dashboard).replace(  # noqa: E731
+        "~/.mg-ray", str(stack.home))
+    script = "set -euo pipefail\n" + "\n".join(ours(block) for block in run_blocks)
+    try:
+        done = subprocess.run(["bash", "-c", script], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=1500)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-8000:]
+        assert "succeeded" in output and "Trial status" in output  # the job log's progress table
+        assert "registered model mg-ray-fused version 1" in output
+        assert "champion stays version 1" in output  # the by-hand promotion of the same best trial
+        assert "true class" in output  # the prediction
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
+        experiment = client.get_experiment_by_name("mg-ray")
+        [parent] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'study'")
+        children = client.search_runs([experiment.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert parent.info.status == "FINISHED" and len(children) == 4  # quick.yaml: 4 trials
+        assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+        assert {c.data.tags["mg_ray.trial_state"] for c in children} <= {"completed", "stopped"}
+        champion = client.get_model_version_by_alias("mg-ray-fused", "champion")
+        assert str(champion.version) == "1" and champion.tags["study"] == "quick"
+        assert str(client.get_model_version_by_alias("mg-ray-fused", "candidate").version) == "2"
+        # Outputs in the stack's stable home, not in the job's temporary working dir.
+        assert (stack.home / "optuna.db").is_file()
+        assert list((stack.home / "ray_results").glob("quick_train/*/checkpoint_*"))
+        assert (stack.home / "datasets" / "synth" / "annotations.pkl").is_file()
+        ray_pgid, mlflow_pgid = stack.pid("ray-head.pid"), stack.pid("mlflow.pid")
+    finally:
+        stopped = subprocess.run(["bash", "-c", ours(stop_block)], env=stack.env, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+        shutil.rmtree(stack.ray_temp, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    deadline = time.monotonic() + 10
+    while (group_pids(ray_pgid) | group_pids(mlflow_pgid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not group_pids(ray_pgid) | group_pids(mlflow_pgid)
+    assert not any(port_open(stack.ports[name]) for name in ("RAY", "DASHBOARD", "MLFLOW"))
