@@ -3,26 +3,27 @@
     python benchmarks/bench_trial_overhead.py                      # quick.yaml, 3 trials, 1 epoch
     python benchmarks/bench_trial_overhead.py --trials 4 --epochs 2
 
-Runs a real study (local Ray, sqlite MLflow in a temporary MG_RAY_HOME; the synthetic dataset is
-taken from ~/.mg-ray, or generated once there) with ASHA's grace period at the epoch count, so
-every trial runs all its epochs. A Tune callback on the driver times each trial from Tune's
-`on_trial_start` to `on_trial_complete`, and sums what the workers report as work:
-`train_epoch_s` and `val_s` of every epoch plus `test_s`. Prints per trial, then the means:
+Runs the same study (same seed, so the same trial configurations) twice on one local Ray
+cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic dataset is taken from
+~/.mg-ray, or generated there once): first with `standby_trials: 0` (one trial at a time, each
+starting up after the last one ended), then with `standby_trials: 1` (the next trial starts up
+while the current one trains). ASHA's grace period is set to the epoch count, so every trial runs
+all its epochs. A Tune callback on the driver times each trial from `on_trial_start` to
+`on_trial_complete` and sums the work its workers report: `train_epoch_s` and `val_s` of every
+epoch plus `test_s`. Prints per trial, then per study:
 
-    overhead = trial wall - (train + val + test)        (target: < 10 s per trial)
-    gap      = time from one trial's end to the next one's start (trials run one at a time here)
+    overhead per trial = (study wall - sum of the trials' work) / trials     (target: < 10 s)
 
-The overhead includes starting the Train controller and the worker group (processes, imports,
-process group), building datasets and the model, MLflow run bookkeeping, checkpoints and
-teardown. `worker_setup_s` (from the loop's entry to its first epoch) is printed as the part of
-it spent inside the workers.
+For standby 0 this equals the mean of (trial wall - trial work) plus the gaps between trials:
+starting the Train controller and worker group (processes, imports, process group), building
+datasets and the model, MLflow bookkeeping, checkpoints and teardown. `worker setup` (the loop's
+entry to its first epoch) is the part spent inside the workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -73,27 +74,28 @@ def main() -> None:
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.end[trial.trial_id] = time.perf_counter()
 
-    timer = Timer()
     init_ray()
-    started = time.perf_counter()
-    run_study(space, study_name="bench", data_root=str(dataset), num_trials=args.trials,
-              promote=False, verbose=0, callbacks=[timer])
-    study_wall = time.perf_counter() - started
+    summary = []
+    for standby in (0, 1):
+        space.study.standby_trials = standby
+        timer = Timer()
+        started = time.perf_counter()
+        run_study(space, study_name=f"bench-standby{standby}", data_root=str(dataset),
+                  num_trials=args.trials, promote=False, verbose=0, callbacks=[timer])
+        wall = time.perf_counter() - started
+        work = sum(timer.work.values())
+        print(f"\nstandby_trials {standby}: {args.trials} trials x {args.epochs} epoch(s), study wall {wall:.1f} s")
+        print(f"{'trial':10} {'wall s':>8} {'work s':>8} {'wall-work s':>12} {'worker setup s':>15}")
+        for trial in sorted(timer.end, key=timer.start.get):
+            trial_wall = timer.end[trial] - timer.start[trial]
+            print(f"{trial:10} {trial_wall:8.1f} {timer.work.get(trial, 0.0):8.1f} "
+                  f"{trial_wall - timer.work.get(trial, 0.0):12.1f} {timer.worker_setup.get(trial, float('nan')):15.1f}")
+        summary.append((standby, wall, work, (wall - work) / args.trials))
 
-    print(f"\n{args.trials} trials x {args.epochs} epoch(s), {space.source}; study wall {study_wall:.1f} s")
-    print(f"{'trial':10} {'wall s':>8} {'work s':>8} {'overhead s':>11} {'worker setup s':>15}")
-    order = sorted(timer.end, key=timer.start.get)
-    overheads, gaps = [], []
-    for i, trial in enumerate(order):
-        wall = timer.end[trial] - timer.start[trial]
-        overheads.append(wall - timer.work.get(trial, 0.0))
-        print(f"{trial:10} {wall:8.1f} {timer.work.get(trial, 0.0):8.1f} {overheads[-1]:11.1f} "
-              f"{timer.worker_setup.get(trial, float('nan')):15.1f}")
-        if i:
-            gaps.append(timer.start[trial] - timer.end[order[i - 1]])
-    print(f"mean per-trial overhead {statistics.mean(overheads):.1f} s (target < 10 s)")
-    if gaps:
-        print(f"mean gap between trials {statistics.mean(gaps):.1f} s")
+    print(f"\n{'standby':>7} {'study wall s':>12} {'work s':>8} {'overhead per trial s':>21}")
+    for standby, wall, work, overhead in summary:
+        print(f"{standby:7d} {wall:12.1f} {work:8.1f} {overhead:21.1f}")
+    print(f"overhead per trial, standby 1 vs 0: {summary[1][3] / summary[0][3]:.2f}x (target: < 10 s per trial)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +287,7 @@ def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
                 streams.setdefault(stream, []).append(p.view(-1, clips, p.shape[-1]).mean(1).cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
-    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0,))  # noqa: E731
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0,))
     return Predictions(cat(indices), cat(labels), {s: cat(v) for s, v in streams.items()}, cat(fused))
 
 
@@ -348,7 +348,7 @@ class Best:
         return {"epoch": self.epoch, "val_top1": self.val_top1, "model": self.model, "prototypes": self.prototypes}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Best":
+    def from_state(cls, state: dict[str, Any]) -> Best:
         return cls(**state)
 
 

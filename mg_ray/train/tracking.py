@@ -18,8 +18,8 @@ import io
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -128,8 +128,11 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, object]) -> None
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
-def terminate_run(mlflow_client, run_id: str, status: str) -> None:
-    """status: FINISHED, FAILED or KILLED. Idempotent."""
+def terminate_run(mlflow_client, run_id: str, status: str, *, only_if_running: bool = False) -> None:
+    """status: FINISHED, FAILED or KILLED. Idempotent. `only_if_running`: leave a run that
+    something else (a study's trial callback) already ended as it is."""
+    if only_if_running and mlflow_client.get_run(run_id).info.status != "RUNNING":
+        return
     mlflow_client.set_terminated(run_id, status=status)
 
 

@@ -8,15 +8,15 @@ training finishes, fails or is interrupted.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mg_ray import paths
 from mg_ray.config import flatten, to_dict
 from mg_ray.train import tracking
 from mg_ray.train.config import ExperimentConfig
-
 
 # Ray Train V2 settings read where the TorchTrainer is created and propagated to its controller.
 # The controller polls its workers every HEALTH_CHECK_INTERVAL (default 2 s): the worker group's
@@ -165,7 +165,9 @@ def fit(
         status = "KILLED"
         raise
     finally:
-        tracking.terminate_run(mlflow_client, run_id, status)
+        # In a study the trial callback has the last word (a trial that ASHA stops at its final
+        # epoch is torn down while this returns): end the run here only if it is still running.
+        tracking.terminate_run(mlflow_client, run_id, status, only_if_running=parent_run_id is not None)
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
     return TrainOutcome(
         run_id=run_id,

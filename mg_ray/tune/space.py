@@ -85,6 +85,10 @@ class StudySettings:
     time_budget_s: float | None = None
     seed: int = 0
     trial_driver_cpus: float = 0.1    # the Tune trial function only waits on its Train run
+    # Trials started beyond what the cluster can train at once: their driver, Train controller
+    # and MLflow run start up while the running trials train, and their workers start as soon
+    # as resources free up. Hides most of a trial's start-up cost; 0 turns it off.
+    standby_trials: int = 1
     asha: AshaSettings = field(default_factory=AshaSettings)
     register_as: str = "mg-ray-fused"  # registered model name for promotion
 
@@ -95,6 +99,7 @@ class StudySettings:
         check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
               "a number of seconds > 0 or null", self.time_budget_s)
         check(self.trial_driver_cpus >= 0, "trial_driver_cpus", "a number >= 0", self.trial_driver_cpus)
+        check(self.standby_trials >= 0, "standby_trials", "an integer >= 0", self.standby_trials)
 
 
 @dataclass
@@ -154,8 +159,8 @@ def load_space(path: str | Path) -> SearchSpace:
 
 def base_config_dict(space: SearchSpace) -> dict[str, Any]:
     """The base training config as a nested dict, before fixed values and trial parameters."""
-    from mg_ray.train.job import load_config
     from mg_ray.config import to_dict
+    from mg_ray.train.job import load_config
 
     return to_dict(load_config(space.base, {}))
 

@@ -70,6 +70,9 @@ def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, params)
+    # A standby trial's worker group waits until a running trial frees its resources: let it
+    # wait (Ray Train's default gives up after 60 s and retries, logging an error each time).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
     fit(
         cfg,
         name=f"{ctx.name}_{trial_id}",
@@ -97,8 +100,7 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
             if run is None:  # the trial failed before its Train run started
                 return
             mlflow_client.set_tag(run.info.run_id, STATE_TAG, state)
-            if run.info.status == "RUNNING" or state != "completed":
-                tracking.terminate_run(mlflow_client, run.info.run_id, status)
+            tracking.terminate_run(mlflow_client, run.info.run_id, status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             done = (trial.last_result or {}).get(TIME_ATTR, 0)
@@ -114,17 +116,23 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
 
 
 def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig) -> int:
-    """As many trials at once as the cluster's CPUs (and GPUs) hold, capped by the space."""
+    """Trials at once: as many as the cluster's CPUs (and GPUs) can train, plus the space's
+    `standby_trials` if their drivers fit beside them; capped by `max_concurrent` and the number
+    of trials."""
     import ray
 
     total = ray.cluster_resources()
-    res = cfg.resources
-    per_trial_cpus = res.num_workers * res.cpus_per_worker + space.study.trial_driver_cpus
-    fits = int(math.floor(total.get("CPU", 0) / per_trial_cpus + 1e-9))
+    res, study = cfg.resources, space.study
+    worker_cpus = res.num_workers * res.cpus_per_worker
+    fits = math.floor(total.get("CPU", 0) / (worker_cpus + study.trial_driver_cpus) + 1e-9)
     if res.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // res.num_workers))
-    fits = max(1, min(fits, space.study.num_trials))
-    return min(fits, space.study.max_concurrent) if space.study.max_concurrent else fits
+    fits = max(1, fits)
+    standby = study.standby_trials
+    while standby and (fits + standby) * study.trial_driver_cpus + fits * worker_cpus > total.get("CPU", 0) + 1e-9:
+        standby -= 1
+    concurrent = min(fits + standby, study.num_trials)
+    return min(concurrent, study.max_concurrent) if study.max_concurrent else concurrent
 
 
 def space_fingerprint(space: SearchSpace) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e.helpers import ROOT, alive, artifact_paths, mlflow_client, run, runs, start
+from tests.e2e.helpers import alive, artifact_paths, mlflow_client, run, runs, start
 
 pytestmark = pytest.mark.slow
 
