@@ -8,8 +8,8 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
 import decord
+import numpy as np
 import pytest
 
 from mg_ray import cli
