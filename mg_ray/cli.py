@@ -38,7 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argparse.ArgumentParser(prog=f"mg-ray {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except _user_errors() as err:  # evaluated only when something is raised
+        print(f"mg-ray {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input (a file, field, value or unreachable service) in full."""
+    from mg_ray.config import ConfigError
+    from mg_ray.data.annotations import AnnotationError
+    from mg_ray.data.openpose import ConvertError
+    from mg_ray.data.prepare import PrepareError
+    from mg_ray.data.video import VideoError
+    from mg_ray.data.video_io import DatasetWriteError
+    from mg_ray.train.trainer import ResourceError
+
+    return (ConfigError, AnnotationError, ConvertError, PrepareError, VideoError, DatasetWriteError,
+            ResourceError, FileNotFoundError, ConnectionError)
 
 
 if __name__ == "__main__":

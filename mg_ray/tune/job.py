@@ -40,7 +40,6 @@ def example_clip(root: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mg_ray.train import tracking
-    from mg_ray.train.trainer import init_ray
     from mg_ray.tune.space import load_space
     from mg_ray.tune.study import run_study
 
@@ -50,9 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --study {study!r}: expected letters, digits, '_', '.', '-' (max 64)")
     if args.trials is not None and args.trials < 1:
         raise SystemExit(f"error: --trials: expected an integer >= 1, got {args.trials}")
-    init_ray(args.address)
     summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
-                        storage_path=args.storage_path, promote=not args.no_promote)
+                        storage_path=args.storage_path, promote=not args.no_promote, address=args.address)
     print()
     print(f"study {study}: {summary['num_trials']} trials {summary.get('states', {})}")
     if "best_trial_id" in summary:

@@ -151,8 +151,11 @@ def run_study(
     promote: bool = True,
     verbose: int = 1,
     callbacks: list | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the study; returns a summary dict. Every check runs before any trial."""
+    """Run (or resume) the study; returns a summary dict. Every check runs before any trial, and
+    those that need no cluster (config, dataset, tracking server) before Ray starts. `address`:
+    the Ray cluster to connect to when not connected yet (default: RAY_ADDRESS or a local one)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -160,7 +163,7 @@ def run_study(
     from ray.tune.search.optuna import OptunaSearch
 
     from mg_ray.train.job import ensure_dataset
-    from mg_ray.train.trainer import check_resources
+    from mg_ray.train.trainer import check_resources, init_ray
 
     if num_trials is not None:
         space.study.num_trials = num_trials
@@ -172,6 +175,7 @@ def run_study(
     ensure_dataset(probe)
     tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
     tracking.check_tracking_server(tracking_uri)
+    init_ray(address)
     res = probe.resources
     check_resources(res.num_workers, res.cpus_per_worker, res.use_gpu,
                     reserved_cpus=space.study.trial_driver_cpus, what=f"each trial of study {study_name!r}")
