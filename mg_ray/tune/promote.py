@@ -122,6 +122,12 @@ def promote_run(
     if score_key not in run.data.metrics:
         raise ValueError(f"run {run_id} has no metric {metric!r} to compare on; is it a training run?")
     score = run.data.metrics[score_key]
+    existing = registered_version(client, name, run_id)
+    if existing is not None:
+        # Promoting a run twice (a finished study run again, a repeated `mg-ray promote`) must not
+        # register a duplicate version: the existing one keeps its aliases, and only the champion
+        # rule below applies to it.
+        return _apply_champion_rule(client, name, existing, score, metric, mode, force_champion, new=False)
     with tempfile.TemporaryDirectory() as folder:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
@@ -141,21 +147,36 @@ def promote_run(
     mlflow.set_registry_uri(tracking_uri)
     version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return _apply_champion_rule(client, name, version, score, metric, mode, force_champion, new=True)
 
+
+def registered_version(client, name: str, run_id: str):
+    """The oldest version of registered model `name` made from `run_id`, or None."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _apply_champion_rule(client, name, version, score, metric, mode, force_champion, *, new: bool):
+    """`version` takes `champion` if it beats the current champion's score (or there is none,
+    or `force_champion`); returns what happened."""
     previous = None
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:  # no champion yet
         pass
-    better = True
-    if previous is not None and not force_champion:
+    if previous is not None and previous.version == version.version:
+        better = True  # already the champion
+    elif previous is not None and not force_champion:
         old = float(previous.tags.get(metric, "nan"))
         better = not np.isfinite(old) or (score > old if mode == "max" else score < old)
+    else:
+        better = True
     if better:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     return {
         "name": name,
         "version": int(version.version),
+        "new": new,
         "score": score,
         "champion": better,
         "previous_champion": int(previous.version) if previous is not None else None,
@@ -228,7 +249,13 @@ def run(args: argparse.Namespace) -> int:
         args.run = best_trial_run(args.study, args.experiment, args.metric, args.mode, args.tracking_uri)
     out = promote_run(args.run, args.name, tracking_uri=args.tracking_uri, metric=args.metric,
                       mode=args.mode, force_champion=args.force_champion)
-    state = "champion" if out["champion"] else f"candidate (champion stays version {out['previous_champion']})"
-    print(f"registered {out['name']} version {out['version']} ({args.metric} {out['score']:.4f}): {state}")
+    kept = f"champion stays version {out['previous_champion']}"
+    if out["new"]:
+        state = "champion" if out["champion"] else f"candidate ({kept})"
+        print(f"registered {out['name']} version {out['version']} ({args.metric} {out['score']:.4f}): {state}")
+    else:
+        state = "it is champion" if out["champion"] else kept
+        print(f"run {args.run} is already registered as {out['name']} version {out['version']} "
+              f"({args.metric} {out['score']:.4f}): nothing new registered, {state}")
     print(f"predict with: mg-ray predict --model models:/{out['name']}@{CHAMPION} CLIP.mp4 --skeleton CLIP.npz")
     return 0

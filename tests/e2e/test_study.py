@@ -119,6 +119,12 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
         assert ("champion stays version 1" in out.stdout) == (delta < 0)
     latest = client.get_model_version_by_alias("tiny-model", "candidate")
     assert str(latest.version) == "3"
+    # Promoting an already registered run again registers nothing and moves no alias.
+    out = run(home, "promote", "--run", v1.run_id, "--name", "tiny-model")
+    assert "already registered as tiny-model version 1" in out.stdout, out.stdout
+    assert len(client.search_model_versions("name = 'tiny-model'")) == 3
+    assert {a: str(client.get_model_version_by_alias("tiny-model", a).version)
+            for a in ("candidate", "champion")} == {"candidate": "3", "champion": "3"}
 
     # Predict from the registry: the CLI and plain MLflow pyfunc.
     from mg_ray.data import build_dataset, load_index

@@ -178,7 +178,8 @@ def test_readme_cluster_section_verbatim(tmp_path):
         assert done.returncode == 0, output[-8000:]
         assert "succeeded" in output and "Trial status" in output  # the job log's progress table
         assert "registered model mg-ray-fused version 1" in output
-        assert "champion stays version 1" in output  # the by-hand promotion of the same best trial
+        # the by-hand promotion of the same best trial registers nothing new
+        assert "already registered as mg-ray-fused version 1" in output and "Created version '2'" not in output
         assert "true class" in output  # the prediction
 
         from mlflow import MlflowClient
@@ -193,7 +194,8 @@ def test_readme_cluster_section_verbatim(tmp_path):
         assert {c.data.tags["mg_ray.trial_state"] for c in children} <= {"completed", "stopped"}
         champion = client.get_model_version_by_alias("mg-ray-fused", "champion")
         assert str(champion.version) == "1" and champion.tags["study"] == "quick"
-        assert str(client.get_model_version_by_alias("mg-ray-fused", "candidate").version) == "2"
+        assert str(client.get_model_version_by_alias("mg-ray-fused", "candidate").version) == "1"
+        assert len(client.search_model_versions("name = 'mg-ray-fused'")) == 1
         # Outputs in the stack's stable home, not in the job's temporary working dir.
         assert (stack.home / "optuna.db").is_file()
         assert list((stack.home / "ray_results").glob("quick_train/*/checkpoint_*"))
