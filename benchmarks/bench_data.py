@@ -5,7 +5,7 @@
 Prints, in one run:
 - heatmap time per clip (32 frames, 17 COCO joints, 56 x 56; joints and limbs) for
   `mg_ray.data.heatmaps` and for a loop-by-loop reference (the peer's per-person, per-frame,
-  per-joint numpy loop, duplicated from tests/data/helpers.py), with the speed-up;
+  per-joint numpy loop of tests/data/helpers.py), with the speed-up;
 - loader throughput in paper-size samples/s for one worker (rgb 8 x 224^2, pose 32 x 56^2,
   train mode) on raw 1280x720 H.264 clips (GOP 250) and on prepared 456x256 clips (GOP 8),
   both written here with PyAV into a temporary folder.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 import tempfile
 import time
 import timeit
@@ -23,65 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-EPS = 1e-4
-
-
-# ---- loop reference (as tests/data/helpers.py) ----------------------------------------------
-
-def ref_point(arr, mx, my, value, sigma):
-    h, w = arr.shape
-    if value < EPS:
-        return
-    st_x, ed_x = max(int(mx - 3 * sigma), 0), min(int(mx + 3 * sigma) + 1, w)
-    st_y, ed_y = max(int(my - 3 * sigma), 0), min(int(my + 3 * sigma) + 1, h)
-    x = np.arange(st_x, ed_x, 1, np.float32)
-    y = np.arange(st_y, ed_y, 1, np.float32)
-    if not (len(x) and len(y)):
-        return
-    y = y[:, None]
-    patch = np.exp(-((x - mx) ** 2 + (y - my) ** 2) / 2 / sigma**2) * value
-    arr[st_y:ed_y, st_x:ed_x] = np.maximum(arr[st_y:ed_y, st_x:ed_x], patch)
-
-
-def ref_limb(arr, a, b, sa, sb, sigma):
-    h, w = arr.shape
-    value = min(sa, sb)
-    if value < EPS:
-        return
-    min_x, max_x = max(int(min(a[0], b[0]) - 3 * sigma), 0), min(int(max(a[0], b[0]) + 3 * sigma) + 1, w)
-    min_y, max_y = max(int(min(a[1], b[1]) - 3 * sigma), 0), min(int(max(a[1], b[1]) + 3 * sigma) + 1, h)
-    x = np.arange(min_x, max_x, 1, np.float32)
-    y = np.arange(min_y, max_y, 1, np.float32)
-    if not (len(x) and len(y)):
-        return
-    d2_ab = float((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2)
-    if d2_ab < 1:
-        ref_point(arr, a[0], a[1], value, sigma)
-        return
-    y = y[:, None]
-    d2_a = (x - a[0]) ** 2 + (y - a[1]) ** 2
-    d2_b = (x - b[0]) ** 2 + (y - b[1]) ** 2
-    coeff = (d2_a - d2_b + d2_ab) / 2.0 / d2_ab
-    px, py = x - (a[0] + coeff * (b[0] - a[0])), y - (a[1] + coeff * (b[1] - a[1]))
-    d2 = np.where(coeff <= 0, d2_a, np.where(coeff >= 1, d2_b, px**2 + py**2))
-    patch = np.exp(-d2 / 2.0 / sigma**2) * value
-    arr[min_y:max_y, min_x:max_x] = np.maximum(arr[min_y:max_y, min_x:max_x], patch)
-
-
-def ref_heatmaps(keypoint, score, size, sigma, limbs=None):
-    m, t, v, _ = keypoint.shape
-    out = np.zeros((v if limbs is None else len(limbs), t, *size), np.float32)
-    for ti in range(t):
-        for mi in range(m):
-            if limbs is None:
-                for j in range(v):
-                    ref_point(out[j, ti], keypoint[mi, ti, j, 0], keypoint[mi, ti, j, 1], score[mi, ti, j], sigma)
-            else:
-                for li, (ja, jb) in enumerate(limbs):
-                    ref_limb(out[li, ti], keypoint[mi, ti, ja], keypoint[mi, ti, jb],
-                             score[mi, ti, ja], score[mi, ti, jb], sigma)
-    return out
-
+# The loop-by-loop reference the heatmap tests compare against (the peer's per-person,
+# per-frame, per-joint numpy loop): one copy, in the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.data.helpers import ref_heatmaps
 
 # ---- synthetic clips ------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@
 Prints parameter counts (backbone without fusion, fusion, heads), the paper preset's median
 step time with fusion + refinement on and off (measured interleaved, so load drifts on a shared
 machine hit both alike), their ratio (target <= 1.10), the small preset's step time at batch 8,
-and, when CUDA is available, the paper preset's bf16 autocast step time on the GPU.
+and, when CUDA is available, the paper preset's bf16 autocast step time on the GPU in the
+channels-last-3d layout the training loop uses there, next to the default NCDHW layout.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def count(model: torch.nn.Module, prefix: str = "") -> int:
 
 
 def make_step(builder, *, fusion: bool, refinement: bool, batch: int, rgb_size: int,
-              num_classes: int, device: str, amp: bool, **kwargs):
-    """A closure running one forward + loss + backward; returns (step, model)."""
-    model = builder(num_classes, fusion=fusion, **kwargs).to(device).train()
+              num_classes: int, device: str, amp: bool,
+              layout: torch.memory_format = torch.contiguous_format, **kwargs):
+    """A closure running one forward + loss + backward; returns (step, model). `layout`: the
+    memory format of weights and inputs (the training loop uses channels_last_3d on CUDA)."""
+    model = builder(num_classes, fusion=fusion, **kwargs).to(device, memory_format=layout).train()
     criterion = TwoStreamCriterion(num_classes, model.embed_dim, refinement=refinement).to(device).train()
-    rgb = torch.randn(batch, 3, 8, rgb_size, rgb_size, device=device)
-    pose = torch.rand(batch, 17, 32, rgb_size // 4, rgb_size // 4, device=device)
+    rgb = torch.randn(batch, 3, 8, rgb_size, rgb_size, device=device).contiguous(memory_format=layout)
+    pose = torch.rand(batch, 17, 32, rgb_size // 4, rgb_size // 4, device=device).contiguous(memory_format=layout)
     labels = torch.randint(0, num_classes, (batch,), device=device)
 
     def step() -> None:
@@ -52,19 +55,24 @@ def timed(step) -> float:
 
 
 def compare(builder, *, batch: int, rgb_size: int, repeats: int, device: str = "cpu",
-            amp: bool = False, num_classes: int = 32, **kwargs) -> dict[str, float]:
-    """Median step time with fusion + refinement on and off, interleaved repeats after a warm-up."""
+            amp: bool = False, num_classes: int = 32, with_ncdhw: bool = False,
+            **kwargs) -> dict[str, float]:
+    """Median step time with fusion + refinement on and off, interleaved repeats after a warm-up.
+    On CUDA both run channels-last-3d, as in training; `with_ncdhw` adds "on_ncdhw", the full
+    model in the default NCDHW layout."""
+    layout = torch.channels_last_3d if device == "cuda" else torch.contiguous_format
+    common = dict(batch=batch, rgb_size=rgb_size, num_classes=num_classes, device=device, amp=amp, **kwargs)
     steps = {
-        "on": make_step(builder, fusion=True, refinement=True, batch=batch, rgb_size=rgb_size,
-                        num_classes=num_classes, device=device, amp=amp, **kwargs)[0],
-        "off": make_step(builder, fusion=False, refinement=False, batch=batch, rgb_size=rgb_size,
-                         num_classes=num_classes, device=device, amp=amp, **kwargs)[0],
+        "on": make_step(builder, fusion=True, refinement=True, layout=layout, **common)[0],
+        "off": make_step(builder, fusion=False, refinement=False, layout=layout, **common)[0],
     }
+    if with_ncdhw:
+        steps["on_ncdhw"] = make_step(builder, fusion=True, refinement=True, **common)[0]
     for step in steps.values():  # warm-up: allocator, oneDNN / cuDNN kernel selection
         step()
-    times: dict[str, list[float]] = {"on": [], "off": []}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(repeats):
-        order = ("on", "off") if i % 2 == 0 else ("off", "on")
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))
         for name in order:
             times[name].append(timed(steps[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -104,9 +112,10 @@ def main() -> None:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for batch in (2, 10):
-            t = compare(paper, batch=batch, rgb_size=224, repeats=20, device="cuda", amp=True)
-            print(f"paper, {name}, bf16 autocast, batch {batch}, fwd+bwd median: on {t['on'] * 1e3:.1f} ms, "
-                  f"off {t['off'] * 1e3:.1f} ms, ratio {t['on'] / t['off']:.3f}")
+            t = compare(paper, batch=batch, rgb_size=224, repeats=20, device="cuda", amp=True, with_ncdhw=True)
+            print(f"paper, {name}, bf16 autocast, channels-last-3d, batch {batch}, fwd+bwd median: "
+                  f"on {t['on'] * 1e3:.1f} ms, off {t['off'] * 1e3:.1f} ms, ratio {t['on'] / t['off']:.3f}; "
+                  f"NCDHW layout on {t['on_ncdhw'] * 1e3:.1f} ms ({t['on_ncdhw'] / t['on']:.2f}x the channels-last time)")
     else:
         print("no CUDA device: bf16 autocast GPU step skipped")
 

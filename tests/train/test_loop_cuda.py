@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mg_ray.models import TwoStreamCriterion, paper, small
-from mg_ray.train.loop import evaluate, train_one_epoch
+from mg_ray.train.loop import evaluate, input_layout, train_one_epoch
 from mg_ray.train.metrics import classification_metrics
 
 pytestmark = [
@@ -63,7 +63,7 @@ class Clips(torch.utils.data.Dataset):
 def test_loop_epochs_and_evaluation_on_cuda_with_bf16():
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = small(K).to(device)
+    model = small(K).to(device, memory_format=input_layout(device))  # as the loop sets it up
     criterion = TwoStreamCriterion(K, model.embed_dim, alpha=0.1).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     train = torch.utils.data.DataLoader(Clips(200, seed=0), batch_size=10, shuffle=True, pin_memory=True)
@@ -75,3 +75,46 @@ def test_loop_epochs_and_evaluation_on_cuda_with_bf16():
     metrics = classification_metrics(predictions.stream_probs, predictions.fused, predictions.labels, "val")
     assert sorted(predictions.indices.tolist()) == list(range(50))
     assert metrics["val_top1"] >= 3 / K, metrics  # 3x chance
+
+
+def test_ddp_on_nccl_with_the_loops_channels_last_layout(tmp_path):
+    """The loop's GPU setup outside Ray: NCCL process group, channels-last-3d weights wrapped by
+    DDP (as `prepare_model` does), two steps. Every gradient has its parameter's layout on every
+    dimension of size > 1, so DDP's buckets hold the layout the convolutions produce. (A 1x1x1
+    weight's strides are ambiguous: the fusion's projection gets a contiguous-strided gradient
+    for a channels-last parameter, the same memory, which DDP reports once as a stride warning;
+    the loop silences exactly that.)"""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device("cuda")
+    layout = input_layout(device)
+    assert layout == torch.channels_last_3d
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(small(K).to(device, memory_format=layout), device_ids=[0])
+        criterion = TwoStreamCriterion(K, model.module.embed_dim).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        clips = Clips(20, seed=0)
+        for _ in range(2):
+            rgb = clips.rgb[:10].to(device, memory_format=layout)
+            pose = clips.pose[:10].to(device, memory_format=layout)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outputs = model(rgb, pose)
+            labels = clips.labels[:10].to(device)
+            loss = criterion({k: v.float() for k, v in outputs.items()}, labels)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        assert torch.isfinite(loss)
+
+        def strides(t):  # the strides that matter: those of dimensions of size > 1
+            return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+        differ = [n for n, p in model.module.named_parameters() if strides(p.grad) != strides(p)]
+        assert not differ, differ
+        conv = model.module.backbone.rgb.stem[0].weight  # the stem conv [C, 3, 1, 7, 7]
+        assert conv.is_contiguous(memory_format=layout)
+    finally:
+        dist.destroy_process_group()
