@@ -19,8 +19,9 @@ Pixel (x, y) is at integer coordinates: keypoints are expected in heatmap pixel 
 Vectorisation: every (person, frame, channel) window is enumerated at once as a ragged list of
 pixels (np.repeat over window sizes), so the work is proportional to the window areas, exactly
 what the definition touches, instead of the full H x W grid per limb; joints, whose windows
-are small and whose Gaussian is separable, are one [N, P, P] outer product. Values are written into the output
-with flat indices, one vectorised write per person (persons may overlap, nothing else does).
+are small and whose Gaussian is separable, are one [P, P, N] outer product. Values are written
+into the output with flat indices, one vectorised write per person (persons may overlap,
+nothing else does).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ from typing import Sequence
 import numpy as np
 
 EPS = 1e-4  # scores below this are skipped (the peer's eps)
+
+# 0, 1, 2, ... as int64 and float32, grown on demand: `np.arange` is a scalar loop (~0.5 ns an
+# element), and the limb path needs one of each as long as its pixel list on every call.
+_COUNT = {np.intp: np.arange(0, dtype=np.intp), np.float32: np.arange(0, dtype=np.float32)}
+
+
+def _count(n: int, dtype) -> np.ndarray:
+    """A read-only view of 0..n-1 (exact in float32 up to 2^24)."""
+    if _COUNT[dtype].size < n:
+        grown = np.arange(max(n, 2 * _COUNT[dtype].size), dtype=dtype)
+        grown.flags.writeable = False
+        _COUNT[dtype] = grown  # replaced, never resized: views handed out stay valid
+    return _COUNT[dtype][:n]
 
 
 def _window(lo: np.ndarray, hi: np.ndarray, sigma: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,11 +77,13 @@ def _draw_segments(
     h, w = out.shape[-2:]
     x0, x1 = _window(window_lo[:, 0], window_hi[:, 0], sigma, w)
     y0, y1 = _window(window_lo[:, 1], window_hi[:, 1], sigma, h)
-    keep = np.flatnonzero((value >= EPS) & (x1 > x0) & (y1 > y0))
-    if keep.size == 0:
-        return
-    a, b, value, base, person = a[keep], b[keep], value[keep], base[keep], person[keep]
-    x0, x1, y0, y1 = x0[keep], x1[keep], y0[keep], y1[keep]
+    keep = (value >= EPS) & (x1 > x0) & (y1 > y0)
+    if not keep.all():  # usually every item is drawn: skip the compaction then
+        keep = np.flatnonzero(keep)
+        if keep.size == 0:
+            return
+        a, b, value, base, person = a[keep], b[keep], value[keep], base[keep], person[keep]
+        x0, x1, y0, y1 = x0[keep], x1[keep], y0[keep], y1[keep]
     ab = b - a
     d2_ab = (ab * ab).sum(-1)
     # Projection parameter t = (p - a).(b - a) / |ab|^2, clamped to [0, 1]: before a / after b
@@ -90,12 +106,14 @@ def _draw_segments(
     value_r = np.repeat(value, rows_per_item)
     base_r = np.repeat(base + x0, rows_per_item) + row_y * w
 
-    # rows -> pixels
+    # rows -> pixels. A pixel's x offset inside its window is its index minus its row's first
+    # index: built in float32 for the distances (exact: integers below 2^24) and folded into
+    # the row's flat offset for the indices, so no int64 offset array is made.
     px_per_row = np.repeat(x1 - x0, rows_per_item)
     n_px = int(px_per_row.sum())
     row_first = np.cumsum(px_per_row) - px_per_row
-    k = np.arange(n_px) - np.repeat(row_first, px_per_row)  # x offset inside the window
-    dxa = np.repeat(dxa0_r, px_per_row) + k.astype(np.float32)
+    offset = _count(n_px, np.float32) - np.repeat(row_first.astype(np.float32), px_per_row)
+    dxa = np.repeat(dxa0_r, px_per_row) + offset
     dy = np.repeat(dya, px_per_row)
     abx, aby = np.repeat(abx_r, px_per_row), np.repeat(aby_r, px_per_row)
     t = dxa * np.repeat(tx_r, px_per_row)
@@ -108,15 +126,16 @@ def _draw_segments(
     d2 *= np.float32(-0.5 / (sigma * sigma))
     values = np.exp(d2)
     values *= np.repeat(value_r, px_per_row)
-    flat = np.repeat(base_r, px_per_row) + k
+    flat = np.repeat(base_r - row_first, px_per_row) + _count(n_px, np.intp)
 
     # Merge persons by maximum. Within one person no two pixels share a flat index, so each
     # person is one vectorised write; the loop is over persons (M is 1-3), never frames/joints.
+    # Items are grouped by person, so a person's pixels start where its first item's do.
     flat_out = out.reshape(-1)
-    px_person = np.repeat(np.repeat(person, rows_per_item), px_per_row)
-    bounds = np.searchsorted(px_person, np.arange(px_person[-1] + 2))
-    for m in range(len(bounds) - 1):
-        lo, hi = bounds[m], bounds[m + 1]
+    px_first = np.concatenate([[0], np.cumsum((x1 - x0) * rows_per_item)])  # [N + 1]
+    item_bounds = np.searchsorted(person, np.arange(person[-1] + 2))
+    for m in range(len(item_bounds) - 1):
+        lo, hi = px_first[item_bounds[m]], px_first[item_bounds[m + 1]]
         if lo == hi:
             continue
         idx = flat[lo:hi]
@@ -135,34 +154,45 @@ def joint_heatmaps(
     size (H, W). Returns float32 [V, T, H, W].
 
     A joint's Gaussian is separable, exp(-(dx^2 + dy^2) / 2s^2) = gx * gy, and its window is
-    at most P = trunc-width pixels wide, so all joints are drawn as one [N, P, P] outer product
-    of two [N, P] profiles; pixels outside a joint's window get index `out.size` (a dummy slot).
+    at most P pixels wide (5 for sigma 0.7), so all N joints are drawn as one [P, P, N] outer
+    product of two [P, N] profiles; pixels outside a joint's window go to a dummy slot.
     """
     kp = np.asarray(keypoint, dtype=np.float32)
     sc = np.asarray(score, dtype=np.float32)
     m, t, v, _ = kp.shape
     h, w = size
     out = np.zeros(v * t * h * w + 1, dtype=np.float32)  # + 1: the dummy slot
+    dummy = out.size - 1
     # Items ordered (person, frame, joint).
     mx, my, s = kp[..., 0].ravel(), kp[..., 1].ravel(), sc.ravel()
     x0, x1 = _window(mx, mx, sigma, w)
     y0, y1 = _window(my, my, sigma, h)
-    keep = np.flatnonzero((s >= EPS) & (x1 > x0) & (y1 > y0))
-    if keep.size:
-        mx, my, s, x0, x1, y0, y1 = mx[keep], my[keep], s[keep], x0[keep], x1[keep], y0[keep], y1[keep]
-        p = int(max((x1 - x0).max(), (y1 - y0).max()))
-        steps = np.arange(p)
-        px = x0[:, None] + steps                     # [N, P]
-        py = y0[:, None] + steps
+    keep = (s >= EPS) & (x1 > x0) & (y1 > y0)
+    items = np.arange(s.size)
+    if not keep.all():  # usually every joint is drawn: skip the compaction then
+        items = np.flatnonzero(keep)
+        mx, my, s, x0, x1, y0, y1 = mx[items], my[items], s[items], x0[items], x1[items], y0[items], y1[items]
+    if items.size:
+        width, height = x1 - x0, y1 - y0
+        p = int(max(width.max(), height.max()))
+        # Window pixels are laid out [P, P, N], items last: numpy's inner loops then run over
+        # the N items instead of P = 5 pixels, which made [N, P, P] broadcasts 3-4x slower.
+        steps = np.arange(p)[:, None]                # [P, 1]
         k = np.float32(-0.5 / (sigma * sigma))
-        gx = np.exp((px - mx[:, None]) ** 2 * k, dtype=np.float32)
-        gy = np.exp((py - my[:, None]) ** 2 * k, dtype=np.float32) * s[:, None]
-        values = gy[:, :, None] * gx[:, None, :]     # [N, P, P]
-        person, frame, joint = np.unravel_index(keep, (m, t, v))
+        dx = (x0.astype(np.float32) - mx) + steps.astype(np.float32)  # [P, N]: pixel - joint
+        dy = (y0.astype(np.float32) - my) + steps.astype(np.float32)
+        gx = np.exp(dx * dx * k)
+        gy = np.exp(dy * dy * k) * s
+        values = gy[:, None, :] * gx[None, :, :]     # [P (y), P (x), N]
+        # Flat indices, separable too: (plane + row offset) + column. A row or column past the
+        # window gets a sentinel >= the dummy slot, so one clip sends every pixel outside the
+        # window there.
+        person, frame, joint = np.unravel_index(items, (m, t, v))
         base = (joint * t + frame) * (h * w)
-        flat = (base[:, None, None] + py[:, :, None] * w) + px[:, None, :]
-        inside = (px < x1[:, None])[:, None, :] & (py < y1[:, None])[:, :, None]
-        flat = np.where(inside, flat, out.size - 1)
+        rows = np.where(steps < height, base + (y0 + steps) * w, dummy)  # [P, N]
+        cols = np.where(steps < width, x0 + steps, dummy)
+        flat = rows[:, None, :] + cols[None, :, :]   # [P, P, N]
+        np.minimum(flat, dummy, out=flat)
         # Persons merge by maximum; one vectorised write per person (windows of one person
         # never share a pixel, except the dummy slot).
         bounds = np.searchsorted(person, np.arange(m + 1))
@@ -170,7 +200,7 @@ def joint_heatmaps(
             lo, hi = bounds[mi], bounds[mi + 1]
             if lo == hi:
                 continue
-            idx, val = flat[lo:hi].ravel(), values[lo:hi].ravel()
+            idx, val = flat[..., lo:hi].ravel(), values[..., lo:hi].ravel()
             out[idx] = val if lo == 0 else np.maximum(out[idx], val)
     return out[:-1].reshape(v, t, h, w)
 
