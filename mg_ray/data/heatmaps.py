@@ -178,11 +178,13 @@ def joint_heatmaps(
         # Window pixels are laid out [P, P, N], items last: numpy's inner loops then run over
         # the N items instead of P = 5 pixels, which made [N, P, P] broadcasts 3-4x slower.
         steps = np.arange(p)[:, None]                # [P, 1]
+        # The exponent in float64, then exp in float32: the same rounding as the peer's code, so
+        # the heatmaps (and the trainings on them) stay bit for bit what they were.
         k = np.float32(-0.5 / (sigma * sigma))
-        dx = (x0.astype(np.float32) - mx) + steps.astype(np.float32)  # [P, N]: pixel - joint
-        dy = (y0.astype(np.float32) - my) + steps.astype(np.float32)
-        gx = np.exp(dx * dx * k)
-        gy = np.exp(dy * dy * k) * s
+        dx = (x0 + steps) - mx                       # [P, N] pixel - joint, float64
+        dy = (y0 + steps) - my
+        gx = np.exp(dx * dx * k, dtype=np.float32)
+        gy = np.exp(dy * dy * k, dtype=np.float32) * s
         values = gy[:, None, :] * gx[None, :, :]     # [P (y), P (x), N]
         # Flat indices, separable too: (plane + row offset) + column. A row or column past the
         # window gets a sentinel >= the dummy slot, so one clip sends every pixel outside the

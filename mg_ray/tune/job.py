@@ -61,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
     promotion = summary.get("promotion")
     if promotion:
         role = "champion" if promotion["champion"] else "candidate"
-        print(f"registered model {promotion['name']} version {promotion['version']} (alias {role})")
+        if promotion["new"]:
+            print(f"registered model {promotion['name']} version {promotion['version']} (alias {role})")
+        else:
+            state = ("it is champion" if promotion["champion"]
+                     else f"champion stays version {promotion['previous_champion']}")
+            print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
+                  f"nothing new registered, {state}")
         print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
               f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
     uri = tracking.resolve_tracking_uri(None)

@@ -230,13 +230,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def best_trial_run(study: str, experiment: str, metric: str, mode: str, tracking_uri: str | None) -> str:
-    """The run id of the study's best trial by `best_<metric>`."""
+    """The run id of the study's best trial by `best_<metric>`; ties go to the trial that started
+    first (the rule the study itself uses)."""
     mlflow_client = tracking.client(tracking.resolve_tracking_uri(tracking_uri))
     found = mlflow_client.get_experiment_by_name(experiment)
     trials = [] if found is None else mlflow_client.search_runs(
         [found.experiment_id],
         filter_string=f"tags.`mg_ray.study` = '{study}' and tags.`mg_ray.role` = 'trial'",
-        order_by=[f"metrics.`best_{metric}` {'DESC' if mode == 'max' else 'ASC'}"],
+        order_by=[f"metrics.`best_{metric}` {'DESC' if mode == 'max' else 'ASC'}", "attributes.start_time ASC"],
         max_results=1,
     )
     if not trials:

@@ -296,6 +296,7 @@ def summarise(results, ctx: StudyContext, mlflow_client, space: SearchSpace) -> 
             f"best_{space.study.metric}": metrics.get(f"best_{space.study.metric}"),
             "epochs_completed": metrics.get(TIME_ATTR),
             "test_top1": metrics.get("test_top1"),
+            "start_time": child.info.start_time if child else None,
         }
         row.update({k: v for k, v in (result.config or {}).items() if "|" not in k})
         rows.append(row)
@@ -303,7 +304,11 @@ def summarise(results, ctx: StudyContext, mlflow_client, space: SearchSpace) -> 
     score_key = f"best_{space.study.metric}" if space.study.metric == "val_top1" else space.study.metric
     best_row = None
     if len(table) and table[score_key].notna().any():
-        ordered = table.sort_values(score_key, ascending=space.study.mode == "min", na_position="last")
+        # Ties go to the trial that started first, whatever order Tune lists the results in (it
+        # differs after a restore): the same rule as `mg-ray promote --study`, so a study run
+        # again, or promoted by hand, picks the same best trial.
+        ordered = table.sort_values([score_key, "start_time"], ascending=[space.study.mode == "min", True],
+                                    na_position="last", kind="mergesort")
         best_row = ordered.iloc[0].to_dict()
     logger = tracking.RunLogger(ctx.tracking_uri, ctx.parent_run_id)
     logger.log_text(table.to_csv(index=False), "study/trials.csv")

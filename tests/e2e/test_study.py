@@ -125,6 +125,11 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     assert len(client.search_model_versions("name = 'tiny-model'")) == 3
     assert {a: str(client.get_model_version_by_alias("tiny-model", a).version)
             for a in ("candidate", "champion")} == {"candidate": "3", "champion": "3"}
+    # Running the finished study again trains nothing, adds no child run, registers nothing.
+    again = run(home, "tune", "--space", str(space), "--study", "s1", "--data", str(tiny_dataset), timeout=600)
+    assert "best model already registered as tiny-model version 1" in again.stdout, again.stdout[-3000:]
+    assert len(client.search_model_versions("name = 'tiny-model'")) == 3
+    assert len(study_runs(client, "s1")[1]) == 3
 
     # Predict from the registry: the CLI and plain MLflow pyfunc.
     from mg_ray.data import build_dataset, load_index
