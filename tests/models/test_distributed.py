@@ -54,6 +54,11 @@ def _worker(rank: int, store_file: str) -> None:
         # the ranks did see different features (so unsynchronised prototypes would diverge)
         emb = _gather(outputs["pose_embedding"].detach())
         assert not torch.allclose(emb[:BATCH], emb[BATCH:])
+        # Both ranks done before either tears gloo down: a rank that destroys its process group
+        # while the other's transport is still active can make the other abort ("terminate
+        # called without an active exception"), seen once in CI. Not in `finally`: after a
+        # failed assertion the other rank may be waiting in a different collective.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
