@@ -228,6 +228,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad
     criterion.train()
     sums: dict[str, float] = {}
     samples, steps, wait = 0, 0, 0.0
+    layout = input_layout(device)
     start = time.perf_counter()
     batches = iter(loader)
     while True:
@@ -237,7 +238,6 @@ def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad
         except StopIteration:
             break
         wait += time.perf_counter() - t0
-        layout = input_layout(device)
         rgb = batch["rgb"].to(device, non_blocking=True, memory_format=layout)
         pose = batch["pose"].to(device, non_blocking=True, memory_format=layout)
         labels = batch["label"].to(device, non_blocking=True)
@@ -280,6 +280,7 @@ def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
     from mg_ray.models import fuse_probabilities
 
     model.eval()
+    layout = input_layout(device)
     indices, labels, fused, streams = [], [], [], {}
     for batch in loader:
         rgb, pose = batch["rgb"], batch["pose"]
@@ -287,7 +288,6 @@ def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
         if rgb.dim() == 6:  # [B, clips, ...] -> [B * clips, ...]
             clips = rgb.shape[1]
             rgb, pose = rgb.flatten(0, 1), pose.flatten(0, 1)
-        layout = input_layout(device)
         rgb, pose = rgb.to(device, memory_format=layout), pose.to(device, memory_format=layout)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(rgb, pose)
