@@ -19,6 +19,7 @@ import time
 import torch
 
 from mg_ray.models import TwoStreamCriterion, paper, small
+from mg_ray.train.loop import input_layout
 
 
 def count(model: torch.nn.Module, prefix: str = "") -> int:
@@ -60,7 +61,7 @@ def compare(builder, *, batch: int, rgb_size: int, repeats: int, device: str = "
     """Median step time with fusion + refinement on and off, interleaved repeats after a warm-up.
     On CUDA both run channels-last-3d, as in training; `with_ncdhw` adds "on_ncdhw", the full
     model in the default NCDHW layout."""
-    layout = torch.channels_last_3d if device == "cuda" else torch.contiguous_format
+    layout = input_layout(torch.device(device))  # the layout training uses on this device
     common = dict(batch=batch, rgb_size=rgb_size, num_classes=num_classes, device=device, amp=amp, **kwargs)
     steps = {
         "on": make_step(builder, fusion=True, refinement=True, layout=layout, **common)[0],

@@ -104,9 +104,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stream_weights=tuple(cfg.model.stream_weights),
         streams=streams,
     ).to(device)
-    # NDHWC weights (before DDP wraps the model, so its gradient buckets take the same layout)
-    model = ray.train.torch.prepare_model(model.to(memory_format=input_layout(device)))
-    if input_layout(device) == torch.channels_last_3d:
+    # NDHWC weights on CUDA (before DDP wraps the model, so its gradient buckets take that layout)
+    layout = input_layout(device)
+    model = ray.train.torch.prepare_model(model.to(memory_format=layout))
+    if layout == torch.channels_last_3d:
         # The fusion's 1x1x1 projection weights have ambiguous strides (every spatial size is 1)
         # and get contiguous-strided gradients: the same memory, but DDP's reducer compares
         # strides literally and warns once that this "may impair performance". It does not

@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
         if promotion["new"]:
             print(f"registered model {promotion['name']} version {promotion['version']} (alias {role})")
         else:
-            state = ("it is champion" if promotion["champion"]
-                     else f"champion stays version {promotion['previous_champion']}")
+            from mg_ray.tune.promote import existing_version_state
+
             print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
-                  f"nothing new registered, {state}")
+                  f"{existing_version_state(promotion)}")
         print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
               f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
     uri = tracking.resolve_tracking_uri(None)

@@ -183,6 +183,13 @@ def _apply_champion_rule(client, name, version, score, metric, mode, force_champ
     }
 
 
+def existing_version_state(out: dict[str, Any]) -> str:
+    """What promoting an already registered run did, for `promote_run`'s result with new=False."""
+    if out["champion"]:
+        return "nothing new registered, it is champion"
+    return f"nothing new registered, champion stays version {out['previous_champion']}"
+
+
 def git_commit() -> str:
     """The commit the code runs from (MG_RAY_GIT_COMMIT wins: a `ray job submit` upload has no .git)."""
     if os.environ.get("MG_RAY_GIT_COMMIT"):
@@ -250,13 +257,11 @@ def run(args: argparse.Namespace) -> int:
         args.run = best_trial_run(args.study, args.experiment, args.metric, args.mode, args.tracking_uri)
     out = promote_run(args.run, args.name, tracking_uri=args.tracking_uri, metric=args.metric,
                       mode=args.mode, force_champion=args.force_champion)
-    kept = f"champion stays version {out['previous_champion']}"
     if out["new"]:
-        state = "champion" if out["champion"] else f"candidate ({kept})"
+        state = "champion" if out["champion"] else f"candidate (champion stays version {out['previous_champion']})"
         print(f"registered {out['name']} version {out['version']} ({args.metric} {out['score']:.4f}): {state}")
     else:
-        state = "it is champion" if out["champion"] else kept
         print(f"run {args.run} is already registered as {out['name']} version {out['version']} "
-              f"({args.metric} {out['score']:.4f}): nothing new registered, {state}")
+              f"({args.metric} {out['score']:.4f}): {existing_version_state(out)}")
     print(f"predict with: mg-ray predict --model models:/{out['name']}@{CHAMPION} CLIP.mp4 --skeleton CLIP.npz")
     return 0
