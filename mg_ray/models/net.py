@@ -207,8 +207,9 @@ def merge_stream_checkpoints(
 
     The first block after each lateral point takes extra (lateral) input channels in the
     two-stream model: its own-channel slice is copied from the source and the lateral slice is
-    zeroed, so with fusion off the merged model starts out computing exactly the two
-    single-stream models, and the laterals grow from zero.
+    zeroed, so the merged model starts out computing exactly the two single-stream models (with
+    fusion on too, as long as its gates start at zero: `zero_init_residual`, the default), and
+    the laterals grow from zero.
 
     Raises ValueError listing every missing key, unexpected key and shape mismatch.
     """

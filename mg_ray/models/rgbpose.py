@@ -179,6 +179,12 @@ class RGBPoseBackbone(nn.Module):
                     ))
             init_weights(self.pose_to_rgb, zero_init_residual=False)
             init_weights(self.rgb_to_pose, zero_init_residual=False)
+            if zero_init_residual:
+                # The fusion's gate is a residual branch (X'' = X + A * X): like the ResNet
+                # blocks' last BN, it starts at zero, so the two-stream model starts as the plain
+                # baseline and learns how much each modality should gate the other.
+                for module in self.fusion:
+                    module.zero_init_gates()
 
     def forward(
         self, rgb: torch.Tensor | None, pose: torch.Tensor | None
@@ -211,3 +217,4 @@ class RGBPoseBackbone(nn.Module):
             x_rgb = self.rgb.stages[j + 2](x_rgb)
             x_pose = self.pose.stages[j + 1](x_pose)
         return x_rgb, x_pose
+

@@ -111,6 +111,14 @@ def test_fusion_off_is_the_plain_two_stream_baseline():
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_fusion_gates_start_at_zero_unless_asked_otherwise():
+    gated = small(K).backbone.fusion
+    assert all(not layer.weight.any() and not layer.bias.any()
+               for module in gated for layer in (module.rgb_back, module.pose_back))
+    random = small(K, zero_init_residual=False).backbone.fusion
+    assert all(layer.weight.any() for module in random for layer in (module.rgb_back, module.pose_back))
+
+
 def test_fuse_probabilities_weighted_mean_of_softmaxes():
     g = torch.Generator().manual_seed(0)
     out = {"rgb_logits": torch.randn(3, K, generator=g), "pose_logits": torch.randn(3, K, generator=g)}
@@ -154,14 +162,15 @@ def test_merge_round_trip(fusion):
     for key in state:
         if key.startswith(("backbone.fusion.", "backbone.pose_to_rgb.", "backbone.rgb_to_pose.")):
             assert torch.equal(state[key], init[key]), key
-    if not fusion:  # the merged model starts out computing the two single-stream models
-        rgb_model, pose_model = small(K, modality="rgb"), small(K, modality="pose")
-        rgb_model.load_state_dict(rgb_state), pose_model.load_state_dict(pose_state)
-        fused.eval(), rgb_model.eval(), pose_model.eval()
-        rgb, pose = inputs()
-        out = fused(rgb, pose)
-        torch.testing.assert_close(out["rgb_logits"], rgb_model(rgb, None)["rgb_logits"])
-        torch.testing.assert_close(out["pose_logits"], pose_model(None, pose)["pose_logits"])
+    # the merged model starts out computing the two single-stream models: the laterals enter
+    # through zeroed weights and the fusion's gates start at zero (A = 0, X'' = X)
+    rgb_model, pose_model = small(K, modality="rgb"), small(K, modality="pose")
+    rgb_model.load_state_dict(rgb_state), pose_model.load_state_dict(pose_state)
+    fused.eval(), rgb_model.eval(), pose_model.eval()
+    rgb, pose = inputs()
+    out = fused(rgb, pose)
+    torch.testing.assert_close(out["rgb_logits"], rgb_model(rgb, None)["rgb_logits"])
+    torch.testing.assert_close(out["pose_logits"], pose_model(None, pose)["pose_logits"])
 
 
 def test_merge_reports_missing_unexpected_and_mismatched_keys():
