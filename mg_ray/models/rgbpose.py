@@ -217,4 +217,3 @@ class RGBPoseBackbone(nn.Module):
             x_rgb = self.rgb.stages[j + 2](x_rgb)
             x_pose = self.pose.stages[j + 1](x_pose)
         return x_rgb, x_pose
-
