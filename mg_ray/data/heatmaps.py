@@ -26,6 +26,7 @@ nothing else does).
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Sequence
 
 import numpy as np
@@ -51,6 +52,22 @@ def _window(lo: np.ndarray, hi: np.ndarray, sigma: float, size: int) -> tuple[np
     start = np.maximum(np.trunc(lo - np.float32(3 * sigma)), 0).astype(np.intp)
     stop = np.minimum(np.trunc(hi + np.float32(3 * sigma)).astype(np.intp) + 1, size)
     return start, stop
+
+
+def _write_persons(out: np.ndarray, person: np.ndarray, pixels) -> None:
+    """Write drawn pixels into the flat `out`, persons merged by element-wise maximum.
+
+    person intp [N], non-decreasing: the owner of each item; pixels(lo, hi) -> (flat indices,
+    values) of items lo..hi-1. Within one person no two pixels share a flat index (except a
+    dummy slot), so each person is one vectorised write; the loop is over persons (1-3), never
+    frames or joints.
+    """
+    bounds = np.searchsorted(person, np.arange(person[-1] + 2))
+    for lo, hi in pairwise(bounds):
+        if lo == hi:
+            continue
+        idx, val = pixels(lo, hi)
+        out[idx] = val if lo == 0 else np.maximum(out[idx], val)
 
 
 def _draw_segments(
@@ -128,21 +145,10 @@ def _draw_segments(
     values *= np.repeat(value_r, px_per_row)
     flat = np.repeat(base_r - row_first, px_per_row) + _count(n_px, np.intp)
 
-    # Merge persons by maximum. Within one person no two pixels share a flat index, so each
-    # person is one vectorised write; the loop is over persons (M is 1-3), never frames/joints.
-    # Items are grouped by person, so a person's pixels start where its first item's do.
-    flat_out = out.reshape(-1)
-    px_first = np.concatenate([[0], np.cumsum((x1 - x0) * rows_per_item)])  # [N + 1]
-    item_bounds = np.searchsorted(person, np.arange(person[-1] + 2))
-    for m in range(len(item_bounds) - 1):
-        lo, hi = px_first[item_bounds[m]], px_first[item_bounds[m + 1]]
-        if lo == hi:
-            continue
-        idx = flat[lo:hi]
-        if m == 0:
-            flat_out[idx] = values[lo:hi]
-        else:
-            flat_out[idx] = np.maximum(flat_out[idx], values[lo:hi])
+    # A person's pixels start where its first item's first row does (items are grouped by person).
+    px_first = np.append(row_first[row_item_first], n_px)  # [N + 1]
+    _write_persons(out.reshape(-1), person,
+                   lambda lo, hi: (flat[px_first[lo]:px_first[hi]], values[px_first[lo]:px_first[hi]]))
 
 
 def joint_heatmaps(
@@ -195,15 +201,7 @@ def joint_heatmaps(
         cols = np.where(steps < width, x0 + steps, dummy)
         flat = rows[:, None, :] + cols[None, :, :]   # [P, P, N]
         np.minimum(flat, dummy, out=flat)
-        # Persons merge by maximum; one vectorised write per person (windows of one person
-        # never share a pixel, except the dummy slot).
-        bounds = np.searchsorted(person, np.arange(m + 1))
-        for mi in range(m):
-            lo, hi = bounds[mi], bounds[mi + 1]
-            if lo == hi:
-                continue
-            idx, val = flat[..., lo:hi].ravel(), values[..., lo:hi].ravel()
-            out[idx] = val if lo == 0 else np.maximum(out[idx], val)
+        _write_persons(out, person, lambda lo, hi: (flat[..., lo:hi].ravel(), values[..., lo:hi].ravel()))
     return out[:-1].reshape(v, t, h, w)
 
 
