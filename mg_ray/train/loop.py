@@ -3,11 +3,12 @@
 Read top to bottom: setup (config, data, model, optimiser, resume), then one iteration per epoch
 (train, evaluate on the whole validation split across ranks, checkpoint + `ray.train.report`),
 then the final multi-clip test evaluation of the best weights. Only Ray Train touches DDP
-(`prepare_model`, `prepare_data_loader`); everything rank 0 alone does (MLflow, checkpoint files)
-sits behind `if rank == 0`.
+(`prepare_model`, `prepare_data_loader`); everything rank 0 alone does (checkpoint files, the
+artifacts for MLflow) sits behind `if rank == 0`.
 
-The loop is told by its driver (see `mg_ray.train.trainer`) which MLflow run to log into; the
-driver owns that run's lifecycle.
+Workers never talk to MLflow (except to fetch `--rgb-init` / `--pose-init` models): metrics go out
+in the reports and artifacts inside the reported checkpoints, and the Train controller logs both
+into the run its driver owns (see `mg_ray.train.outbox` and `mg_ray.train.trainer`).
 """
 
 from __future__ import annotations
@@ -134,14 +135,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_metrics = state.get("metrics")
         print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}")
 
-    logger = None
+    # Rank 0 stages its artifacts; they reach MLflow with each epoch's checkpoint (see outbox.py).
+    outbox = None
     if rank == 0:
-        from mg_ray.train.tracking import RunLogger
+        from mg_ray.train.outbox import ArtifactOutbox
 
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        outbox = ArtifactOutbox()
         if start_epoch == 0:
-            logger.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
-            logger.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
+            outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
+            outbox.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
 
     # ---- epochs ------------------------------------------------------------------------------
     setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
@@ -185,16 +187,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = epoch == cfg.optim.epochs - 1
         if last and cfg.data.test_split:
             started = time.perf_counter()
-            metrics.update(final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, logger))
+            metrics.update(final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, outbox))
             metrics["test_s"] = time.perf_counter() - started
 
-        if rank == 0:
-            logger.log_metrics(metrics, step=epoch)
+        if rank == 0:  # the metrics travel in the report
             if improved:
                 clip_names = [val_set.clip_name(i) for i in val.indices]
-                logger.log_classification_report("val", val.labels, val.fused, val.stream_probs, class_names, clip_names)
+                outbox.log_classification_report("val", val.labels, val.fused, val.stream_probs, class_names, clip_names)
             if last:
-                log_best_model(logger, best, spec, class_names, cfg, train_set.layout.name)
+                log_best_model(outbox, best, spec, class_names, cfg, train_set.layout.name)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(
                     {
@@ -208,6 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     },
                     Path(folder) / CHECKPOINT_FILE,
                 )
+                outbox.move_into(folder)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)  # a barrier: every rank reports
@@ -216,6 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Resumed after the last epoch (the driver died between the final report and the end of
         # the run): report the final metrics again, so whoever waits for them (Tune) gets them.
         ray.train.report(last_metrics)
+    if outbox is not None:
+        outbox.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +327,7 @@ def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Pr
     )
 
 
-def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, logger) -> dict[str, float]:
+def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, outbox) -> dict[str, float]:
     """Multi-clip test evaluation of the best weights (then the current weights are restored)."""
     from mg_ray.data import build_dataset
 
@@ -339,9 +343,9 @@ def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, lo
     test = evaluate(model, loader, device, amp_dtype, cfg.model.stream_weights, world)
     unwrap(model).load_state_dict(current)
     metrics = classification_metrics(test.stream_probs, test.fused, test.labels, "test")
-    if logger is not None:
+    if outbox is not None:
         names = [test_set.clip_name(i) for i in test.indices]
-        logger.log_classification_report("test", test.labels, test.fused, test.stream_probs, class_names, names)
+        outbox.log_classification_report("test", test.labels, test.fused, test.stream_probs, class_names, names)
     return metrics
 
 
@@ -366,7 +370,7 @@ class Best:
         return cls(**state)
 
 
-def log_best_model(logger, best: Best, spec, class_names, cfg, layout: str) -> None:
+def log_best_model(outbox, best: Best, spec, class_names, cfg, layout: str) -> None:
     from mg_ray.config import to_dict
 
     with tempfile.TemporaryDirectory() as folder:
@@ -379,7 +383,7 @@ def log_best_model(logger, best: Best, spec, class_names, cfg, layout: str) -> N
             data={**to_dict(cfg.data), "layout": layout},  # the layout actually used
             metrics={"val_top1": best.val_top1, "epoch": best.epoch},
         )
-        logger.log_file(path, "best_model")
+        outbox.log_file(path, "best_model")
 
 
 def lr_factor(optim_cfg):

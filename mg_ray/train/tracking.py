@@ -5,10 +5,11 @@ Who does what:
   run by its key (a tag) or creates it, passes the run id to the workers, and terminates it when
   `fit()` returns or raises. A worker group restarted by `FailureConfig` therefore logs into the
   same run, and no run is left RUNNING whatever happens to the workers.
-- *Rank 0* of the worker group logs metrics and artifacts into that run id (see `RunLogger`).
+- The *Train controller* logs metrics and artifacts into that run id (`RunLogger`), from rank 0's
+  reports and the files staged in their checkpoints (see `mg_ray.train.outbox`).
 
 Everything goes through `MlflowClient` with an explicit tracking URI: no fluent global state in
-worker processes, which Ray may reuse.
+Ray's processes.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def terminate_run(mlflow_client, run_id: str, status: str, *, only_if_running: b
 
 
 class RunLogger:
-    """Rank 0's handle on the run: metrics per epoch and the end-of-training artifacts."""
+    """A handle on one run: metrics per epoch and artifacts (the controller's, the ensemble's, a study's)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = client(tracking_uri)

@@ -117,6 +117,7 @@ def fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mg_ray.train.loop import train_loop_per_worker
+    from mg_ray.train.outbox import MLflowLoggingCallback
 
     storage = Path(storage_path or paths.ray_storage()).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,8 @@ def fit(
                 checkpoint_score_attribute="val_top1",
                 checkpoint_score_order="max",
             ),
-            callbacks=list(callbacks),
+            # MLflow first: an epoch is in the run before Tune (and ASHA) hears of it.
+            callbacks=[MLflowLoggingCallback(tracking_uri, run_id), *callbacks],
         ),
     )
     status = "FAILED"
