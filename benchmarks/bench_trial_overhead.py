@@ -1,28 +1,36 @@
 """Per-trial orchestration overhead of a study: trial wall time minus training and evaluation.
 
-    python benchmarks/bench_trial_overhead.py                      # quick.yaml, 3 trials, 1 epoch
-    python benchmarks/bench_trial_overhead.py --trials 4 --epochs 2
+    python benchmarks/bench_trial_overhead.py                 # quick.yaml, 1-epoch trials
+    python benchmarks/bench_trial_overhead.py --epochs 2 --sizes 2 6
 
-Runs the same study (same seed, so the same trial configurations) twice on one local Ray
-cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic dataset is taken from
-~/.mg-ray, or generated there once): first with `standby_trials: 0` (one trial at a time, each
-starting up after the last one ended), then with `standby_trials: 1` (the next trial starts up
-while the current one trains). ASHA's grace period is set to the epoch count, so every trial runs
-all its epochs. A Tune callback on the driver times each trial from `on_trial_start` to
-`on_trial_complete` and sums the work its workers report: `train_epoch_s` and `val_s` of every
-epoch plus `test_s`. Prints per trial, then per study:
+Runs studies of the same space (same seed, so the same trial configurations) one after the other
+on one local Ray cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic dataset is
+taken from ~/.mg-ray, or generated there once). ASHA's grace period is set to the epoch count, so
+every trial runs all its epochs. A Tune callback on the driver sums the work the workers report
+for each trial: `train_epoch_s` and `val_s` of every epoch plus `test_s`. For each study:
 
-    overhead per trial = (study wall - sum of the trials' work) / trials     (target: < 10 s)
+    overhead = study wall - sum of the trials' work
 
-For standby 0 this equals the mean of (trial wall - trial work) plus the gaps between trials:
-starting the Train controller and worker group (processes, imports, process group), building
-datasets and the model, MLflow bookkeeping, checkpoints and teardown. `worker setup` (the loop's
-entry to its first epoch) is the part spent inside the workers.
+which is everything else: processes and imports of the trial driver, the Train controller and the
+workers, process groups, datasets and models, MLflow, checkpoints, teardown, and the study's own
+start (Tuner, searcher, MLflow parent run) and end (summary, plots).
+
+The studies:
+- `standby_trials: 0`, `--trials` trials: one trial at a time, each starting after the last one
+  ended: overhead / trials is what a trial costs on its own.
+- the space's own settings (standby trials, trial stagger) at two sizes, `--sizes N1 N2`: the
+  overhead grows by the same amount with every trial, so
+
+      per-trial overhead = (overhead(N2) - overhead(N1)) / (N2 - N1)        (target: < 10 s)
+      per-study overhead = overhead(N1) - N1 x per-trial overhead
+
+  The per-study part is paid once, however many trials a study has.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -32,9 +40,14 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="search_spaces/quick.yaml")
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=3, help="trials of the standby 0 study")
+    parser.add_argument("--sizes", type=int, nargs=2, default=(2, 5), metavar=("N1", "N2"),
+                        help="trials of the two studies run with the space's own settings")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
+    n1, n2 = args.sizes
+    if not 1 <= n1 < n2:
+        parser.error("--sizes needs 1 <= N1 < N2")
 
     home = Path(tempfile.mkdtemp(prefix="mg-ray-bench-"))
     dataset = Path(os.environ.get("MG_RAY_HOME", "~/.mg-ray")).expanduser() / "datasets" / "synth"
@@ -74,28 +87,37 @@ def main() -> None:
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.end[trial.trial_id] = time.perf_counter()
 
-    init_ray()
-    summary = []
-    for standby in (0, 1):
-        space.study.standby_trials = standby
+    def study(name: str, trials: int, **settings) -> float:
+        """Runs one study; prints its trials; returns its overhead (wall - work) in seconds."""
+        run_space = copy.deepcopy(space)
+        for key, value in settings.items():
+            setattr(run_space.study, key, value)
         timer = Timer()
         started = time.perf_counter()
-        run_study(space, study_name=f"bench-standby{standby}", data_root=str(dataset),
-                  num_trials=args.trials, promote=False, verbose=0, callbacks=[timer])
+        run_study(run_space, study_name=name, data_root=str(dataset), num_trials=trials,
+                  promote=False, verbose=0, callbacks=[timer])
         wall = time.perf_counter() - started
         work = sum(timer.work.values())
-        print(f"\nstandby_trials {standby}: {args.trials} trials x {args.epochs} epoch(s), study wall {wall:.1f} s")
+        print(f"\n{name}: {trials} trials x {args.epochs} epoch(s), standby_trials "
+              f"{run_space.study.standby_trials}, trial_stagger_s {getattr(run_space.study, 'trial_stagger_s', 0):g}: "
+              f"wall {wall:.1f} s, work {work:.1f} s, overhead {wall - work:.1f} s")
         print(f"{'trial':10} {'wall s':>8} {'work s':>8} {'wall-work s':>12} {'worker setup s':>15}")
         for trial in sorted(timer.end, key=timer.start.get):
             trial_wall = timer.end[trial] - timer.start[trial]
             print(f"{trial:10} {trial_wall:8.1f} {timer.work.get(trial, 0.0):8.1f} "
                   f"{trial_wall - timer.work.get(trial, 0.0):12.1f} {timer.worker_setup.get(trial, float('nan')):15.1f}")
-        summary.append((standby, wall, work, (wall - work) / args.trials))
+        return wall - work
 
-    print(f"\n{'standby':>7} {'study wall s':>12} {'work s':>8} {'overhead per trial s':>21}")
-    for standby, wall, work, overhead in summary:
-        print(f"{standby:7d} {wall:12.1f} {work:8.1f} {overhead:21.1f}")
-    print(f"overhead per trial, standby 1 vs 0: {summary[1][3] / summary[0][3]:.2f}x (target: < 10 s per trial)")
+    init_ray()
+    alone = study("alone", args.trials, standby_trials=0, trial_stagger_s=0.0)
+    small = study(f"study-{n1}", n1)
+    large = study(f"study-{n2}", n2)
+    per_trial = (large - small) / (n2 - n1)
+    print(f"\none trial at a time (standby 0):          {alone / args.trials:5.1f} s overhead per trial")
+    print(f"{args.space} settings, {n1} and {n2} trials:  {small / n1:5.1f} and {large / n2:5.1f} s overhead per trial")
+    print(f"  per-study overhead (paid once):          {small - n1 * per_trial:5.1f} s")
+    print(f"  per-trial overhead:                      {per_trial:5.1f} s   (target: < 10 s; "
+          f"{alone / args.trials / per_trial:.1f}x less than one trial at a time)")
 
 
 if __name__ == "__main__":

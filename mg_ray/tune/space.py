@@ -89,6 +89,12 @@ class StudySettings:
     # and MLflow run start up while the running trials train, and their workers start as soon
     # as resources free up. Hides most of a trial's start-up cost; 0 turns it off.
     standby_trials: int = 1
+    # Seconds a new trial is held back after a trial starts or ends while another one is live.
+    # On a machine whose CPUs the trials fill, a standby trial launched the moment a trial ends
+    # starts its processes (driver, Train controller, imports) exactly while the next trial's
+    # workers start theirs, and slows that critical start-up; held back, it starts up while
+    # that trial trains. 0 launches at once.
+    trial_stagger_s: float = 0.0
     asha: AshaSettings = field(default_factory=AshaSettings)
     register_as: str = "mg-ray-fused"  # registered model name for promotion
 
@@ -100,6 +106,7 @@ class StudySettings:
               "a number of seconds > 0 or null", self.time_budget_s)
         check(self.trial_driver_cpus >= 0, "trial_driver_cpus", "a number >= 0", self.trial_driver_cpus)
         check(self.standby_trials >= 0, "standby_trials", "an integer >= 0", self.standby_trials)
+        check(self.trial_stagger_s >= 0, "trial_stagger_s", "a number of seconds >= 0", self.trial_stagger_s)
 
 
 @dataclass

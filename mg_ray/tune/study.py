@@ -159,8 +159,9 @@ def run_study(
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
+
+    from mg_ray.tune.stagger import StaggeredLimiter
 
     from mg_ray.train.job import ensure_dataset
     from mg_ray.train.trainer import check_resources, init_ray
@@ -230,7 +231,7 @@ def run_study(
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+                    search_alg=StaggeredLimiter(searcher, concurrency, space.study.trial_stagger_s),
                     scheduler=ASHAScheduler(
                         time_attr=TIME_ATTR,
                         metric=space.study.metric,
