@@ -1,7 +1,7 @@
 """Per-trial orchestration overhead of a study: trial wall time minus training and evaluation.
 
     python benchmarks/bench_trial_overhead.py                 # quick.yaml, 1-epoch trials
-    python benchmarks/bench_trial_overhead.py --epochs 2 --sizes 2 6
+    python benchmarks/bench_trial_overhead.py --epochs 2 --sizes 2 8
 
 Runs studies of the same space (same seed, so the same trial configurations) one after the other
 on one local Ray cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic dataset is
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="search_spaces/quick.yaml")
     parser.add_argument("--trials", type=int, default=3, help="trials of the standby 0 study")
-    parser.add_argument("--sizes", type=int, nargs=2, default=(2, 5), metavar=("N1", "N2"),
+    parser.add_argument("--sizes", type=int, nargs=2, default=(2, 6), metavar=("N1", "N2"),
                         help="trials of the two studies run with the space's own settings")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()

@@ -89,8 +89,9 @@ class StudySettings:
     # and MLflow run start up while the running trials train, and their workers start as soon
     # as resources free up. Hides most of a trial's start-up cost; 0 turns it off.
     standby_trials: int = 1
-    # Seconds a new trial is held back after a trial starts or ends while another one is live.
-    # On a machine whose CPUs the trials fill, a standby trial launched the moment a trial ends
+    # Seconds a new trial is held back after a trial starts or ends while another one is live
+    # (twice that after a trial started with nothing else live: see `tune/stagger.py`). On a
+    # machine whose CPUs the trials fill, a standby trial launched the moment a trial ends
     # starts its processes (driver, Train controller, imports) exactly while the next trial's
     # workers start theirs, and slows that critical start-up; held back, it starts up while
     # that trial trains. 0 launches at once.

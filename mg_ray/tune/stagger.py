@@ -8,12 +8,17 @@ from ray.tune.search import ConcurrencyLimiter
 
 
 class StaggeredLimiter(ConcurrencyLimiter):
-    """A `ConcurrencyLimiter` that also holds a new trial back for `stagger_s` seconds after a
-    trial started or ended, while another trial is live (see `StudySettings.trial_stagger_s`).
+    """A `ConcurrencyLimiter` that also holds a new trial back while another trial is live:
+    for `stagger_s` seconds after a trial ended or started, and for twice that after a trial
+    started with nothing else live (see `StudySettings.trial_stagger_s`).
+
+    `stagger_s` is about the time a trial whose driver and Train controller are up needs to get
+    its workers training: what the standby trial does when a trial ends. A trial started cold
+    also has its driver and controller to start first, hence twice that.
 
     Tune asks the searcher again on its next step, so a held trial starts within a step of the
     hold's end. The hold is wall-clock time, as the searcher's state is saved with the experiment
-    and may be restored in another process; a restored hold never exceeds `stagger_s`.
+    and may be restored in another process; a restored hold never exceeds twice `stagger_s`.
     """
 
     def __init__(self, searcher, max_concurrent: int, stagger_s: float) -> None:
@@ -23,11 +28,12 @@ class StaggeredLimiter(ConcurrencyLimiter):
 
     def suggest(self, trial_id: str):
         now = time.time()
-        if self.live_trials and now < self.hold_until <= now + self.stagger_s:
+        if self.live_trials and now < self.hold_until <= now + 2 * self.stagger_s:
             return None
+        cold = not self.live_trials
         suggestion = super().suggest(trial_id)
         if trial_id in self.live_trials:  # a trial was launched
-            self.hold_until = now + self.stagger_s
+            self.hold_until = now + (2 if cold else 1) * self.stagger_s
         return suggestion
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:

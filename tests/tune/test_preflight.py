@@ -96,8 +96,10 @@ def test_trial_launches_are_staggered_while_another_trial_is_live():
 
     limiter = StaggeredLimiter(Fixed(), max_concurrent=2, stagger_s=0.5)
     assert limiter.suggest("a") == {"x": 1}  # nothing live: at once
-    assert limiter.suggest("b") is None      # held: "a" just started
+    assert limiter.suggest("b") is None      # held: "a" just started, cold (for 2 x 0.5 s)
     time.sleep(0.6)
+    assert limiter.suggest("b") is None
+    time.sleep(0.5)
     assert limiter.suggest("b") == {"x": 1}
     assert limiter.suggest("c") is None      # the concurrency limit
     limiter.on_trial_complete("a")
