@@ -34,6 +34,7 @@ from mg_ray.train.config import ExperimentConfig
 from mg_ray.tune.space import SearchSpace, base_config_dict, trial_overrides
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mg_ray.study", "mg_ray.role", "mg_ray.trial_id", "mg_ray.trial_state"
+EPOCHS_TAG = "mg_ray.trial_epochs"  # epochs of the trial that Tune (and ASHA) saw
 SPACE_HASH_TAG = "mg_ray.space_sha256"
 TIME_ATTR = "epochs_completed"
 
@@ -88,18 +89,22 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
     """A Tune callback that closes each trial's MLflow child run with its final state.
 
     A trial that ASHA stops, or that crashes, dies with its Train run: nothing inside it can end
-    its MLflow run, so the driver does, and tags the state (completed / stopped / failed).
+    its MLflow run, so the driver does, and tags the state (completed / stopped / failed) and the
+    epochs Tune saw. The workers go on training while a stop travels to them, so a stopped
+    trial's run can hold an epoch more than that tag (on the tiny test data an epoch takes 1 s).
     """
     from ray.tune import Callback
 
     class TrialStateCallback(Callback):
         def _close(self, trial, state: str, status: str) -> None:
+            epochs = (trial.last_result or {}).get(TIME_ATTR, 0)
             mlflow_client = tracking.client(ctx.tracking_uri)
             experiment = mlflow_client.get_experiment_by_name(ctx.experiment)
             run = tracking.find_run(mlflow_client, experiment.experiment_id, f"{ctx.name}/{trial.trial_id}")
             if run is None:  # the trial failed before its Train run started
                 return
             mlflow_client.set_tag(run.info.run_id, STATE_TAG, state)
+            mlflow_client.set_tag(run.info.run_id, EPOCHS_TAG, str(epochs))
             tracking.terminate_run(mlflow_client, run.info.run_id, status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
