@@ -116,8 +116,9 @@ def main() -> None:
     print(f"\none trial at a time (standby 0):          {alone / args.trials:5.1f} s overhead per trial")
     print(f"{args.space} settings, {n1} and {n2} trials:  {small / n1:5.1f} and {large / n2:5.1f} s overhead per trial")
     print(f"  per-study overhead (paid once):          {small - n1 * per_trial:5.1f} s")
+    ratio = f"{alone / args.trials / per_trial:.1f}x less than" if per_trial > 0 else "noise: not comparable with"
     print(f"  per-trial overhead:                      {per_trial:5.1f} s   (target: < 10 s; "
-          f"{alone / args.trials / per_trial:.1f}x less than one trial at a time)")
+          f"{ratio} one trial at a time)")
 
 
 if __name__ == "__main__":

@@ -76,11 +76,8 @@ class ArtifactOutbox:
 
 def replay(outbox: Path, logger) -> None:
     """Log a checkpoint's staged files into the run of `logger` (a `tracking.RunLogger`)."""
-    if (outbox / ARTIFACTS).is_dir():
-        for path in sorted((outbox / ARTIFACTS).rglob("*")):
-            if path.is_file():
-                parent = path.parent.relative_to(outbox / ARTIFACTS).as_posix()
-                logger.log_file(path, None if parent == "." else parent)
+    if (outbox / ARTIFACTS).is_dir():  # one call, the staged folder tree as the artifact tree
+        logger.client.log_artifacts(logger.run_id, str(outbox / ARTIFACTS))
     for report in sorted((outbox / REPORTS).glob("*.npz")) if (outbox / REPORTS).is_dir() else ():
         with np.load(report) as arrays:
             probs = {k[len("probs_"):]: arrays[k] for k in arrays.files if k.startswith("probs_")}

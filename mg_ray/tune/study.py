@@ -96,8 +96,7 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
     from ray.tune import Callback
 
     class TrialStateCallback(Callback):
-        def _close(self, trial, state: str, status: str) -> None:
-            epochs = (trial.last_result or {}).get(TIME_ATTR, 0)
+        def _close(self, trial, state: str, status: str, epochs: int) -> None:
             mlflow_client = tracking.client(ctx.tracking_uri)
             experiment = mlflow_client.get_experiment_by_name(ctx.experiment)
             run = tracking.find_run(mlflow_client, experiment.experiment_id, f"{ctx.name}/{trial.trial_id}")
@@ -108,14 +107,17 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
             tracking.terminate_run(mlflow_client, run.info.run_id, status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            done = (trial.last_result or {}).get(TIME_ATTR, 0)
+            done = epochs_seen(trial)
             if done >= max_epochs:
-                self._close(trial, "completed", "FINISHED")
+                self._close(trial, "completed", "FINISHED", done)
             else:
-                self._close(trial, "stopped", "KILLED")  # ASHA or the time budget
+                self._close(trial, "stopped", "KILLED", done)  # ASHA or the time budget
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._close(trial, "failed", "FAILED")
+            self._close(trial, "failed", "FAILED", epochs_seen(trial))
+
+    def epochs_seen(trial) -> int:
+        return (trial.last_result or {}).get(TIME_ATTR, 0)
 
     return TrialStateCallback()
 
@@ -166,10 +168,9 @@ def run_study(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from mg_ray.tune.stagger import StaggeredLimiter
-
     from mg_ray.train.job import ensure_dataset
     from mg_ray.train.trainer import check_resources, init_ray
+    from mg_ray.tune.stagger import StaggeredLimiter
 
     if num_trials is not None:
         space.study.num_trials = num_trials
