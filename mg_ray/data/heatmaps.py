@@ -16,39 +16,27 @@ Definition (the peer's GeneratePoseTarget, reproduced exactly):
 
 Pixel (x, y) is at integer coordinates: keypoints are expected in heatmap pixel units.
 
-Vectorisation: every (person, frame, channel) window is enumerated at once as a ragged list of
-pixels (np.repeat over window sizes), so the work is proportional to the window areas, exactly
-what the definition touches, instead of the full H x W grid per limb; joints, whose windows
-are small and whose Gaussian is separable, are one [P, P, N] outer product. Values are written
-into the output with flat indices, one vectorised write per person (persons may overlap,
-nothing else does).
+Vectorisation: every (frame, channel) window of a person is enumerated at once, so the work
+is proportional to the window areas, exactly what the definition touches, instead of the full
+H x W grid per limb. Limb windows are a ragged list of pixels ordered column by column (see
+`_draw_segments`); joints, whose windows are small and whose Gaussian is separable, are one
+[P, P, N] outer product. Values are written into the output with flat indices, one vectorised
+write per person (persons may overlap, nothing else does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import pairwise
-from typing import Sequence
 
 import numpy as np
 
 EPS = 1e-4  # scores below this are skipped (the peer's eps)
 
-# 0, 1, 2, ... as int64 and float32, grown on demand: `np.arange` is a scalar loop (~0.5 ns an
-# element), and the limb path needs one of each as long as its pixel list on every call.
-_COUNT = {np.intp: np.arange(0, dtype=np.intp), np.float32: np.arange(0, dtype=np.float32)}
 
-
-def _count(n: int, dtype) -> np.ndarray:
-    """A read-only view of 0..n-1 (exact in float32 up to 2^24)."""
-    if _COUNT[dtype].size < n:
-        grown = np.arange(max(n, 2 * _COUNT[dtype].size), dtype=dtype)
-        grown.flags.writeable = False
-        _COUNT[dtype] = grown  # replaced, never resized: views handed out stay valid
-    return _COUNT[dtype][:n]
-
-
-def _window(lo: np.ndarray, hi: np.ndarray, sigma: float, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[start, stop) pixel range covering [lo - 3 sigma, hi + 3 sigma], clipped to [0, size)."""
+def _window(lo: np.ndarray, hi: np.ndarray, sigma: float, size) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) pixel range covering [lo - 3 sigma, hi + 3 sigma], clipped to [0, size)
+    (size: an int, or one per coordinate: [W, H] for (x, y) pairs)."""
     start = np.maximum(np.trunc(lo - np.float32(3 * sigma)), 0).astype(np.intp)
     stop = np.minimum(np.trunc(hi + np.float32(3 * sigma)).astype(np.intp) + 1, size)
     return start, stop
@@ -72,83 +60,79 @@ def _write_persons(out: np.ndarray, person: np.ndarray, pixels) -> None:
 
 def _draw_segments(
     out: np.ndarray,
+    size: tuple[int, int],
     a: np.ndarray,
     b: np.ndarray,
     value: np.ndarray,
-    window_lo: np.ndarray,
-    window_hi: np.ndarray,
-    base: np.ndarray,
-    person: np.ndarray,
+    plane: np.ndarray,
     sigma: float,
+    merge: bool,
 ) -> None:
-    """Draw N Gaussian segments (a point when a == b) into `out` in place.
+    """Draw one person's N Gaussian segments into the flat `out` in place.
 
-    out float32 [C, T, H, W]; a, b float32 [N, 2] (x, y); value float32 [N];
-    window_lo / window_hi float32 [N, 2]: the box the window is grown from; base intp [N]: the
-    flat offset of each item's (channel, frame) plane in `out`; person intp [N], non-decreasing.
+    out float32 [C * T * H * W] with C * T * H * W < 2^31, size (H, W); a, b float32 [N, 2]
+    (x, y); value float32 [N]; plane intp [N]: the flat offset of each segment's (channel,
+    frame) plane. merge: keep the element-wise maximum with what `out` holds (an earlier
+    person), else overwrite. One person's windows never overlap: each pixel is written once.
 
-    Pixels are enumerated as a ragged list: items -> rows of their window -> pixels of a row.
-    Per-item and per-row constants reach the pixels with np.repeat (items are contiguous), which
-    streams, instead of gathers by index, which do not.
+    Layout. Segments are sorted by window width, widest first, and their window rows are listed
+    in that order, so the rows at least j + 1 pixels wide are a prefix of the row list. Pixels
+    are ordered by column: column 0 of every row, then column 1 of the rows that wide, and so
+    on. Every per-row constant reaches the pixels through one np.concatenate of those prefixes
+    of a packed [K, rows] table (contiguous copies) instead of an np.repeat per constant.
     """
-    h, w = out.shape[-2:]
-    x0, x1 = _window(window_lo[:, 0], window_hi[:, 0], sigma, w)
-    y0, y1 = _window(window_lo[:, 1], window_hi[:, 1], sigma, h)
-    keep = (value >= EPS) & (x1 > x0) & (y1 > y0)
-    if not keep.all():  # usually every item is drawn: skip the compaction then
-        keep = np.flatnonzero(keep)
-        if keep.size == 0:
-            return
-        a, b, value, base, person = a[keep], b[keep], value[keep], base[keep], person[keep]
-        x0, x1, y0, y1 = x0[keep], x1[keep], y0[keep], y1[keep]
+    h, w = size
+    # A limb shorter than 1 pixel is a point at a: ab = 0, so its window is around a and t = 0.
     ab = b - a
-    d2_ab = (ab * ab).sum(-1)
-    # Projection parameter t = (p - a).(b - a) / |ab|^2, clamped to [0, 1]: before a / after b
-    # the nearest point of the segment is the endpoint. A segment shorter than 1 pixel is a
-    # point at a (t = 0), as the definition says.
-    inv = np.where(d2_ab >= 1, 1 / np.maximum(d2_ab, 1), 0).astype(np.float32)
-    ab = ab * (d2_ab >= 1)[:, None]
+    d2_ab = np.einsum("ij,ij->i", ab, ab)
+    ab *= (d2_ab >= 1)[:, None]
+    b = a + ab
+    x0y0, x1y1 = _window(np.minimum(a, b), np.maximum(a, b), sigma, np.array([w, h]))
+    wh = x1y1 - x0y0
+    # Per-segment constants, float32 [8, N]: x0 - a_x, ab / |ab|^2 (x, y), ab (x, y), y0 - a_y,
+    # value, and the flat index of the window's top-left pixel as int32 bits.
+    per_segment = np.empty((8, len(a)), np.float32)
+    per_segment[0] = x0y0[:, 0] - a[:, 0]
+    per_segment[1:3] = ab.T / np.maximum(d2_ab, 1)
+    per_segment[3:5] = ab.T
+    per_segment[5] = x0y0[:, 1] - a[:, 1]
+    per_segment[6] = value
+    per_segment.view(np.int32)[7] = plane + x0y0[:, 0] + x0y0[:, 1] * w
+    order = np.argsort(-wh[:, 0], kind="stable")
+    order = order[(value[order] >= EPS) & (wh[order] > 0).all(-1)]
+    if order.size == 0:
+        return
+    per_segment = per_segment[:, order]
+    width, height = wh[order].T
 
-    # items -> rows
-    rows_per_item = y1 - y0
-    n_rows = int(rows_per_item.sum())
-    row_item_first = np.cumsum(rows_per_item) - rows_per_item
-    row_y = np.repeat(y0 - row_item_first, rows_per_item) + np.arange(n_rows)
-    dya = row_y.astype(np.float32) - np.repeat(a[:, 1], rows_per_item)
-    aby_r = np.repeat(ab[:, 1], rows_per_item)
-    abx_r = np.repeat(ab[:, 0], rows_per_item)
-    tx_r = np.repeat(ab[:, 0] * inv, rows_per_item)
-    ty_r = dya * aby_r * np.repeat(inv, rows_per_item)
-    dxa0_r = np.repeat(x0.astype(np.float32) - a[:, 0], rows_per_item)
-    value_r = np.repeat(value, rows_per_item)
-    base_r = np.repeat(base + x0, rows_per_item) + row_y * w
+    # segments -> rows. Row k of a window is k pixels below its top row: dy and the flat index
+    # grow by k and k * W; t's y part is dy * ab_y / |ab|^2.
+    n_rows = int(height.sum())
+    table = np.repeat(per_segment, height, axis=1)
+    k = np.arange(n_rows) - np.repeat(np.cumsum(height) - height, height)
+    dxa0, tx, ty, abx, aby, dy, _, _ = table  # views
+    dy += k.astype(np.float32)
+    ty *= dy
+    table.view(np.int32)[7] += (k * w).astype(np.int32)
 
-    # rows -> pixels. A pixel's x offset inside its window is its index minus its row's first
-    # index: built in float32 for the distances (exact: integers below 2^24) and folded into
-    # the row's flat offset for the indices, so no int64 offset array is made.
-    px_per_row = np.repeat(x1 - x0, rows_per_item)
-    n_px = int(px_per_row.sum())
-    row_first = np.cumsum(px_per_row) - px_per_row
-    offset = _count(n_px, np.float32) - np.repeat(row_first.astype(np.float32), px_per_row)
-    dxa = np.repeat(dxa0_r, px_per_row) + offset
-    dy = np.repeat(dya, px_per_row)
-    abx, aby = np.repeat(abx_r, px_per_row), np.repeat(aby_r, px_per_row)
-    t = dxa * np.repeat(tx_r, px_per_row)
-    t += np.repeat(ty_r, px_per_row)
+    # rows -> pixels, column by column
+    segments_wider = np.searchsorted(-width, -np.arange(width[0]), side="left")  # than j pixels
+    rows_wider = np.append(0, np.cumsum(height))[segments_wider]
+    px = np.concatenate([table[:, :n] for n in rows_wider], axis=1)
+    dxa0, tx, ty, abx, aby, dy, v, first = px
+    dx = dxa0 + np.repeat(np.arange(width[0], dtype=np.float32), rows_wider)  # pixel x - a_x
+    t = dx * tx
+    t += ty
     np.clip(t, 0, 1, out=t)
-    ex = dxa - t * abx
+    ex = dx - t * abx
     ey = dy - t * aby
     d2 = ex * ex
     d2 += ey * ey
     d2 *= np.float32(-0.5 / (sigma * sigma))
     values = np.exp(d2)
-    values *= np.repeat(value_r, px_per_row)
-    flat = np.repeat(base_r - row_first, px_per_row) + _count(n_px, np.intp)
-
-    # A person's pixels start where its first item's first row does (items are grouped by person).
-    px_first = np.append(row_first[row_item_first], n_px)  # [N + 1]
-    _write_persons(out.reshape(-1), person,
-                   lambda lo, hi: (flat[px_first[lo]:px_first[hi]], values[px_first[lo]:px_first[hi]]))
+    values *= v
+    flat = first.view(np.int32) + np.repeat(np.arange(width[0]), rows_wider)
+    out[flat] = np.maximum(out[flat], values) if merge else values
 
 
 def joint_heatmaps(
@@ -225,17 +209,16 @@ def limb_heatmaps(
     out = np.zeros((n_limbs, t, h, w), dtype=np.float32)
     if n_limbs == 0:
         return out
-    a_idx = np.array([a for a, _ in limbs])
-    b_idx = np.array([b for _, b in limbs])
-    # Items ordered (person, frame, limb).
-    a = kp[:, :, a_idx].reshape(-1, 2)
-    b = kp[:, :, b_idx].reshape(-1, 2)
-    value = np.minimum(sc[:, :, a_idx], sc[:, :, b_idx]).ravel()
-    point = ((b - a) ** 2).sum(-1) < 1  # a limb shorter than 1 pixel: window around a only
-    lo = np.where(point[:, None], a, np.minimum(a, b))
-    hi = np.where(point[:, None], a, np.maximum(a, b))
-    person, frame, limb = (g.ravel() for g in np.indices((m, t, n_limbs), dtype=np.intp))
-    _draw_segments(out, a, b, value, lo, hi, (limb * t + frame) * (h * w), person, sigma)
+    if out.size >= 2**31:
+        raise ValueError(f"limb heatmaps of shape {out.shape} are too large (at most 2^31 values)")
+    ends = np.asarray(limbs, dtype=np.intp).reshape(n_limbs, 2)
+    # Items ordered (frame, limb) within a person; persons merge by element-wise maximum.
+    a, b = kp[:, :, ends[:, 0]], kp[:, :, ends[:, 1]]   # [M, T, L, 2]
+    value = np.minimum(sc[:, :, ends[:, 0]], sc[:, :, ends[:, 1]])
+    plane = ((np.arange(n_limbs) * t + np.arange(t)[:, None]) * (h * w)).ravel()
+    for person in range(m):
+        _draw_segments(out.reshape(-1), size, a[person].reshape(-1, 2), b[person].reshape(-1, 2),
+                       value[person].ravel(), plane, sigma, merge=person > 0)
     return out
 
 

@@ -44,6 +44,16 @@ def test_limbs_match_loop_reference(m, sigma):
     np.testing.assert_allclose(fast, ref, atol=1e-5, rtol=0)
 
 
+def test_limbs_of_persons_off_the_image_or_unscored_draw_nothing():
+    kp, score = random_pose(7, 3, 4, 17, 30, 30)
+    kp[1] -= 60          # person 1 entirely left of / above the image: every window is empty
+    score[2] = 0         # person 2 unscored
+    fast = limb_heatmaps(kp, score, COCO17.limbs, (30, 30), 0.7)
+    np.testing.assert_allclose(fast, ref_heatmaps(kp, score, (30, 30), 0.7, COCO17.limbs), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(fast, limb_heatmaps(kp[:1], score[:1], COCO17.limbs, (30, 30), 0.7))
+    assert not limb_heatmaps(kp[1:], score[1:], COCO17.limbs, (30, 30), 0.7).any()
+
+
 def test_other_layout_limbs():
     kp, score = random_pose(5, 2, 3, BODY25_HANDS.num_joints, 40, 40)
     fast = pose_heatmaps(kp, score, (40, 40), 0.7, BODY25_HANDS.limbs)
