@@ -29,7 +29,7 @@ fixed:
   optim.epochs: {epochs}
   optim.milestones: [{epochs}]
   optim.warmup_epochs: 0
-  resources.num_workers: 2
+  resources.num_workers: {workers}
   resources.cpus_per_worker: 0.9
   data.test_clips: 1
 study:
@@ -50,9 +50,9 @@ parameters:
 """
 
 
-def write_space(folder: Path, *, trials: int, epochs: int) -> Path:
+def write_space(folder: Path, *, trials: int, epochs: int, workers: int = 2) -> Path:
     path = folder / "tiny.yaml"
-    path.write_text(TINY_SPACE.format(trials=trials, epochs=epochs))
+    path.write_text(TINY_SPACE.format(trials=trials, epochs=epochs, workers=workers))
     return path
 
 
@@ -164,7 +164,9 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
 
 def test_killed_study_resumes_without_rerunning_or_duplicating(tiny_dataset, tmp_path):
     home = tmp_path / "home"
-    space = write_space(tmp_path, trials=3, epochs=2)
+    # One worker per trial: two trials train at once on 2 CPUs, so the kill catches trials
+    # running side by side (and the test takes less time; the other test covers DDP trials).
+    space = write_space(tmp_path, trials=3, epochs=2, workers=1)
     args = ("tune", "--space", str(space), "--study", "s2", "--data", str(tiny_dataset), "--no-promote")
     proc = start(home, *args, log=tmp_path / "first.log")
     client = mlflow_client(home)
