@@ -8,7 +8,8 @@ Prints, in one run:
   per-joint numpy loop of tests/data/helpers.py), with the speed-up;
 - loader throughput in paper-size samples/s for one worker (rgb 8 x 224^2, pose 32 x 56^2,
   train mode) on raw 1280x720 H.264 clips (GOP 250) and on prepared 456x256 clips (GOP 8),
-  both written here with PyAV into a temporary folder.
+  both written here with PyAV into a temporary folder; and pose-only items (a pose-only model's
+  dataset, `rgb=False`), which decode no video.
 Targets (issue 2): heatmaps >= 20x the reference; >= 30 samples/s per worker on prepared clips.
 """
 
@@ -80,19 +81,19 @@ def write_bench_dataset(root: Path, clips: int, frames: int, video_hw, gop):
     return root
 
 
-def loader_rate(root: Path, samples: int) -> float:
+def loader_rate(root: Path, samples: int, rgb: bool = True) -> float:
     import torch
 
     from mg_ray.data import DataConfig, build_dataset
 
-    ds = build_dataset(DataConfig(root=root), "train", "train")  # paper sizes
+    ds = build_dataset(DataConfig(root=root), "train", "train", rgb=rgb)  # paper sizes
     torch.manual_seed(0)
     ds[0]  # warm-up (imports, first reader)
     start = time.perf_counter()
     for k in range(samples):
         item = ds[k % len(ds)]
     elapsed = time.perf_counter() - start
-    assert item["rgb"].shape == (3, 8, 224, 224) and item["pose"].shape == (17, 32, 56, 56)
+    assert item["pose"].shape == (17, 32, 56, 56) and (not rgb or item["rgb"].shape == (3, 8, 224, 224))
     return samples / elapsed
 
 
@@ -140,8 +141,9 @@ def main() -> None:
         raw = write_bench_dataset(tmp / "raw", args.clips, args.frames, (720, 1280), gop=250)
         prepared = write_bench_dataset(tmp / "prepared", args.clips, args.frames, (256, 456), gop=8)
         print(f"(clips written in {time.perf_counter() - t0:.1f} s)")
-        for name, root in (("raw 1280x720 gop 250", raw), ("prepared 456x256 gop 8", prepared)):
-            rate = loader_rate(root, args.samples)
+        for name, root, rgb in (("raw 1280x720 gop 250", raw, True), ("prepared 456x256 gop 8", prepared, True),
+                                ("pose only (no video)", raw, False)):
+            rate = loader_rate(root, args.samples, rgb)
             print(f"{name:24s} {rate:7.1f} samples/s  ({1e3 / rate:6.1f} ms/sample)")
 
 

@@ -62,8 +62,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     amp_dtype = torch.bfloat16 if (cfg.optim.amp == "bf16" or (cfg.optim.amp == "auto" and device.type == "cuda")) else None
 
     # ---- data ------------------------------------------------------------------------------
-    train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train")
-    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)
+    streams = tuple(s for s in STREAMS if cfg.model.modality in ("rgbpose", s))
+    decode = "rgb" in streams  # a pose-only model: no video is decoded
+    train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
     class_names = list(train_set.class_names)
     num_classes = len(class_names)
     per_worker_batch = cfg.optim.batch_size // world
@@ -94,7 +96,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_from_spec(spec)
     if cfg.model.rgb_init or cfg.model.pose_init:
         model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, loop_config["tracking_uri"]))
-    streams = tuple(s for s in STREAMS if cfg.model.modality in ("rgbpose", s))
     criterion = TwoStreamCriterion(
         num_classes,
         model.embed_dim,
@@ -243,8 +244,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad
         except StopIteration:
             break
         wait += time.perf_counter() - t0
-        rgb = batch["rgb"].to(device, non_blocking=True, memory_format=layout)
-        pose = batch["pose"].to(device, non_blocking=True, memory_format=layout)
+        rgb, pose = (to_device(batch.get(key), device, layout) for key in STREAMS)
         labels = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(rgb, pose)
@@ -288,12 +288,12 @@ def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
     layout = input_layout(device)
     indices, labels, fused, streams = [], [], [], {}
     for batch in loader:
-        rgb, pose = batch["rgb"], batch["pose"]
+        rgb, pose = batch.get("rgb"), batch["pose"]  # no "rgb" for a pose-only model
         clips = 1
-        if rgb.dim() == 6:  # [B, clips, ...] -> [B * clips, ...]
-            clips = rgb.shape[1]
-            rgb, pose = rgb.flatten(0, 1), pose.flatten(0, 1)
-        rgb, pose = rgb.to(device, memory_format=layout), pose.to(device, memory_format=layout)
+        if pose.dim() == 6:  # [B, clips, ...] -> [B * clips, ...]
+            clips = pose.shape[1]
+            rgb, pose = (None if x is None else x.flatten(0, 1) for x in (rgb, pose))
+        rgb, pose = (to_device(x, device, layout) for x in (rgb, pose))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(rgb, pose)
         outputs = {k: v.float() for k, v in outputs.items()}
@@ -334,7 +334,8 @@ def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, ou
     current = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     if best.model is not None:
         unwrap(model).load_state_dict(best.model)
-    test_set = build_dataset(cfg.data, cfg.data.test_split, mode="test", num_clips=cfg.data.test_clips)
+    test_set = build_dataset(cfg.data, cfg.data.test_split, mode="test", num_clips=cfg.data.test_clips,
+                             rgb=cfg.model.modality != "pose")
     loader = DataLoader(
         Subset(test_set, range(rank, len(test_set), world)),
         batch_size=max(1, cfg.optim.batch_size // world),
@@ -395,6 +396,11 @@ def lr_factor(optim_cfg):
         return warm * optim_cfg.gamma ** decays
 
     return factor
+
+
+def to_device(x: torch.Tensor | None, device: torch.device, layout: torch.memory_format) -> torch.Tensor | None:
+    """A batch tensor on `device` in `layout` (None, for a stream the model lacks, stays None)."""
+    return None if x is None else x.to(device, non_blocking=True, memory_format=layout)
 
 
 def input_layout(device: torch.device) -> torch.memory_format:

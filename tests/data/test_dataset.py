@@ -45,6 +45,24 @@ def test_test_mode_clip_axis_and_determinism(root):
     assert one["rgb"].shape == (3, 4, 64, 64)
 
 
+def test_pose_only_items_skip_the_video_and_keep_the_pose(root, tmp_path):
+    full = build_dataset(cfg_for(root), "train", "train")
+    pose_only = build_dataset(cfg_for(root), "train", "train", rgb=False)
+    torch.manual_seed(3)  # both generators start from it: the same frames, crops and flips
+    items = [(full[i], pose_only[i]) for i in range(len(full))]
+    for a, b in items:  # raw clips (img_shape = the video's size): exactly the same pose
+        assert "rgb" not in b and torch.equal(a["pose"], b["pose"]) and a["label"] == b["label"]
+    test_items = build_dataset(cfg_for(root, test_clips=2), "test", "test", rgb=False)[0]
+    assert "rgb" not in test_items and test_items["pose"].shape == (2, 17, 8, 16, 16)
+
+    # No video is opened: a pose-only dataset trains even where the videos are gone.
+    import shutil
+
+    copy = shutil.copytree(root, tmp_path / "no_videos")
+    shutil.rmtree(copy / "videos")
+    assert build_dataset(cfg_for(copy), "train", "train", rgb=False)[0]["pose"].max() > 0.3
+
+
 def test_limb_channels(root):
     ds = build_dataset(cfg_for(root, heatmap="limbs"), "train", "train")
     assert ds.pose_channels == len(COCO17.limbs) == ds[1]["pose"].shape[0]
