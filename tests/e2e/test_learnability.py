@@ -13,7 +13,7 @@ in the pixels, so the two single-stream models make different mistakes (0.52 and
 scratch lets the laterals hand one modality's features to both heads; its heads then agree, and
 its fused prediction beat the better head by one clip of 100 (0.45 vs 0.44) or lost to it.
 Starting from the merged single-stream models keeps the heads' diversity.
-Measured here (2 cores, 265 s in all): rgb 0.52, pose 0.51; fused 0.83 after one fine-tune
+Measured here (2 cores, 217 s in all; the pose stage reads no video): rgb 0.52, pose 0.51; fused 0.83 after one fine-tune
 epoch, its heads 0.54 and 0.49.
 """
 
