@@ -117,7 +117,8 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
             self._close(trial, "failed", "FAILED", epochs_seen(trial))
 
     def epochs_seen(trial) -> int:
-        return (trial.last_result or {}).get(TIME_ATTR, 0)
+        # int(): a trial restored from the experiment state on resume can hold it as a float
+        return int((trial.last_result or {}).get(TIME_ATTR, 0))
 
     return TrialStateCallback()
 
