@@ -162,7 +162,7 @@ def readme_cluster_blocks() -> list[str]:
 
 def test_readme_cluster_section_verbatim(tmp_path):
     """Start the stack, `ray job submit` the quick study, promote, predict and stop, with the
-    README's commands as written (free ports, a temporary home and 2 trials in place of the
+    README's commands as written (free ports, a temporary home and 1 trial in place of the
     defaults);
     then check the study's MLflow run tree and the registry on the MLflow server, that outputs
     landed in the stack's home, and that no process is left behind."""
@@ -171,10 +171,10 @@ def test_readme_cluster_section_verbatim(tmp_path):
     stack = Stack(tmp_path)
     quick = "--space search_spaces/quick.yaml"
     assert quick in run_blocks[1]
-    # Free ports and a temporary home; 2 of the quick study's 4 trials (the suite's time: each
+    # Free ports and a temporary home; 1 of the quick study's 4 trials (the suite's time: each
     # trial is about 40 s here, and tests/e2e/test_study.py covers the study itself).
     ours = lambda text: text.replace("http://127.0.0.1:8265", stack.dashboard).replace(  # noqa: E731
-        "~/.mg-ray", str(stack.home)).replace(quick, f"{quick} --trials 2")
+        "~/.mg-ray", str(stack.home)).replace(quick, f"{quick} --trials 1")
     script = "set -euo pipefail\n" + "\n".join(ours(block) for block in run_blocks)
     try:
         done = subprocess.run(["bash", "-c", script], env=stack.env, cwd=ROOT, capture_output=True,
@@ -194,7 +194,7 @@ def test_readme_cluster_section_verbatim(tmp_path):
         [parent] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'study'")
         children = client.search_runs([experiment.experiment_id],
                                       f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        assert parent.info.status == "FINISHED" and len(children) == 2  # --trials 2
+        assert parent.info.status == "FINISHED" and len(children) == 1  # --trials 1
         assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
         assert {c.data.tags["mg_ray.trial_state"] for c in children} <= {"completed", "stopped"}
         champion = client.get_model_version_by_alias("mg-ray-fused", "champion")
