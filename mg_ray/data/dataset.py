@@ -178,9 +178,10 @@ def clip_inputs(
         hkp = scale_keypoints(ckp, (hm / size, hm / size))
         heat = pose_heatmaps(hkp, csc, (hm, hm), params.sigma, params.limbs)  # [C, Tp, s, s]
         pose_out.append(torch.from_numpy(heat))
-    if num_clips == 1:  # no copy for the common case
-        return ClipInputs(rgb_out[0][None] if rgb else None, pose_out[0][None], clamped, no_person)
-    return ClipInputs(torch.stack(rgb_out) if rgb else None, torch.stack(pose_out), clamped, no_person)
+    def stack(clips: list[torch.Tensor]) -> torch.Tensor:
+        return clips[0][None] if num_clips == 1 else torch.stack(clips)  # no copy for one clip
+
+    return ClipInputs(stack(rgb_out) if rgb else None, stack(pose_out), clamped, no_person)
 
 
 class MicroGestureDataset(Dataset):

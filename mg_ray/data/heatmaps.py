@@ -107,17 +107,17 @@ def _draw_segments(
 
     # segments -> rows. Row k of a window is k pixels below its top row: dy and the flat index
     # grow by k and k * W; t's y part is dy * ab_y / |ab|^2.
-    n_rows = int(height.sum())
+    rows_end = np.cumsum(height)
     table = np.repeat(per_segment, height, axis=1)
-    k = np.arange(n_rows) - np.repeat(np.cumsum(height) - height, height)
-    dxa0, tx, ty, abx, aby, dy, _, _ = table  # views
+    k = np.arange(rows_end[-1]) - np.repeat(rows_end - height, height)
+    ty, dy = table[2], table[5]  # views
     dy += k.astype(np.float32)
     ty *= dy
     table.view(np.int32)[7] += (k * w).astype(np.int32)
 
     # rows -> pixels, column by column
     segments_wider = np.searchsorted(-width, -np.arange(width[0]), side="left")  # than j pixels
-    rows_wider = np.append(0, np.cumsum(height))[segments_wider]
+    rows_wider = np.append(0, rows_end)[segments_wider]
     px = np.concatenate([table[:, :n] for n in rows_wider], axis=1)
     dxa0, tx, ty, abx, aby, dy, v, first = px
     dx = dxa0 + np.repeat(np.arange(width[0], dtype=np.float32), rows_wider)  # pixel x - a_x

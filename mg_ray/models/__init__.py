@@ -7,6 +7,7 @@ from mg_ray.models.net import (
     build_model,
     fuse_probabilities,
     merge_stream_checkpoints,
+    modality_streams,
     paper,
     small,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "check_input_sizes",
     "fuse_probabilities",
     "merge_stream_checkpoints",
+    "modality_streams",
     "paper",
     "small",
 ]

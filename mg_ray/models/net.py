@@ -76,7 +76,7 @@ class MicroGestureNet(nn.Module):
             fusion_heads=fusion_heads, fusion_dropout=fusion_dropout,
             zero_init_residual=zero_init_residual,
         )
-        self.streams = tuple(s for s in STREAMS if modality in ("rgbpose", s))
+        self.streams = modality_streams(modality)
         widths = {"rgb": self.backbone.rgb_channels, "pose": self.backbone.pose_channels}
         self.heads = nn.ModuleDict(
             {s: StreamHead(widths[s], num_classes, embed_dim, dropout) for s in self.streams}
@@ -98,6 +98,11 @@ class MicroGestureNet(nn.Module):
 
     def forward(self, rgb: torch.Tensor | None, pose: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(rgb, pose))
+
+
+def modality_streams(modality: str) -> tuple[str, ...]:
+    """The streams of a model of `modality`: ("rgb", "pose") for "rgbpose", else that one."""
+    return tuple(s for s in STREAMS if modality in ("rgbpose", s))
 
 
 def fuse_probabilities(

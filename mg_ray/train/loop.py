@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from mg_ray.data import build_dataset
-    from mg_ray.models import TwoStreamCriterion, merge_stream_checkpoints
+    from mg_ray.models import TwoStreamCriterion, merge_stream_checkpoints, modality_streams
 
     cfg = from_mapping(ExperimentConfig, loop_config["experiment"])
     context = ray.train.get_context()
@@ -62,7 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     amp_dtype = torch.bfloat16 if (cfg.optim.amp == "bf16" or (cfg.optim.amp == "auto" and device.type == "cuda")) else None
 
     # ---- data ------------------------------------------------------------------------------
-    streams = tuple(s for s in STREAMS if cfg.model.modality in ("rgbpose", s))
+    streams = modality_streams(cfg.model.modality)
     decode = "rgb" in streams  # a pose-only model: no video is decoded
     train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
     val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
@@ -330,12 +330,13 @@ def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Pr
 def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, outbox) -> dict[str, float]:
     """Multi-clip test evaluation of the best weights (then the current weights are restored)."""
     from mg_ray.data import build_dataset
+    from mg_ray.models import modality_streams
 
     current = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     if best.model is not None:
         unwrap(model).load_state_dict(best.model)
     test_set = build_dataset(cfg.data, cfg.data.test_split, mode="test", num_clips=cfg.data.test_clips,
-                             rgb=cfg.model.modality != "pose")
+                             rgb="rgb" in modality_streams(cfg.model.modality))
     loader = DataLoader(
         Subset(test_set, range(rank, len(test_set), world)),
         batch_size=max(1, cfg.optim.batch_size // world),
