@@ -217,12 +217,18 @@ def predictions_csv(
     return out.getvalue()
 
 
-def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+def load_pyplot():
+    """matplotlib's pyplot on the Agg backend (no display): 0.5-0.7 s the first time in a process."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+    plt = load_pyplot()
     k = len(class_names)
     size = max(5.0, 0.35 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))

@@ -26,6 +26,11 @@ from mg_ray.train.config import ExperimentConfig
 # nodes; `init_ray` turns it off on the private local cluster. A user's own setting always wins.
 TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 LOCAL_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# The GCS retries a placement group that waits for resources with a backoff of up to 1 s, so a
+# study's standby trial got its workers' CPUs 0.5 s (0-1 s) after the running trial freed them.
+# The private local cluster retries every 0.1 s: a few cheap checks a second for the one or two
+# waiting groups a study has.
+LOCAL_SYSTEM_CONFIG = {"gcs_create_placement_group_retry_max_interval_ms": 100}
 
 
 class ResourceError(RuntimeError):
@@ -50,7 +55,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         for key, value in LOCAL_TRAIN_ENV_DEFAULTS.items():  # inherited by the cluster's workers
             os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
+                 _system_config=LOCAL_SYSTEM_CONFIG)
 
 
 def check_resources(
@@ -114,10 +120,11 @@ def fit(
     (Ray Train V2 does that by name), and its MLflow run, found by `run_key`, is continued.
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from mg_ray.train.loop import train_loop_per_worker
-    from mg_ray.train.outbox import MLflowLoggingCallback
+    from mg_ray.train.outbox import mlflow_callbacks
+    from mg_ray.train.torch_trainer import TorchTrainerWithoutRayData
 
     storage = Path(storage_path or paths.ray_storage()).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -137,7 +144,7 @@ def fit(
     for key, value in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     resources = cfg.resources
-    trainer = TorchTrainer(
+    trainer = TorchTrainerWithoutRayData(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
@@ -156,7 +163,7 @@ def fit(
                 checkpoint_score_order="max",
             ),
             # MLflow first: an epoch is in the run before Tune (and ASHA) hears of it.
-            callbacks=[MLflowLoggingCallback(tracking_uri, run_id), *callbacks],
+            callbacks=[*mlflow_callbacks(tracking_uri, run_id), *callbacks],
         ),
     )
     status = "FAILED"

@@ -166,12 +166,11 @@ def run_study(
     the Ray cluster to connect to when not connected yet (default: RAY_ADDRESS or a local one)."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from mg_ray.train.job import ensure_dataset
     from mg_ray.train.trainer import check_resources, init_ray
-    from mg_ray.tune.stagger import StaggeredLimiter
+    from mg_ray.tune.scheduling import FinishingASHA, StaggeredLimiter
 
     if num_trials is not None:
         space.study.num_trials = num_trials
@@ -239,7 +238,7 @@ def run_study(
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=StaggeredLimiter(searcher, concurrency, space.study.trial_stagger_s),
-                    scheduler=ASHAScheduler(
+                    scheduler=FinishingASHA(
                         time_attr=TIME_ATTR,
                         metric=space.study.metric,
                         mode=space.study.mode,
@@ -356,10 +355,7 @@ def detach_orphans(mlflow_client, children: dict[str, Any], trial_ids: set[str])
 
 def log_optuna_plots(ctx: StudyContext, logger) -> None:
     """Optimisation history, parameter importances, parallel coordinates (matplotlib PNGs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = tracking.load_pyplot()  # before optuna's plotting module imports pyplot
     import optuna
     from optuna.visualization import matplotlib as ovm
 

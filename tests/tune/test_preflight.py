@@ -80,37 +80,6 @@ def test_infeasible_resources_are_refused_before_any_trial(tmp_path, tiny_datase
     assert "Trial status" not in done.stdout
 
 
-def test_trial_launches_are_staggered_while_another_trial_is_live():
-    import time
-
-    from ray.tune.search import Searcher
-
-    from mg_ray.tune.stagger import StaggeredLimiter
-
-    class Fixed(Searcher):
-        def suggest(self, trial_id):
-            return {"x": 1}
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            pass
-
-    limiter = StaggeredLimiter(Fixed(), max_concurrent=2, stagger_s=0.5)
-    assert limiter.suggest("a") == {"x": 1}  # nothing live: at once
-    assert limiter.suggest("b") is None      # held: "a" just started, cold (for 2 x 0.5 s)
-    time.sleep(0.6)
-    assert limiter.suggest("b") is None
-    time.sleep(0.5)
-    assert limiter.suggest("b") == {"x": 1}
-    assert limiter.suggest("c") is None      # the concurrency limit
-    limiter.on_trial_complete("a")
-    assert limiter.suggest("c") is None      # held: "a" just ended while "b" runs
-    time.sleep(0.6)
-    assert limiter.suggest("c") == {"x": 1}
-    limiter.on_trial_complete("b")
-    limiter.on_trial_complete("c")
-    assert limiter.suggest("d") == {"x": 1}  # nothing live: at once
-
-
 def test_negative_trial_stagger_is_refused(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text("base: small\nstudy:\n  trial_stagger_s: -1\nparameters:\n  loss.alpha: {type: float, low: 0.1, high: 0.5}\n")

@@ -1,9 +1,10 @@
-"""Trial launches held apart, so a standby trial does not start up on the critical path."""
+"""When trials start and how they end: the study's searcher limiter and its ASHA scheduler."""
 
 from __future__ import annotations
 
 import time
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 
@@ -39,3 +40,25 @@ class StaggeredLimiter(ConcurrencyLimiter):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         super().on_trial_complete(trial_id, result=result, error=error)
         self.hold_until = time.time() + self.stagger_s
+
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA that lets a trial at its last epoch end by itself instead of stopping it.
+
+    Ray's ASHA answers STOP to every result at `max_t`, although the trial's training ends right
+    after that report anyway. A stop kills the trial's driver, and with it its Train controller,
+    while the controller shuts its workers down; their placement group is then freed by Ray
+    Train's placement-group cleaner when it next looks, up to a second later than a run that ends
+    on its own. That second is on the path to the next trial's first batch. Trials below
+    `max_t` are promoted or stopped by ASHA's rungs as before, and a trial at `max_t` is counted
+    in its rung when it completes (`on_trial_complete`), as before.
+    """
+
+    def __init__(self, *, time_attr: str, max_t: int, **kwargs) -> None:
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.finish_attr, self.finish_at = time_attr, max_t
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self.finish_attr, 0) >= self.finish_at:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
