@@ -148,6 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # ---- epochs ------------------------------------------------------------------------------
     setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
+    training_started_at = time.time()
     for epoch in range(start_epoch, cfg.optim.epochs):
         seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
         sampler = getattr(train_loader, "sampler", None)
@@ -185,6 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if epoch == start_epoch:
             metrics["worker_setup_s"] = setup_s
+            metrics["training_started_at"] = training_started_at  # wall clock (see bench_trial_overhead.py)
         last = epoch == cfg.optim.epochs - 1
         if last and cfg.data.test_split:
             started = time.perf_counter()
