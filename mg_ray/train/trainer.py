@@ -26,11 +26,6 @@ from mg_ray.train.config import ExperimentConfig
 # nodes; `init_ray` turns it off on the private local cluster. A user's own setting always wins.
 TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 LOCAL_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-# The GCS retries a placement group that waits for resources with a backoff of up to 1 s, so a
-# study's standby trial got its workers' CPUs 0.5 s (0-1 s) after the running trial freed them.
-# The private local cluster retries every 0.1 s: a few cheap checks a second for the one or two
-# waiting groups a study has.
-LOCAL_SYSTEM_CONFIG = {"gcs_create_placement_group_retry_max_interval_ms": 100}
 
 
 class ResourceError(RuntimeError):
@@ -55,8 +50,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         for key, value in LOCAL_TRAIN_ENV_DEFAULTS.items():  # inherited by the cluster's workers
             os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
-                 _system_config=LOCAL_SYSTEM_CONFIG)
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def check_resources(

@@ -49,9 +49,11 @@ class FinishingASHA(ASHAScheduler):
     after that report anyway. A stop kills the trial's driver, and with it its Train controller,
     while the controller shuts its workers down; their placement group is then freed by Ray
     Train's placement-group cleaner when it next looks, up to a second later than a run that ends
-    on its own. That second is on the path to the next trial's first batch. Trials below
-    `max_t` are promoted or stopped by ASHA's rungs as before, and a trial at `max_t` is counted
-    in its rung when it completes (`on_trial_complete`), as before.
+    on its own. That second is on the path to the next trial's first batch. Worse, a controller
+    that sees its workers die before it dies itself starts a new worker group, whose placement
+    group nothing removes: seen once in a benchmark study, which then waited forever.
+    Trials below `max_t` are promoted or stopped by ASHA's rungs as before, and a trial at
+    `max_t` is counted in its rung when it completes (`on_trial_complete`), as before.
     """
 
     def __init__(self, *, time_attr: str, max_t: int, **kwargs) -> None:
