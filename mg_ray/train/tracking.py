@@ -3,8 +3,9 @@
 Who does what:
 - The *driver* (the `mg-ray train` process, or a Tune trial) owns a run's lifecycle. It finds the
   run by its key (a tag) or creates it, passes the run id to the workers, and terminates it when
-  `fit()` returns or raises. A worker group restarted by `FailureConfig` therefore logs into the
-  same run, and no run is left RUNNING whatever happens to the workers.
+  `fit()` returns or raises (a trial's run: the study driver, once Tune has recorded the trial's
+  end). A worker group restarted by `FailureConfig` therefore logs into the same run, and no run
+  is left RUNNING whatever happens to the workers.
 - The *Train controller* logs metrics and artifacts into that run id (`RunLogger`), from rank 0's
   reports and the files staged in their checkpoints (see `mg_ray.train.outbox`).
 
@@ -129,11 +130,8 @@ def log_params(mlflow_client, run_id: str, params: Mapping[str, object]) -> None
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
-def terminate_run(mlflow_client, run_id: str, status: str, *, only_if_running: bool = False) -> None:
-    """status: FINISHED, FAILED or KILLED. Idempotent. `only_if_running`: leave a run that
-    something else (a study's trial callback) already ended as it is."""
-    if only_if_running and mlflow_client.get_run(run_id).info.status != "RUNNING":
-        return
+def terminate_run(mlflow_client, run_id: str, status: str) -> None:
+    """status: FINISHED, FAILED or KILLED. Idempotent."""
     mlflow_client.set_terminated(run_id, status=status)
 
 

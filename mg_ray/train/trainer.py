@@ -1,8 +1,9 @@
 """Driver side of one training run: resource checks, the MLflow run's lifecycle, `TorchTrainer`.
 
 `fit()` is called by `mg-ray train` and by every trial of a Tune study. It owns the MLflow run:
-finds it by key or creates it, hands its id to the workers, and always terminates it, whether
-training finishes, fails or is interrupted.
+finds it by key or creates it, hands its id to the workers, and terminates it, whether training
+finishes, fails or is interrupted. In a study the trial's run is terminated by the study driver
+instead, once Tune has recorded how the trial ended (`close_run=False`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def fit(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     callbacks: Sequence[Any] = (),
+    close_run: bool = True,
 ) -> TrainOutcome:
     """Train `cfg` on the connected Ray cluster; the Train run is called `name`.
 
@@ -168,9 +170,8 @@ def fit(
         status = "KILLED"
         raise
     finally:
-        # In a study the trial callback has the last word (a trial that ASHA stops at its final
-        # epoch is torn down while this returns): end the run here only if it is still running.
-        tracking.terminate_run(mlflow_client, run_id, status, only_if_running=parent_run_id is not None)
+        if close_run:
+            tracking.terminate_run(mlflow_client, run_id, status)
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
     return TrainOutcome(
         run_id=run_id,

@@ -82,15 +82,19 @@ def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
         parent_run_id=ctx.parent_run_id,
         tags={STUDY_TAG: ctx.name, ROLE_TAG: "trial", TRIAL_TAG: trial_id},
         callbacks=[TuneReportCallback()],
+        # The study driver ends the run once Tune has recorded the trial's end. Ended here, a
+        # driver killed before Tune saved that would leave a finished run whose trial the
+        # resumed study still counts as running, and resumes.
+        close_run=False,
     )
 
 
 def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
     """A Tune callback that closes each trial's MLflow child run with its final state.
 
-    A trial that ASHA stops, or that crashes, dies with its Train run: nothing inside it can end
-    its MLflow run, so the driver does, and tags the state (completed / stopped / failed) and the
-    epochs Tune saw. The workers go on training while a stop travels to them, so a stopped
+    Every trial's run is ended here, by the study driver, with its state (completed / stopped /
+    failed) and the epochs Tune saw: a trial that ASHA stops, or that crashes, dies with its
+    Train run, so nothing inside it could end its run anyway. The workers go on training while a stop travels to them, so a stopped
     trial's run can hold an epoch more than that tag (on the tiny test data an epoch takes 1 s).
     """
     from ray.tune import Callback
