@@ -96,11 +96,11 @@ def main() -> None:
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.start[trial.trial_id] = time.perf_counter()
+            self.config[trial.trial_id] = json.dumps(trial.config, sort_keys=True, default=str)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             work = sum(result.get(k, 0.0) for k in ("train_epoch_s", "val_s", "test_s"))
             self.work[trial.trial_id] = self.work.get(trial.trial_id, 0.0) + work
-            self.config[trial.trial_id] = json.dumps(trial.config, sort_keys=True, default=str)
             if "worker_setup_s" in result:
                 self.worker_setup[trial.trial_id] = result["worker_setup_s"]
             if "training_started_at" in result:
@@ -118,9 +118,9 @@ def main() -> None:
         def work_by_config(self) -> dict[str, float]:
             return {self.config[t]: work for t, work in self.work.items()}
 
-    def study(name: str, trials: int, **settings) -> tuple[float, list[float]]:
-        """Runs one study; prints its trials; returns its overhead (wall - work) in seconds and
-        the gaps between consecutive trials' work."""
+    def study(name: str, trials: int, **settings) -> tuple[float, list[float], dict[str, float]]:
+        """Runs one study; prints its trials; returns its overhead (wall - work) in seconds, the
+        gaps between consecutive trials' work, and each configuration's work."""
         run_space = copy.deepcopy(space)
         for key, value in settings.items():
             setattr(run_space.study, key, value)

@@ -94,8 +94,9 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
 
     Every trial's run is ended here, by the study driver, with its state (completed / stopped /
     failed) and the epochs Tune saw: a trial that ASHA stops, or that crashes, dies with its
-    Train run, so nothing inside it could end its run anyway. The workers go on training while a stop travels to them, so a stopped
-    trial's run can hold an epoch more than that tag (on the tiny test data an epoch takes 1 s).
+    Train run, so nothing inside it could end its run anyway. The workers go on training while
+    a stop travels to them, so a stopped trial's run can hold an epoch more than that tag (on
+    the tiny test data an epoch takes 1 s).
     """
     from ray.tune import Callback
 
