@@ -9,7 +9,7 @@ instead, once Tune has recorded how the trial ended (`close_run=False`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,18 +109,21 @@ def fit(
     tags: Mapping[str, str] | None = None,
     callbacks: Sequence[Any] = (),
     close_run: bool = True,
+    should_abort: Callable[[], bool] | None = None,
 ) -> TrainOutcome:
     """Train `cfg` on the connected Ray cluster; the Train run is called `name`.
 
     A Train run with the same `name` under `storage_path` is resumed from its latest checkpoint
     (Ray Train V2 does that by name), and its MLflow run, found by `run_key`, is continued.
+    Once `should_abort()` (called every 0.2 s) returns True, the run is aborted: its workers are
+    shut down and `TrainRunAborted` is raised.
     """
     import ray.train
     from ray.train.torch import TorchConfig
 
     from mg_ray.train.loop import train_loop_per_worker
     from mg_ray.train.outbox import mlflow_callbacks
-    from mg_ray.train.torch_trainer import TorchTrainerWithoutRayData
+    from mg_ray.train.torch_trainer import MgRayTorchTrainer, TrainRunAborted
 
     storage = Path(storage_path or paths.ray_storage()).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,7 @@ def fit(
     for key, value in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     resources = cfg.resources
-    trainer = TorchTrainerWithoutRayData(
+    trainer = MgRayTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
@@ -162,11 +165,12 @@ def fit(
             callbacks=[*mlflow_callbacks(tracking_uri, run_id), *callbacks],
         ),
     )
+    trainer.should_abort = should_abort
     status = "FAILED"
     try:
         result = trainer.fit()
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainRunAborted):
         status = "KILLED"
         raise
     finally:

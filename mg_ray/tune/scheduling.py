@@ -46,12 +46,12 @@ class FinishingASHA(ASHAScheduler):
     """ASHA that lets a trial at its last epoch end by itself instead of stopping it.
 
     Ray's ASHA answers STOP to every result at `max_t`, although the trial's training ends right
-    after that report anyway. A stop kills the trial's driver, and with it its Train controller,
-    while the controller shuts its workers down; their placement group is then freed by Ray
-    Train's placement-group cleaner when it next looks, up to a second later than a run that ends
-    on its own. That second is on the path to the next trial's first batch. Worse, a controller
-    that sees its workers die before it dies itself starts a new worker group, whose placement
-    group nothing removes: seen once in a benchmark study, which then waited forever.
+    after that report anyway. Tune then ends the trial at once and removes (or hands over) its
+    actor, racing the Train controller's own clean shutdown: with the actor killed midway, the
+    workers' placement group was freed only when Ray Train's placement-group cleaner next
+    looked, and once a dying controller started a new worker group whose placement group nothing
+    removed, so the study waited forever. (Trials stopped below `max_t` have their Train runs
+    aborted first: `mg_ray.tune.trial_abort`.)
     Trials below `max_t` are promoted or stopped by ASHA's rungs as before, and a trial at
     `max_t` is counted in its rung when it completes (`on_trial_complete`), as before.
     """

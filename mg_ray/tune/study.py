@@ -3,9 +3,13 @@
     driver (this module)
       |- MLflow parent run of the study (found again by its key on resume)
       |- Tuner(trial_driver, OptunaSearch(define-by-run space, RDB storage), ASHA on `epochs_completed`)
-            |- trial_driver (one per trial, a Tune function trainable)
+            |- trial_driver (one per trial, a Tune function trainable; its actor is reused)
                   |- mg_ray.train.trainer.fit(...)  -> TorchTrainer named after the trial id,
                                                        MLflow child run keyed <study>/<trial id>
+
+Stopping: when Tune stops a trial (ASHA, the time budget), the study driver has the trial's
+driver abort its Train run, and waits for it, before Tune reuses or removes the trial's actor
+(`mg_ray.tune.trial_abort`).
 
 Resuming: the Tune experiment lives in <storage>/<study name>; when it exists the same command
 restores it (`Tuner.restore`), the Optuna study of the same name is reloaded from its storage, and
@@ -31,12 +35,14 @@ from mg_ray import paths
 from mg_ray.config import apply_overrides, from_mapping, to_dict
 from mg_ray.train import tracking
 from mg_ray.train.config import ExperimentConfig
+from mg_ray.tune import trial_abort
 from mg_ray.tune.space import SearchSpace, base_config_dict, trial_overrides
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATE_TAG = "mg_ray.study", "mg_ray.role", "mg_ray.trial_id", "mg_ray.trial_state"
 EPOCHS_TAG = "mg_ray.trial_epochs"  # epochs of the trial that Tune (and ASHA) saw
 SPACE_HASH_TAG = "mg_ray.space_sha256"
 TIME_ATTR = "epochs_completed"
+ABORT_WAIT_S = 30.0  # how long the study driver waits for a stopped trial's Train run to abort
 
 
 @dataclass
@@ -63,10 +69,16 @@ def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
 
 
 def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
-    """One Tune trial: a Ray Train run whose reports reach Tune through TuneReportCallback."""
+    """One Tune trial: a Ray Train run whose reports reach Tune through TuneReportCallback.
+
+    Tune reuses a trial's actor for the next trial (`reuse_actors`). When Tune stops this trial,
+    the study driver asks for the run to be aborted and waits for it (`mg_ray.tune.trial_abort`);
+    Tune's session stop event, set when the actor is handed over or removed, aborts it too.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mg_ray.train.torch_trainer import TrainRunAborted
     from mg_ray.train.trainer import fit
 
     trial_id = tune.get_context().get_trial_id()
@@ -74,33 +86,62 @@ def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
     # A standby trial's worker group waits until a running trial frees its resources: let it
     # wait (Ray Train's default gives up after 60 s and retries, logging an error each time).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
-    fit(
-        cfg,
-        name=f"{ctx.name}_{trial_id}",
-        storage_path=ctx.train_storage,
-        run_key=f"{ctx.name}/{trial_id}",
-        parent_run_id=ctx.parent_run_id,
-        tags={STUDY_TAG: ctx.name, ROLE_TAG: "trial", TRIAL_TAG: trial_id},
-        callbacks=[TuneReportCallback()],
-        # The study driver ends the run once Tune has recorded the trial's end. Ended here, a
-        # driver killed before Tune saved that would leave a finished run whose trial the
-        # resumed study still counts as running, and resumes.
-        close_run=False,
-    )
+    # How long Tune waits for this function to return when it hands the actor to the next trial
+    # before it gives up and fails that trial (default 2 s; read at the hand-over). Normally the
+    # run was aborted before (the study driver waits for that); if not, the abort happens then,
+    # and Ray Train gives the workers' shutdown 5 s.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    run_name = train_run_name(ctx, trial_id)
+    stop = trial_abort.tune_stop_event()
+    trial_abort.mark_running(run_name)
+    try:
+        fit(
+            cfg,
+            name=run_name,
+            storage_path=ctx.train_storage,
+            run_key=f"{ctx.name}/{trial_id}",
+            parent_run_id=ctx.parent_run_id,
+            tags={STUDY_TAG: ctx.name, ROLE_TAG: "trial", TRIAL_TAG: trial_id},
+            callbacks=[TuneReportCallback()],
+            # The study driver ends the run once Tune has recorded the trial's end. Ended here, a
+            # driver killed before Tune saved that would leave a finished run whose trial the
+            # resumed study still counts as running, and resumes.
+            close_run=False,
+            should_abort=lambda: stop.is_set() or trial_abort.abort_requested(run_name),
+        )
+    except TrainRunAborted:
+        pass  # Tune stopped this trial; the study driver ends its MLflow run
+    finally:
+        trial_abort.mark_ended(run_name)
+
+
+def train_run_name(ctx: StudyContext, trial_id: str) -> str:
+    """The name of a trial's Train run (its folder under `ctx.train_storage`)."""
+    return f"{ctx.name}_{trial_id}"
 
 
 def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
-    """A Tune callback that closes each trial's MLflow child run with its final state.
+    """A Tune callback that closes each trial's MLflow child run with its final state, and
+    aborts the Train run of a trial that Tune stopped.
 
     Every trial's run is ended here, by the study driver, with its state (completed / stopped /
-    failed) and the epochs Tune saw: a trial that ASHA stops, or that crashes, dies with its
-    Train run, so nothing inside it could end its run anyway. The workers go on training while
-    a stop travels to them, so a stopped trial's run can hold an epoch more than that tag (on
-    the tiny test data an epoch takes 1 s).
+    failed) and the epochs Tune saw, once Tune has recorded how the trial ended. A stopped
+    trial's Train run is aborted first (`mg_ray.tune.trial_abort`). The workers go on training
+    until the abort reaches them, so a stopped trial's run can hold an epoch more than the tag
+    (on the tiny test data an epoch takes 1 s).
     """
     from ray.tune import Callback
 
     class TrialStateCallback(Callback):
+        def _abort(self, trial) -> None:
+            """Abort the stopped trial's Train run before Tune reuses or removes its actor."""
+            took = trial_abort.abort_and_wait(train_run_name(ctx, trial.trial_id), ABORT_WAIT_S)
+            if took is None:
+                print(f"trial {trial.trial_id}: its driver did not abort its Train run within "
+                      f"{ABORT_WAIT_S:g} s; Tune removes it")
+            elif took:
+                print(f"trial {trial.trial_id} stopped: Train run aborted in {took:.1f} s")
+
         def _close(self, trial, state: str, status: str, epochs: int) -> None:
             mlflow_client = tracking.client(ctx.tracking_uri)
             experiment = mlflow_client.get_experiment_by_name(ctx.experiment)
@@ -115,8 +156,9 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
             done = epochs_seen(trial)
             if done >= max_epochs:
                 self._close(trial, "completed", "FINISHED", done)
-            else:
-                self._close(trial, "stopped", "KILLED", done)  # ASHA or the time budget
+            else:  # ASHA or the time budget
+                self._abort(trial)
+                self._close(trial, "stopped", "KILLED", done)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._close(trial, "failed", "FAILED", epochs_seen(trial))
@@ -253,6 +295,9 @@ def run_study(
                     ),
                     num_samples=space.study.num_trials,  # concurrency: the ConcurrencyLimiter
                     time_budget_s=space.study.time_budget_s,
+                    # A trial's actor (its driver process, Ray Tune, Ray Train, torch and MLflow
+                    # imported) goes on to the next trial: one process start fewer per trial.
+                    reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
                     name=study_name,

@@ -1,0 +1,74 @@
+"""How the study driver stops a trial's Train run, and how the trial notices.
+
+A study reuses trial actors (`reuse_actors`): a trial's driver process, with Ray Tune, Ray Train,
+torch and MLflow imported, goes on to the next trial once its function has returned. When Tune
+stops a trial midway (ASHA, the time budget), nothing in Tune tells the trial's function: it
+would train on in its actor, holding the CPUs that a standby trial waits for, until the actor is
+handed over; and when the actor is not reused, Tune kills it, and with it the Train controller
+in the middle of whatever it was doing (once, a dying controller started a new worker group whose
+placement group nothing removed, and the study waited forever).
+
+So a trial's driver keeps a key in Ray's key-value store (the GCS) while its Train run goes on.
+The study driver, told by Tune that the trial stopped, sets the key to "abort" and waits, a
+second or two, until the trial's driver has aborted the run (Ray Train's graceful abort: workers
+shut down, placement group removed) and deleted the key. Only then does Tune reuse or remove the
+actor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+NAMESPACE = "mg_ray_trial_runs"
+RUNNING, ABORT = b"running", b"abort"
+
+
+def _kv():
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def mark_running(run_name: str) -> None:
+    """The trial's driver: its Train run `run_name` is starting."""
+    _kv()._internal_kv_put(run_name, RUNNING, namespace=NAMESPACE)
+
+
+def abort_requested(run_name: str) -> bool:
+    """The trial's driver, every 0.2 s while the run goes on: has the study driver asked?"""
+    return _kv()._internal_kv_get(run_name, namespace=NAMESPACE) == ABORT
+
+
+def mark_ended(run_name: str) -> None:
+    """The trial's driver: the run has ended (finished, failed or aborted)."""
+    _kv()._internal_kv_del(run_name, namespace=NAMESPACE)
+
+
+def abort_and_wait(run_name: str, timeout_s: float) -> float | None:
+    """The study driver: ask the trial's driver to abort run `run_name` and wait until it has.
+
+    Returns the seconds it took; 0.0 when the run had already ended; None when the trial's
+    driver did not answer within `timeout_s` (it died, or is stuck), after which the request
+    is withdrawn.
+    """
+    kv = _kv()
+    if not kv._internal_kv_exists(run_name, namespace=NAMESPACE):
+        return 0.0
+    started = time.monotonic()
+    kv._internal_kv_put(run_name, ABORT, namespace=NAMESPACE)
+    while kv._internal_kv_exists(run_name, namespace=NAMESPACE):
+        if time.monotonic() - started > timeout_s:
+            kv._internal_kv_del(run_name, namespace=NAMESPACE)
+            return None
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def tune_stop_event() -> threading.Event:
+    """The event Ray Tune sets when it stops the trial running in this thread's function
+    trainable (`session.finish`: when its actor is removed, or handed to the next trial). A
+    private part of Ray 2.60's Tune session, pinned down by tests/tune/test_trial_abort.py."""
+    from ray.train._internal.session import get_session
+
+    return get_session().stop_event

@@ -1,0 +1,92 @@
+"""How a study stops a trial's Train run, on a real local Ray cluster with real Tune trials.
+
+A study reuses trial actors (`reuse_actors`): a stopped trial's actor goes to the next trial once
+its function has returned. `trial_driver` aborts its Train run when the study driver asks it to
+(`abort_and_wait`, through a key in Ray's key-value store) or when Tune's session says stop
+(`tune_stop_event`, a private part of Ray 2.60 that these tests pin down).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mg_ray.tune.trial_abort import (
+    abort_and_wait,
+    abort_requested,
+    mark_ended,
+    mark_running,
+    tune_stop_event,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from mg_ray.train.trainer import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_abort_and_wait_waits_for_the_trial_to_end_its_run(ray_cluster):
+    # a run that has ended (or never started) needs no abort
+    assert abort_and_wait("study_gone", timeout_s=5) == 0.0
+    # a trial driver that polls and ends its run a little after the request
+    mark_running("study_a")
+    mark_running("study_b")
+
+    def trial_driver():
+        while not abort_requested("study_a"):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        mark_ended("study_a")
+
+    thread = threading.Thread(target=trial_driver)
+    thread.start()
+    took = abort_and_wait("study_a", timeout_s=10)
+    thread.join()
+    assert took is not None and 0.3 <= took < 5
+    assert not abort_requested("study_b")  # the other run was not asked
+    # a trial driver that never answers: the request is withdrawn after the timeout
+    assert abort_and_wait("study_b", timeout_s=0.5) is None
+    assert not abort_requested("study_b")
+
+
+def _reports_then_waits_for_stop(config):
+    """A trial that reports the way a Ray Train run does (through the session's inter-actor
+    queue, from outside the trial's thread in real runs) and then, like a Train run that is still
+    training, does not return until Tune's stop event is set."""
+    from ray.train._internal.session import get_session
+
+    stop = tune_stop_event()
+    get_session()._get_or_create_inter_actor_queue().put({"score": 1, "pid": os.getpid()})
+    seen = stop.wait(60)
+    Path(config["folder"], f"{config['trial']}.stopped").write_text(str(seen))
+
+
+def test_a_stopped_trial_hands_its_actor_to_the_next_trial(ray_cluster, tmp_path):
+    from ray import tune
+
+    tuner = tune.Tuner(
+        _reports_then_waits_for_stop,
+        param_space={"trial": tune.grid_search([0, 1, 2]), "folder": str(tmp_path)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), stop={"training_iteration": 1},
+                                  verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    # All trials ran in one actor. Trials 0 and 1 returned when the next trial took the actor
+    # over, which set the stop event. (Trial 2's actor is removed at the end; its process may
+    # exit before the function gets to write.)
+    assert len({r.metrics["pid"] for r in results}) == 1
+    assert [(tmp_path / f"{trial}.stopped").read_text() for trial in (0, 1)] == ["True", "True"]
