@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in summary["best_params"].items())
         print(f"best trial {summary['best_trial_id']} (MLflow run {summary['best_run_id']}): "
-              f"best val_top1 {summary['best_score']:.3f} with {params}")
+              f"{summary['score_name']} {summary['best_score']:.3f} with {params}")
     promotion = summary.get("promotion")
     if promotion:
         role = "champion" if promotion["champion"] else "candidate"

@@ -381,7 +381,7 @@ def summarise(results, ctx: StudyContext, mlflow_client, space: SearchSpace) -> 
         for key, value in best_params.items():
             mlflow_client.set_tag(ctx.parent_run_id, f"best.{key}", str(value))
         summary.update(best_trial_id=best_row["trial_id"], best_run_id=best_row["mlflow_run_id"],
-                       best_score=float(best_row[score_key]), best_params=best_params)
+                       best_score=float(best_row[score_key]), score_name=score_key, best_params=best_params)
     log_optuna_plots(ctx, logger)
     return summary
 
