@@ -93,6 +93,7 @@ def main() -> None:
             self.worker_setup: dict[str, float] = {}
             self.training_started: dict[str, float] = {}  # wall clock (time.time())
             self.config: dict[str, str] = {}
+            self.driver_pids: set[int] = set()  # Tune reuses trial actors: fewer than trials
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.start[trial.trial_id] = time.perf_counter()
@@ -105,6 +106,8 @@ def main() -> None:
                 self.worker_setup[trial.trial_id] = result["worker_setup_s"]
             if "training_started_at" in result:
                 self.training_started[trial.trial_id] = result["training_started_at"]
+            if "pid" in result:
+                self.driver_pids.add(result["pid"])
 
         def gaps(self) -> list[float]:
             """Seconds from each trial's last work to the next trial's first batch."""
@@ -132,7 +135,8 @@ def main() -> None:
         work = sum(timer.work.values())
         print(f"\n{name}: {trials} trials x {args.epochs} epoch(s), standby_trials "
               f"{run_space.study.standby_trials}, trial_stagger_s {getattr(run_space.study, 'trial_stagger_s', 0):g}: "
-              f"wall {wall:.1f} s, work {work:.1f} s, overhead {wall - work:.1f} s")
+              f"wall {wall:.1f} s, work {work:.1f} s, overhead {wall - work:.1f} s; "
+              f"{len(timer.driver_pids)} trial driver process(es)")
         print(f"{'trial':10} {'wall s':>8} {'work s':>8} {'wall-work s':>12} {'worker setup s':>15}")
         for trial in sorted(timer.end, key=timer.start.get):
             trial_wall = timer.end[trial] - timer.start[trial]
