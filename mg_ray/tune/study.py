@@ -121,8 +121,10 @@ def train_run_name(ctx: StudyContext, trial_id: str) -> str:
 
 
 def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
-    """A Tune callback that closes each trial's MLflow child run with its final state, and
-    aborts the Train run of a trial that Tune stopped.
+    """A Tune callback that closes each trial's MLflow child run with its final state, aborts
+    the Train run of a trial that Tune stopped, and removes placement groups that dead Train
+    controllers left behind (`trial_abort.remove_orphaned_placement_groups`) whenever a trial
+    starts or ends.
 
     Every trial's run is ended here, by the study driver, with its state (completed / stopped /
     failed) and the epochs Tune saw, once Tune has recorded how the trial ended. A stopped
@@ -152,6 +154,13 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
             mlflow_client.set_tag(run.info.run_id, EPOCHS_TAG, str(epochs))
             tracking.terminate_run(mlflow_client, run.info.run_id, status)
 
+        def _remove_orphaned_placement_groups(self) -> None:
+            for group in trial_abort.remove_orphaned_placement_groups():
+                print(f"removed placement group {group}, left by a Train controller that died")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._remove_orphaned_placement_groups()
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             done = epochs_seen(trial)
             if done >= max_epochs:
@@ -159,9 +168,11 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
             else:  # ASHA or the time budget
                 self._abort(trial)
                 self._close(trial, "stopped", "KILLED", done)
+            self._remove_orphaned_placement_groups()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._close(trial, "failed", "FAILED", epochs_seen(trial))
+            self._remove_orphaned_placement_groups()
 
     def epochs_seen(trial) -> int:
         # int(): a trial restored from the experiment state on resume can hold it as a float

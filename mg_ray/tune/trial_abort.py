@@ -12,7 +12,8 @@ So a trial's driver keeps a key in Ray's key-value store (the GCS) while its Tra
 The study driver, told by Tune that the trial stopped, sets the key to "abort" and waits, a
 second or two, until the trial's driver has aborted the run (Ray Train's graceful abort: workers
 shut down, placement group removed) and deleted the key. Only then does Tune reuse or remove the
-actor.
+actor. A controller that cannot abort (it waits for its placement group) is killed; the group it
+leaves behind is removed by the study driver (`remove_orphaned_placement_groups`).
 """
 
 from __future__ import annotations
@@ -72,3 +73,33 @@ def tune_stop_event() -> threading.Event:
     from ray.train._internal.session import get_session
 
     return get_session().stop_event
+
+
+def remove_orphaned_placement_groups() -> list[str]:
+    """Remove this job's placement groups whose creator actor is dead; returns their ids.
+
+    Ray keeps a placement group until its creator *and* its job are gone, so the group of a
+    Train controller that died (killed because it could not run `abort()`, or a dying controller
+    that started a new worker group) holds its CPUs until the study ends, and a study whose
+    trials need those CPUs waits forever. Ray Train's placement-group cleaner removes the groups
+    it was told about, which happens only once a worker group has started. Detached groups,
+    groups created by a driver and other jobs' groups are left alone. Reads the GCS's placement
+    group table (Ray 2.60, private; tests/tune/test_trial_abort.py).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (group.is_detached or group.state == gcs_pb2.PlacementGroupTableData.REMOVED
+                or ray.ActorID(group.creator_actor_id).is_nil() or not group.creator_actor_dead
+                or ray.JobID(group.creator_job_id).hex() != job_id):
+            continue
+        group_id = ray.PlacementGroupID(group.placement_group_id)
+        remove_placement_group(PlacementGroup(group_id))
+        removed.append(group_id.hex())
+    return removed

@@ -90,3 +90,47 @@ def test_a_stopped_trial_hands_its_actor_to_the_next_trial(ray_cluster, tmp_path
     # exit before the function gets to write.)
     assert len({r.metrics["pid"] for r in results}) == 1
     assert [(tmp_path / f"{trial}.stopped").read_text() for trial in (0, 1)] == ["True", "True"]
+
+
+def _sleep_forever(config):
+    time.sleep(3600)
+
+
+def test_the_placement_group_of_a_killed_controller_is_removed(ray_cluster, tmp_path, monkeypatch):
+    """A run whose worker group waits for its placement group cannot run `abort()`: its
+    controller is killed, and the pending group it leaves would take the CPUs once they free up,
+    for as long as the study runs. The study driver removes it."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from mg_ray.train import torch_trainer
+    from mg_ray.train.torch_trainer import MgRayTorchTrainer, TrainRunAborted
+    from mg_ray.tune.trial_abort import remove_orphaned_placement_groups
+
+    monkeypatch.setattr(torch_trainer, "ABORT_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
+    blocker = placement_group([{"CPU": 1.5}])  # the running trial's workers, say
+    ray.get(blocker.ready())
+    trainer = MgRayTorchTrainer(
+        _sleep_forever,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="waiting", storage_path=str(tmp_path)),
+    )
+    started = time.monotonic()
+    trainer.should_abort = lambda: time.monotonic() - started > 5  # the controller is waiting by then
+    with pytest.raises(TrainRunAborted):
+        trainer.fit()
+    remove_placement_group(blocker)
+    # The driver's own group (the blocker) is not the function's business; the dead
+    # controller's pending group is, once the GCS knows the controller is dead.
+    deadline, removed = time.monotonic() + 20, []
+    while not removed and time.monotonic() < deadline:
+        removed = remove_orphaned_placement_groups()
+        time.sleep(0.2)
+    assert len(removed) == 1, removed
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == 2, ray.available_resources()
+    assert remove_orphaned_placement_groups() == []
