@@ -49,3 +49,27 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mg_ray.data import synth
 
     return synth.generate(tmp_path_factory.mktemp("data") / "tiny", **TINY_SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private local Ray cluster of 2 CPUs in this process, for the module's tests."""
+    import ray
+
+    from mg_ray.train.trainer import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def wait_for_free_cpus(cpus: float, timeout_s: float = 10) -> float:
+    """Wait until the cluster has `cpus` CPUs available (or the timeout); returns what it has."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ray.available_resources().get("CPU", 0)

@@ -15,9 +15,11 @@ from ray.train.v2._internal.constants import (
 from ray.train.v2._internal.execution.controller import TrainController
 
 ABORT_POLL_S = 0.2
-# A controller blocked in a callback (Tune's report callback waits while the trial's queue is
-# full, and nothing empties it once Tune has stopped the trial) cannot run abort(): after this
-# long it is killed instead, and Ray Train's placement-group cleaner frees its workers' CPUs.
+# A controller blocked in a wait cannot run abort(): its worker group waiting for a placement
+# group, or Tune's report callback waiting on a full queue that nothing empties once Tune has
+# stopped the trial. After this long it is killed instead. Ray Train's placement-group cleaner
+# frees the workers' CPUs of a group it was told about (once the workers started); a study
+# removes the others (`mg_ray.tune.trial_abort.remove_orphaned_placement_groups`).
 ABORT_TIMEOUT_S = 10.0
 
 

@@ -15,6 +15,7 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from mg_ray.train.torch_trainer import MgRayTorchTrainer, TrainRunAborted
+from tests.conftest import wait_for_free_cpus
 
 
 def callback_types(trainer_cls, **kwargs) -> list[type]:
@@ -47,30 +48,21 @@ def _train_until_aborted(config):
 
 
 @pytest.mark.slow
-def test_should_abort_shuts_the_workers_down_and_frees_their_cpus(tmp_path):
+def test_should_abort_shuts_the_workers_down_and_frees_their_cpus(ray_cluster, tmp_path):
     import ray
 
-    from mg_ray.train.trainer import init_ray
-
-    init_ray(num_cpus=2)
-    try:
-        marker = tmp_path / "training"
-        trainer = MgRayTorchTrainer(
-            _train_until_aborted,
-            train_loop_config={"marker": str(marker)},
-            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-            run_config=RunConfig(name="aborted", storage_path=str(tmp_path / "runs")),
-        )
-        trainer.should_abort = marker.exists
-        started = time.monotonic()
-        with pytest.raises(TrainRunAborted, match="aborted"):
-            trainer.fit()
-        took = time.monotonic() - started
-        # The workers' CPUs are free again: the placement group is gone, not left to the end of
-        # the job (a group created by a controller lives as long as the driver).
-        deadline = time.monotonic() + 10
-        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert ray.available_resources().get("CPU", 0) == 2, (ray.available_resources(), took)
-    finally:
-        ray.shutdown()
+    marker = tmp_path / "training"
+    trainer = MgRayTorchTrainer(
+        _train_until_aborted,
+        train_loop_config={"marker": str(marker)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="aborted", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.should_abort = marker.exists
+    started = time.monotonic()
+    with pytest.raises(TrainRunAborted, match="aborted"):
+        trainer.fit()
+    took = time.monotonic() - started
+    # The workers' CPUs are free again: the placement group is gone, not left to the end of
+    # the job (a group created by a controller lives as long as the driver).
+    assert wait_for_free_cpus(2) == 2, (ray.available_resources(), took)

@@ -22,19 +22,9 @@ from mg_ray.tune.trial_abort import (
     mark_running,
     tune_stop_event,
 )
+from tests.conftest import wait_for_free_cpus
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from mg_ray.train.trainer import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def test_abort_and_wait_waits_for_the_trial_to_end_its_run(ray_cluster):
@@ -129,8 +119,5 @@ def test_the_placement_group_of_a_killed_controller_is_removed(ray_cluster, tmp_
         removed = remove_orphaned_placement_groups()
         time.sleep(0.2)
     assert len(removed) == 1, removed
-    deadline = time.monotonic() + 10
-    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray.available_resources().get("CPU", 0) == 2, ray.available_resources()
+    assert wait_for_free_cpus(2) == 2, ray.available_resources()
     assert remove_orphaned_placement_groups() == []
