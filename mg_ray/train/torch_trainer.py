@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 
 import ray
-from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
-from ray.train.v2._internal.constants import (
-    DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-    get_env_vars_to_propagate,
-)
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.controller.state import AbortedState
+
+logger = logging.getLogger(__name__)
 
 ABORT_POLL_S = 0.2
-# A controller blocked in a wait cannot run abort(): its worker group waiting for a placement
-# group, or Tune's report callback waiting on a full queue that nothing empties once Tune has
-# stopped the trial. After this long it is killed instead. Ray Train's placement-group cleaner
-# frees the workers' CPUs of a group it was told about (once the workers started); a study
-# removes the others (`mg_ray.tune.trial_abort.remove_orphaned_placement_groups`).
-ABORT_TIMEOUT_S = 10.0
 
 
 class TrainRunAborted(RuntimeError):
@@ -28,51 +23,94 @@ class TrainRunAborted(RuntimeError):
 
 
 class MgRayTorchTrainer(TorchTrainer):
-    """Ray's `TorchTrainer`, less one process per run, and abortable from another thread.
+    """Ray's `TorchTrainer`, less the processes a run does not need, and abortable.
 
     - **No Ray Data actor without Ray Datasets.** Ray Train V2 gives every run a
       `DatasetsCallback`, which starts a `DatasetManager` actor whenever a worker group starts,
       datasets or not: one more Python process importing Ray Data (about 1.5 CPU-seconds here),
-      started while the two workers start, on the path from one trial's end to the next one's
-      first batch. Our workers read their clips themselves (`mg_ray.data`) and pass no
-      `datasets`, so the callback is left out; with datasets it stays.
-    - **`should_abort`.** `fit()` calls it every 0.2 s while the run goes on. Once it returns
-      True, `fit()` asks the run's controller to abort, which is Ray Train's graceful abort (the
-      one Ctrl-C triggers in a main thread): the workers are shut down, the placement group is
-      removed, the controller exits. Then `fit()` raises `TrainRunAborted`. A Tune trial needs
-      this: its `fit()` runs in a thread that no Ctrl-C reaches.
+      started while the two workers start. Our workers read their clips themselves
+      (`mg_ray.data`) and pass no `datasets`, so the callback is left out; with datasets it stays.
+    - **`should_abort`: the run's controller runs in the calling actor.** Ray starts a Train
+      controller actor for every run: a Python process that imports Ray Train, torch and MLflow
+      (for `mg_ray.train.outbox`'s logging) and Tune's report queue, about 10 CPU-seconds a run on
+      this machine. A study's trial driver is a reused Tune actor that has all of that imported
+      already, so with `should_abort` set, `fit()` runs Ray's `TrainController` right here, in
+      its thread's own event loop, and watches `should_abort()` every 0.2 s beside it. Once it
+      returns True, the run is aborted the way the controller's own `abort()` does it (the one
+      Ctrl-C triggers): workers shut down, placement group removed. Then `fit()` raises
+      `TrainRunAborted`.
+
+      Before the run starts, `fit()` waits until the cluster can place its workers, in a
+      placement group of its own that it polls: a standby trial waiting for the running trial's
+      CPUs can be aborted at once (inside the controller, that wait blocks its event loop).
+
+      The calling actor is the run's controller for Ray Train: workers, Ray's state API and
+      placement groups know it by its id. Its groups are removed when the actor dies, by the
+      study driver (`mg_ray.tune.trial_abort.remove_orphaned_placement_groups`) or with the
+      job, so Ray Train's placement-group cleaner (one more actor per run, started for a
+      controller that may die on its own) is left out.
     """
 
     should_abort: Callable[[], bool] | None = None
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        if not self.datasets:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        if self.should_abort is not None:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+        return callbacks
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         if self.should_abort is None:
             return super()._initialize_and_run_controller(**controller_init_kwargs)
-        # Ray 2.60's method (tests/train/test_torch_trainer.py fails when it changes), except for
-        # the wait for the run, which watches should_abort. No SIGINT handler: not a main thread.
-        env_vars = get_env_vars_to_propagate()
-        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-        controller_cls = ray.remote(
-            num_cpus=0,
-            label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-            runtime_env={"env_vars": env_vars},
-        )(TrainController)
-        controller = controller_cls.remote(**controller_init_kwargs)
-        run = controller.run.remote()
-        while not ray.wait([run], timeout=ABORT_POLL_S)[0]:
+        if ray.get_runtime_context().get_actor_id() is None:
+            raise RuntimeError("MgRayTorchTrainer with should_abort runs its Train controller in the "
+                               "calling process, which must be a Ray actor (a Tune trial's is)")
+        self._wait_until_workers_fit()
+        return asyncio.run(self._run_controller(controller_init_kwargs))
+
+    def _wait_until_workers_fit(self) -> None:
+        """Reserve the workers' resources in a placement group, polling `should_abort`, then
+        hand them back for the run's own group, created a moment later."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        scaling = self.scaling_config
+        group = placement_group([scaling._resources_per_worker_not_none] * scaling.num_workers,
+                                strategy=scaling.placement_strategy)
+        try:
+            while not group.wait(ABORT_POLL_S):
+                if self.should_abort():
+                    raise TrainRunAborted(f"Train run {self.run_config.name!r} aborted before it started")
+        finally:
+            remove_placement_group(group)
+
+    async def _run_controller(self, controller_init_kwargs) -> ray.train.Result:
+        controller = TrainController(**controller_init_kwargs)
+        run = asyncio.ensure_future(controller.run())
+        while not (await asyncio.wait([run], timeout=ABORT_POLL_S))[0]:
             if self.should_abort():
+                run.cancel()
                 try:
-                    ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
-                except ray.exceptions.RayActorError:
-                    pass  # abort() ends with the controller exiting
-                except ray.exceptions.GetTimeoutError:
-                    ray.kill(controller)
+                    await run
+                except asyncio.CancelledError:
+                    pass
+                abort(controller)
                 raise TrainRunAborted(f"Train run {self.run_config.name!r} aborted")
-        ray.get(run)
-        return ray.get(controller.get_result.remote())
+        run.result()  # raises what the controller raised
+        return controller.get_result()
+
+
+def abort(controller: TrainController) -> None:
+    """Ray 2.60's `TrainController.abort`, less its last line (`ray.actor.exit_actor()`, which
+    would end the calling actor). tests/train/test_torch_trainer.py fails when the original
+    changes."""
+    if controller.get_state().is_terminal():
+        return
+    controller._controller_callback_manager.invoke_best_effort("before_controller_abort")
+    try:
+        if controller._worker_group:
+            controller._worker_group.abort()
+        controller._set_state(AbortedState())
+    except Exception as e:
+        logger.exception("Error aborting worker group: %s", e)

@@ -69,30 +69,36 @@ def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
 
 
 def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
-    """One Tune trial: a Ray Train run whose reports reach Tune through TuneReportCallback.
+    """One Tune trial: a Ray Train run whose controller runs here, in the trial's actor, and
+    reports to Tune through a queue in this process (`mg_ray.tune.trial_report`).
 
     Tune reuses a trial's actor for the next trial (`reuse_actors`). When Tune stops this trial,
     the study driver asks for the run to be aborted and waits for it (`mg_ray.tune.trial_abort`);
     Tune's session stop event, set when the actor is handed over or removed, aborts it too.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from mg_ray.train.torch_trainer import TrainRunAborted
     from mg_ray.train.trainer import fit
+    from mg_ray.tune.trial_report import TuneReporter
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, params)
-    # A standby trial's worker group waits until a running trial frees its resources: let it
-    # wait (Ray Train's default gives up after 60 s and retries, logging an error each time).
+    # A standby trial waits for a running trial's CPUs before its run starts (abortable, see
+    # MgRayTorchTrainer); should another group take them first, its worker group waits on
+    # (Ray Train's default gives up after 60 s and retries, logging an error each time).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
     # How long Tune waits for this function to return when it hands the actor to the next trial
     # before it gives up and fails that trial (default 2 s; read at the hand-over). Normally the
-    # run was aborted before (the study driver waits for that); if not, the abort happens then,
-    # and Ray Train gives the workers' shutdown 5 s.
+    # run was aborted before (the study driver waits for that); if not, the abort happens then.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     run_name = train_run_name(ctx, trial_id)
     stop = trial_abort.tune_stop_event()
+    reporter = TuneReporter()
+
+    def should_abort() -> bool:
+        return stop.is_set() or trial_abort.abort_requested(run_name)
+
     trial_abort.mark_running(run_name)
     try:
         fit(
@@ -102,13 +108,14 @@ def trial_driver(params: dict[str, Any], ctx: StudyContext) -> None:
             run_key=f"{ctx.name}/{trial_id}",
             parent_run_id=ctx.parent_run_id,
             tags={STUDY_TAG: ctx.name, ROLE_TAG: "trial", TRIAL_TAG: trial_id},
-            callbacks=[TuneReportCallback()],
+            callbacks=[reporter],
             # The study driver ends the run once Tune has recorded the trial's end. Ended here, a
             # driver killed before Tune saved that would leave a finished run whose trial the
             # resumed study still counts as running, and resumes.
             close_run=False,
-            should_abort=lambda: stop.is_set() or trial_abort.abort_requested(run_name),
+            should_abort=should_abort,
         )
+        reporter.flush(give_up=should_abort)  # Tune has the last report before the trial ends
     except TrainRunAborted:
         pass  # Tune stopped this trial; the study driver ends its MLflow run
     finally:

@@ -3,7 +3,8 @@
 A study reuses trial actors (`reuse_actors`): a stopped trial's actor goes to the next trial once
 its function has returned. `trial_driver` aborts its Train run when the study driver asks it to
 (`abort_and_wait`, through a key in Ray's key-value store) or when Tune's session says stop
-(`tune_stop_event`, a private part of Ray 2.60 that these tests pin down).
+(`tune_stop_event`, a private part of Ray 2.60 that these tests pin down). Its Train run reports
+to Tune from a thread (`TuneReporter`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ def test_abort_and_wait_waits_for_the_trial_to_end_its_run(ray_cluster):
 
 
 def _reports_then_waits_for_stop(config):
-    """A trial that reports the way a Ray Train run does (through the session's inter-actor
-    queue, from outside the trial's thread in real runs) and then, like a Train run that is still
+    """A trial that reports the way a study's Train run does (`TuneReporter`: a queue in the
+    trial's process that Tune's session polls) and then, like a Train run that is still
     training, does not return until Tune's stop event is set."""
-    from ray.train._internal.session import get_session
+    from mg_ray.tune.trial_report import TuneReporter
 
     stop = tune_stop_event()
-    get_session()._get_or_create_inter_actor_queue().put({"score": 1, "pid": os.getpid()})
+    TuneReporter().after_report(None, [{"score": 1, "pid": os.getpid()}], checkpoint=None)
     seen = stop.wait(60)
     Path(config["folder"], f"{config['trial']}.stopped").write_text(str(seen))
 
@@ -86,34 +87,38 @@ def _sleep_forever(config):
     time.sleep(3600)
 
 
-def test_the_placement_group_of_a_killed_controller_is_removed(ray_cluster, tmp_path, monkeypatch):
-    """A run whose worker group waits for its placement group cannot run `abort()`: its
-    controller is killed, and the pending group it leaves would take the CPUs once they free up,
-    for as long as the study runs. The study driver removes it."""
+def test_the_placement_group_of_a_killed_trial_is_removed(ray_cluster, tmp_path):
+    """A trial's actor is its Train run's controller (`MgRayTorchTrainer` with `should_abort`).
+    Killed while its run waits for CPUs (Tune removes a trial's actor when the trial's function
+    does not return), it leaves a pending placement group that would take the CPUs once they
+    free up, for as long as the study runs. The study driver removes it."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from mg_ray.train import torch_trainer
-    from mg_ray.train.torch_trainer import MgRayTorchTrainer, TrainRunAborted
+    from mg_ray.train.torch_trainer import MgRayTorchTrainer
     from mg_ray.tune.trial_abort import remove_orphaned_placement_groups
 
-    monkeypatch.setattr(torch_trainer, "ABORT_TIMEOUT_S", 1.0)
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
+    @ray.remote(num_cpus=0)
+    class Trial:
+        def fit(self) -> None:
+            trainer = MgRayTorchTrainer(
+                _sleep_forever,
+                scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                run_config=RunConfig(name="waiting", storage_path=str(tmp_path)),
+            )
+            trainer.should_abort = lambda: False
+            trainer.fit()
+
     blocker = placement_group([{"CPU": 1.5}])  # the running trial's workers, say
     ray.get(blocker.ready())
-    trainer = MgRayTorchTrainer(
-        _sleep_forever,
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name="waiting", storage_path=str(tmp_path)),
-    )
-    started = time.monotonic()
-    trainer.should_abort = lambda: time.monotonic() - started > 5  # the controller is waiting by then
-    with pytest.raises(TrainRunAborted):
-        trainer.fit()
+    trial = Trial.remote()
+    trial.fit.remote()
+    time.sleep(5)  # the run waits for its CPUs by then
+    ray.kill(trial)
     remove_placement_group(blocker)
-    # The driver's own group (the blocker) is not the function's business; the dead
-    # controller's pending group is, once the GCS knows the controller is dead.
+    # The driver's own group (the blocker) is not the function's business; the dead trial's
+    # pending group is, once the GCS knows the trial's actor is dead.
     deadline, removed = time.monotonic() + 20, []
     while not removed and time.monotonic() < deadline:
         removed = remove_orphaned_placement_groups()
