@@ -16,6 +16,9 @@ from ray.train.v2._internal.execution.controller.state import AbortedState
 logger = logging.getLogger(__name__)
 
 ABORT_POLL_S = 0.2
+# How often the wait for the workers' CPUs checks `should_abort`. `PlacementGroup.wait` takes
+# whole seconds (Ray 2.60 truncates 0.2 to 0, which returns at once: a busy loop).
+RESOURCES_POLL_S = 1
 
 
 class TrainRunAborted(RuntimeError):
@@ -41,8 +44,9 @@ class MgRayTorchTrainer(TorchTrainer):
       `TrainRunAborted`.
 
       Before the run starts, `fit()` waits until the cluster can place its workers, in a
-      placement group of its own that it polls: a standby trial waiting for the running trial's
-      CPUs can be aborted at once (inside the controller, that wait blocks its event loop).
+      placement group of its own that it polls every second: a standby trial waiting for the
+      running trial's CPUs can be aborted then (inside the controller, that wait blocks its
+      event loop).
 
       The calling actor is the run's controller for Ray Train: workers, Ray's state API and
       placement groups know it by its id. Its groups are removed when the actor dies, by the
@@ -79,7 +83,7 @@ class MgRayTorchTrainer(TorchTrainer):
         group = placement_group([scaling._resources_per_worker_not_none] * scaling.num_workers,
                                 strategy=scaling.placement_strategy)
         try:
-            while not group.wait(ABORT_POLL_S):
+            while not group.wait(RESOURCES_POLL_S):
                 if self.should_abort():
                     raise TrainRunAborted(f"Train run {self.run_config.name!r} aborted before it started")
         finally:

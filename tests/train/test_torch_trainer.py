@@ -103,7 +103,7 @@ def test_should_abort_shuts_the_workers_down_and_frees_their_cpus(ray_cluster, t
 @pytest.mark.slow
 def test_a_run_waiting_for_cpus_is_aborted_at_once(ray_cluster, tmp_path):
     """A standby trial's run waits for the running trial's CPUs; aborted then, it ends within
-    a poll, and leaves no group behind to take the CPUs later."""
+    a second or so, and leaves no group behind to take the CPUs later."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
