@@ -11,9 +11,10 @@ for each trial: `train_epoch_s` and `val_s` of every epoch plus `test_s`. For ea
 
     overhead = study wall - sum of the trials' work
 
-which is everything else: processes and imports of the trial driver, the Train controller and the
-workers, process groups, datasets and models, MLflow, checkpoints, teardown, and the study's own
-start (Tuner, searcher, MLflow parent run) and end (summary, plots).
+which is everything else: the processes Ray Train starts for every run (the workers and a
+synchronization actor) and their imports, process groups, datasets and models, MLflow,
+checkpoints, teardown, the trial driver's start-up (once per driver process: Tune reuses it), and
+the study's own start (Tuner, searcher, MLflow parent run) and end (summary, plots).
 
 The studies:
 - `standby_trials: 0`, `--trials` trials: one trial at a time, each starting after the last one
@@ -33,8 +34,9 @@ next trial's first batch is orchestration. The workers report the wall-clock tim
 epoch started (`training_started_at`); a trial's work ends `work` seconds later. The mean of
 those gaps over a study is its per-trial overhead, printed as `mean gap`.
 
-Neither figure sees the CPU that a standby trial's start-up (its driver, Train controller and
-their imports) takes from the trial that trains beside it: that shows as slower work. The studies
+Neither figure sees the CPU that a standby trial's start-up (its MLflow run and, the first time,
+its driver process), when the space has `standby_trials`, takes from the trial that trains beside
+it: that shows as slower work. The studies
 draw the same configurations (same seed), so the benchmark also prints how much longer the work
 of a configuration took in the studies than alone, and the per-trial cost with it.
 """

@@ -43,10 +43,10 @@ class MgRayTorchTrainer(TorchTrainer):
       Ctrl-C triggers): workers shut down, placement group removed. Then `fit()` raises
       `TrainRunAborted`.
 
-      Before the run starts, `fit()` waits until the cluster can place its workers, in a
-      placement group of its own that it polls every second: a standby trial waiting for the
-      running trial's CPUs can be aborted then (inside the controller, that wait blocks its
-      event loop).
+      Before the run starts, if the workers' CPUs are taken, `fit()` waits until the cluster
+      can place them, in a placement group of its own that it polls every second: a standby
+      trial waiting for the running trial's CPUs can be aborted then (inside the controller,
+      that wait blocks its event loop).
 
       The calling actor is the run's controller for Ray Train: workers, Ray's state API and
       placement groups know it by its id. Its groups are removed when the actor dies, by the
@@ -75,13 +75,18 @@ class MgRayTorchTrainer(TorchTrainer):
         return asyncio.run(self._run_controller(controller_init_kwargs))
 
     def _wait_until_workers_fit(self) -> None:
-        """Reserve the workers' resources in a placement group, polling `should_abort`, then
-        hand them back for the run's own group, created a moment later."""
+        """Unless the cluster has the workers' resources free now, reserve them in a placement
+        group, polling `should_abort`, then hand them back for the run's own group, created a
+        moment later. (The check is by totals: on a cluster of several nodes a run can still
+        wait for its group inside the controller, which then aborts once the group is placed.)"""
         from ray.util.placement_group import placement_group, remove_placement_group
 
         scaling = self.scaling_config
-        group = placement_group([scaling._resources_per_worker_not_none] * scaling.num_workers,
-                                strategy=scaling.placement_strategy)
+        bundle = scaling._resources_per_worker_not_none
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount * scaling.num_workers for name, amount in bundle.items()):
+            return
+        group = placement_group([bundle] * scaling.num_workers, strategy=scaling.placement_strategy)
         try:
             while not group.wait(RESOURCES_POLL_S):
                 if self.should_abort():

@@ -85,10 +85,12 @@ class StudySettings:
     time_budget_s: float | None = None
     seed: int = 0
     trial_driver_cpus: float = 0.1    # the Tune trial function only waits on its Train run
-    # Trials started beyond what the cluster can train at once: their driver, Train controller
-    # and MLflow run start up while the running trials train, and their workers start as soon
-    # as resources free up. Hides most of a trial's start-up cost; 0 turns it off.
-    standby_trials: int = 1
+    # Trials started beyond what the cluster can train at once: their MLflow run (and, the first
+    # time, their driver process) start up while the running trials train, and their workers
+    # start as soon as resources free up. Since a trial's Train controller runs in its reused
+    # driver, that start-up is short, and on a machine whose CPUs the trials fill, what it
+    # saves the next trial costs the training beside it (benchmarks/bench_trial_overhead.py).
+    standby_trials: int = 0
     # Seconds a new trial is held back after a trial starts or ends while another one is live
     # (twice that after a trial started with nothing else live: see `tune/stagger.py`). On a
     # machine whose CPUs the trials fill, a standby trial launched the moment a trial ends
