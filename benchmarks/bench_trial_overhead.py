@@ -166,6 +166,10 @@ def main() -> None:
     print(f"  per-trial overhead, from the difference: {per_trial:5.1f} s   (target: < 10 s)")
     print(f"  per-trial overhead, mean gap:            {mean(gaps):5.1f} s   (target: < 10 s; {len(gaps)} gaps, "
           f"{min(gaps):.1f}-{max(gaps):.1f} s; {mean(alone_gaps) / mean(gaps):.1f}x less than one trial at a time)")
+    if not space.study.standby_trials:  # one trial at a time: nothing starts up beside training
+        print(f"  no standby trials, so nothing starts up beside a trial's training (the work of the same "
+              f"configurations differed from the first study's by {mean(slowdown):+.1f} s)")
+        return
     print(f"  work of a trial beside a standby start-up: {mean(slowdown):+5.1f} s against the same configuration "
           f"alone ({len(slowdown)} trials)")
     print(f"  per-trial cost, mean gap + that:         {mean(gaps) + mean(slowdown):5.1f} s   "

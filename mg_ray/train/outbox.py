@@ -7,9 +7,10 @@ logs both into the run.
 
 Why: importing mlflow and opening its store costs a fresh worker process about 2 s, and
 matplotlib (the confusion matrices) 0.7 s more, all of it on the path from one trial's end to
-the next one's first batch while the other rank waits. The controller pays them once, in a
-background thread that `OpenMLflowEarly` starts with the controller: a study's standby trial
-does it while it waits for the running trial's CPUs, and the first report finds MLflow open.
+the next one's first batch while the other rank waits. The controller opens them in a
+background thread that `OpenMLflowEarly` starts with the controller, so the first report finds
+MLflow open. In a study the controller runs in the trial's driver process, which Tune reuses
+(`MgRayTorchTrainer` with `should_abort`): the imports are paid once per driver, not per trial.
 See `benchmarks/bench_trial_overhead.py`.
 
 Ordering: Ray Train runs callbacks in order, and `fit()` puts this one before Tune's report

@@ -3,17 +3,19 @@
 A study reuses trial actors (`reuse_actors`): a trial's driver process, with Ray Tune, Ray Train,
 torch and MLflow imported, goes on to the next trial once its function has returned. When Tune
 stops a trial midway (ASHA, the time budget), nothing in Tune tells the trial's function: it
-would train on in its actor, holding the CPUs that a standby trial waits for, until the actor is
+would train on in its actor, holding the CPUs that the next trial waits for, until the actor is
 handed over; and when the actor is not reused, Tune kills it, and with it the Train controller
 in the middle of whatever it was doing (once, a dying controller started a new worker group whose
 placement group nothing removed, and the study waited forever).
 
 So a trial's driver keeps a key in Ray's key-value store (the GCS) while its Train run goes on.
 The study driver, told by Tune that the trial stopped, sets the key to "abort" and waits, a
-second or two, until the trial's driver has aborted the run (Ray Train's graceful abort: workers
+second or so, until the trial's driver has aborted the run (Ray Train's graceful abort: workers
 shut down, placement group removed) and deleted the key. Only then does Tune reuse or remove the
-actor. A controller that cannot abort (it waits for its placement group) is killed; the group it
-leaves behind is removed by the study driver (`remove_orphaned_placement_groups`).
+actor. The run's controller runs in the trial's actor (`MgRayTorchTrainer` with `should_abort`),
+so the actor is the creator of the run's placement group: when it dies (killed by Tune, or out
+of memory), the group is left behind, and the study driver removes it
+(`remove_orphaned_placement_groups`).
 """
 
 from __future__ import annotations
@@ -79,12 +81,12 @@ def remove_orphaned_placement_groups() -> list[str]:
     """Remove this job's placement groups whose creator actor is dead; returns their ids.
 
     Ray keeps a placement group until its creator *and* its job are gone, so the group of a
-    Train controller that died (killed because it could not run `abort()`, or a dying controller
-    that started a new worker group) holds its CPUs until the study ends, and a study whose
-    trials need those CPUs waits forever. Ray Train's placement-group cleaner removes the groups
-    it was told about, which happens only once a worker group has started. Detached groups,
-    groups created by a driver and other jobs' groups are left alone. Reads the GCS's placement
-    group table (Ray 2.60, private; tests/tune/test_trial_abort.py).
+    trial's actor that died (the controller of its Train run: `MgRayTorchTrainer`) holds its
+    CPUs until the study ends, and a study whose trials need those CPUs waits forever. (Ray
+    Train's placement-group cleaner, one more actor per run, is left out of trial runs: this
+    covers it.) Detached groups, groups created by a driver and other jobs' groups are left
+    alone. Reads the GCS's placement group table (Ray 2.60, private;
+    tests/tune/test_trial_abort.py).
     """
     import ray
     from ray._private.state import state
