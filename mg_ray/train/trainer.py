@@ -23,13 +23,8 @@ from mg_ray.train.config import ExperimentConfig
 # The controller polls its workers every HEALTH_CHECK_INTERVAL (default 2 s): the worker group's
 # start, each report and the end of training each wait for a poll, which is seconds of every
 # trial of a study. A tenth of that costs nothing measurable on the controller.
-# On the private local cluster, `init_ray` sets:
-# - The preemption watcher is one more actor (process) per run, useful only on clusters with spot
-#   nodes: off.
-# - Ray starts at most as many worker processes at once as the node has CPUs, and a run starts its
-#   workers and a synchronization actor together: on a machine whose CPUs the workers fill, the
-#   last one waited about a second for the others to register. One more is allowed.
-# A user's own setting always wins.
+# The preemption watcher is one more actor (process) per run, useful only on clusters with spot
+# nodes; `init_ray` turns it off on the private local cluster. A user's own setting always wins.
 TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 LOCAL_TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
@@ -55,7 +50,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         for key, value in LOCAL_TRAIN_ENV_DEFAULTS.items():  # inherited by the cluster's workers
             os.environ.setdefault(key, value)
-        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str((num_cpus or os.cpu_count() or 1) + 1))
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
