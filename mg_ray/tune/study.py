@@ -129,9 +129,9 @@ def train_run_name(ctx: StudyContext, trial_id: str) -> str:
 
 def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
     """A Tune callback that closes each trial's MLflow child run with its final state, aborts
-    the Train run of a trial that Tune stopped, and removes placement groups that dead Train
-    controllers left behind (`trial_abort.remove_orphaned_placement_groups`) whenever a trial
-    starts or ends.
+    the Train run of a trial that Tune stopped, and removes placement groups that dead trial
+    actors (their runs' controllers) left behind (`trial_abort.remove_orphaned_placement_groups`)
+    whenever a trial starts or ends.
 
     Every trial's run is ended here, by the study driver, with its state (completed / stopped /
     failed) and the epochs Tune saw, once Tune has recorded how the trial ended. A stopped
@@ -163,7 +163,7 @@ def make_trial_state_callback(ctx: StudyContext, max_epochs: int):
 
         def _remove_orphaned_placement_groups(self) -> None:
             for group in trial_abort.remove_orphaned_placement_groups():
-                print(f"removed placement group {group}, left by a Train controller that died")
+                print(f"removed placement group {group}, left by a trial actor that died")
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._remove_orphaned_placement_groups()

@@ -4,9 +4,8 @@ A study reuses trial actors (`reuse_actors`): a trial's driver process, with Ray
 torch and MLflow imported, goes on to the next trial once its function has returned. When Tune
 stops a trial midway (ASHA, the time budget), nothing in Tune tells the trial's function: it
 would train on in its actor, holding the CPUs that the next trial waits for, until the actor is
-handed over; and when the actor is not reused, Tune kills it, and with it the Train controller
-in the middle of whatever it was doing (once, a dying controller started a new worker group whose
-placement group nothing removed, and the study waited forever).
+handed over; and when the actor is not reused, Tune kills it, and with it the run's controller
+in the middle of whatever it was doing.
 
 So a trial's driver keeps a key in Ray's key-value store (the GCS) while its Train run goes on.
 The study driver, told by Tune that the trial stopped, sets the key to "abort" and waits, a

@@ -15,7 +15,6 @@ down by tests/tune/test_trial_abort.py.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,11 +28,11 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # the name Ray's TuneReportCallback giv
 class _SessionQueue:
     """What Tune's session asks of its inter-actor queue (`get`, raising `ray.util.queue.Empty`),
     in this process. Counts Tune's calls, so `TuneReporter.flush` knows when a taken report has
-    gone all the way to Tune: the session calls `get` again only after that."""
+    gone all the way to Tune: the session calls `get` again only after that. Only the session's
+    thread calls `get`."""
 
     def __init__(self) -> None:
         self._items: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._lock = threading.Lock()
         self.gets = 0            # calls of get() so far
         self.last_taken_at = -1  # the call that took the last report
 
@@ -41,14 +40,12 @@ class _SessionQueue:
         self._items.put(item)
 
     def get(self, block: bool = True, timeout: float | None = None) -> dict[str, Any]:
-        with self._lock:
-            self.gets += 1
-            call = self.gets
+        self.gets += 1
         try:
             item = self._items.get(block, timeout)
         except queue.Empty:
             raise ray_queue.Empty from None
-        self.last_taken_at = call
+        self.last_taken_at = self.gets
         return item
 
     def delivered(self) -> bool:
