@@ -30,9 +30,11 @@ def main() -> None:
     os.environ["MG_RAY_HOME"] = tempfile.mkdtemp(prefix="mg-ray-bench-")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+    from mg_ray import paths
+    from mg_ray.cluster import init_ray
     from mg_ray.data.synth import generate
-    from mg_ray.train.job import load_config
-    from mg_ray.train.trainer import fit, init_ray
+    from mg_ray.train.config import load_config
+    from mg_ray.train.trainer import train
 
     if not dataset.exists():
         generate(dataset)
@@ -44,7 +46,7 @@ def main() -> None:
             "optim.warmup_epochs": 0, "resources.num_workers": workers,
             "resources.cpus_per_worker": cpus, "data.test_split": None,
         })
-        outcome = fit(cfg, name=f"bench-{workers}w")
+        outcome = train(cfg, name=f"bench-{workers}w", storage_path=paths.ray_storage())
         m = outcome.metrics
         rows.append((workers, cpus, m["train_samples_per_s"] * workers, m["train_samples_per_s"],
                      m["train_data_wait_frac"], m["train_epoch_s"]))

@@ -76,7 +76,7 @@ def main() -> None:
     from ray.tune import Callback
 
     from mg_ray.data.synth import generate
-    from mg_ray.train.trainer import init_ray
+    from mg_ray.cluster import init_ray
     from mg_ray.tune.space import load_space
     from mg_ray.tune.study import run_study
 

@@ -47,16 +47,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input (a file, field, value or unreachable service) in full."""
+    from mg_ray.cluster import ResourceError
     from mg_ray.config import ConfigError
     from mg_ray.data.annotations import AnnotationError
     from mg_ray.data.openpose import ConvertError
     from mg_ray.data.prepare import PrepareError
     from mg_ray.data.video import VideoError
     from mg_ray.data.video_io import DatasetWriteError
-    from mg_ray.train.trainer import ResourceError
+    from mg_ray.paths import StorageError
+    from mg_ray.registry import ModelNotFoundError
+    from mg_ray.tune.results import NoTrialsError
 
     return (ConfigError, AnnotationError, ConvertError, PrepareError, VideoError, DatasetWriteError,
-            ResourceError, FileNotFoundError, ConnectionError)
+            ResourceError, StorageError, ModelNotFoundError, NoTrialsError, FileNotFoundError,
+            ConnectionError)
 
 
 if __name__ == "__main__":

@@ -71,23 +71,6 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "") 
     return obj
 
 
-def load_yaml(cls: type[T], path: str | Path, overrides: Mapping[str, Any] | None = None) -> T:
-    """Load `cls` from a YAML file; `overrides` maps dotted keys to values applied on top."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if overrides:
-        data = apply_overrides(data, overrides)
-    try:
-        return from_mapping(cls, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
 def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
     """Return a copy of nested dict `data` with dotted-key `overrides` set."""
     out = _deep_copy(data)

@@ -1,4 +1,4 @@
-"""Stable locations for everything a run writes.
+"""Stable locations for everything a run writes, and the check that they can be written.
 
 `ray job submit --working-dir .` runs the entry point inside a temporary copy of the project, so
 relative output paths would be lost with it. Every default output therefore lives under one home
@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+class StorageError(RuntimeError):
+    """A folder or store that a run must write to cannot be created or written."""
 
 
 def home() -> Path:
@@ -40,3 +44,33 @@ def ray_storage() -> Path:
 
 def optuna_storage_url() -> str:
     return f"sqlite:///{home() / 'optuna.db'}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind a `sqlite:///` URL, None for any other URL."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def ensure_writable(folder: Path, what: str) -> Path:
+    """Create `folder` if needed and check that files can be written in it; raises StorageError
+    naming `what`, the folder and the fix. Cheap: run it before Ray starts."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"{what}: cannot create folder {folder} ({err.strerror}). {_FIX}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageError(f"{what}: folder {folder} is not writable. {_FIX}")
+    return folder
+
+
+def ensure_writable_file(path: Path, what: str) -> Path:
+    """Like `ensure_writable` for a file that may not exist yet (a sqlite store)."""
+    ensure_writable(path.parent, what)
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise StorageError(f"{what}: file {path} is not writable. {_FIX}")
+    return path
+
+
+_FIX = ("Set MG_RAY_HOME to a folder you can write (it holds the MLflow store, checkpoints and the "
+        "Optuna study), or point MLFLOW_TRACKING_URI / --storage-path elsewhere.")

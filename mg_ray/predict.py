@@ -44,9 +44,12 @@ def load_classifier(model_uri: str, tracking_uri: str | None = None):
     """(pyfunc model, the wrapped MicroGestureClassifier with class names and data settings)."""
     import mlflow
 
-    from mg_ray.train import tracking
+    from mg_ray import tracking
+    from mg_ray.registry import check_model_uri
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.check_store(uri)
+    check_model_uri(model_uri, uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(model_uri)

@@ -56,7 +56,7 @@ def ray_cluster():
     """A private local Ray cluster of 2 CPUs in this process, for the module's tests."""
     import ray
 
-    from mg_ray.train.trainer import init_ray
+    from mg_ray.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield

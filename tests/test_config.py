@@ -6,7 +6,8 @@ from typing import Literal
 
 import pytest
 
-from mg_ray.config import ConfigError, apply_overrides, check, flatten, from_mapping, load_yaml, to_dict
+from mg_ray.config import ConfigError, apply_overrides, check, flatten, from_mapping, to_dict
+from mg_ray.train.config import load_config
 
 
 @dataclass
@@ -54,14 +55,16 @@ def test_errors_name_the_key(data, message):
 
 def test_yaml_file_errors_name_the_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("inner:\n  rate: 0\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: inner\.rate: expected a number > 0"):
-        load_yaml(Outer, path)
+    path.write_text("optim:\n  lr: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim\.lr: expected a number > 0"):
+        load_config(str(path), {})
     with pytest.raises(ConfigError, match="config file not found"):
-        load_yaml(Outer, tmp_path / "missing.yaml")
-    path.write_text("inner: [unclosed\n")
+        load_config(str(tmp_path / "missing.yaml"), {})
+    path.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_yaml(Outer, path)
+        load_config(str(path), {})
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
+        load_config("huge", {})
 
 
 def test_overrides_and_flatten():

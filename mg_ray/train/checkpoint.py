@@ -4,14 +4,17 @@ Two kinds of file, both plain dicts of tensors, numbers and strings loaded with
 `torch.load(..., weights_only=True)` (a checkpoint cannot run code when loaded):
 
 - a training checkpoint (`checkpoint.pt`, reported to Ray Train every epoch): model, optimiser,
-  scheduler, prototypes (the criterion's buffers), epoch, the best state so far;
+  scheduler, prototypes (the criterion's buffers), epoch, the best state so far, the epoch's
+  metrics (`save_checkpoint` / `restore_checkpoint`);
 - a model file (`model.pt`, the best model logged to MLflow): the model's *spec* (builder name and
   keyword arguments), its weights, its prototypes, the class names and the data settings a
-  predictor needs to turn a clip into tensors.
+  predictor needs to turn a clip into tensors (`save_model_file` / `load_model_file`).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,60 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: not a loadable mg-ray checkpoint (weights-only load refused it: {err})"
         ) from None
+
+
+@dataclass
+class Best:
+    """The best validation epoch so far and its weights (kept in memory and in checkpoints)."""
+
+    epoch: int = -1
+    val_top1: float = -math.inf
+    model: dict[str, torch.Tensor] | None = None
+    prototypes: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, epoch: int, val_top1: float, model: nn.Module, criterion: nn.Module) -> Best:
+        """A CPU copy of the weights and prototypes of `model` and `criterion` now."""
+        copy = lambda module: {k: v.detach().cpu().clone() for k, v in unwrap(module).state_dict().items()}
+        return cls(epoch, val_top1, copy(model), copy(criterion))
+
+
+@dataclass
+class Resumed:
+    """Where a run resumed from its checkpoint picks up."""
+
+    start_epoch: int = 0
+    best: Best | None = None
+    last_metrics: dict[str, float] | None = None
+
+
+def save_checkpoint(folder: Path, *, model, criterion, optimizer, scheduler, epoch: int, best: Best,
+                    metrics: dict[str, float]) -> Path:
+    """Write the training checkpoint of `epoch` into `folder` (what Ray Train persists)."""
+    path = Path(folder) / CHECKPOINT_FILE
+    torch.save(
+        {
+            "model": unwrap(model).state_dict(),
+            "prototypes": criterion.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "best": vars(best),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        },
+        path,
+    )
+    return path
+
+
+def restore_checkpoint(folder: Path, *, model, criterion, optimizer, scheduler) -> Resumed:
+    """Load the training checkpoint in `folder` into the objects; returns where to go on."""
+    state = safe_load(Path(folder) / CHECKPOINT_FILE)
+    unwrap(model).load_state_dict(state["model"])
+    criterion.load_state_dict(state["prototypes"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Resumed(state["epoch"] + 1, Best(**state["best"]), state.get("metrics"))
 
 
 def save_model_file(

@@ -7,9 +7,13 @@ wrong types, and each section's `validate()` checks ranges and combinations, nam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
 
-from mg_ray.config import ConfigError, check
+import yaml
+
+from mg_ray.config import ConfigError, apply_overrides, check, from_mapping
 from mg_ray.data.config import DataConfig
 
 
@@ -118,3 +122,26 @@ class ExperimentConfig:
                 f"optim.batch_size: expected a multiple of resources.num_workers={workers} "
                 f"(the global batch is split evenly over the workers), got {self.optim.batch_size}"
             )
+
+
+def load_config(source: str, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A preset name (packaged YAML: small, paper) or a YAML path, with dotted-key overrides
+    applied; errors name the file and the key."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        text, where = path.read_text(), str(path)
+    else:
+        preset = resources.files("mg_ray.configs") / f"{source}.yaml"
+        if not preset.is_file():
+            raise ConfigError(f"--config: {source!r} is neither a YAML file nor a preset (small, paper)")
+        text, where = preset.read_text(), f"preset {source}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    try:
+        return from_mapping(ExperimentConfig, apply_overrides(data, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mg_ray import paths
-from mg_ray.config import ConfigError, apply_overrides, from_mapping
-from mg_ray.train.config import ExperimentConfig
+from mg_ray.config import ConfigError
 
 STAGE_MODALITY = {"rgb": "rgb", "pose": "pose", "fused": "rgbpose"}
 
@@ -53,28 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
 
 
-def load_config(source: str, overrides: dict[str, Any]) -> ExperimentConfig:
-    """A preset name (packaged YAML) or a YAML path, with dotted-key overrides applied."""
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        text, where = path.read_text(), str(path)
-    else:
-        preset = resources.files("mg_ray.configs") / f"{source}.yaml"
-        if not preset.is_file():
-            raise ConfigError(f"--config: {source!r} is neither a YAML file nor a preset (small, paper)")
-        text, where = preset.read_text(), f"preset {source}"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from None
-    try:
-        return from_mapping(ExperimentConfig, apply_overrides(data, overrides))
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"model.modality": STAGE_MODALITY[args.stage]}
     for flag, key in (("data", "data.root"), ("workers", "resources.num_workers"),
@@ -95,29 +71,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def ensure_dataset(cfg: ExperimentConfig) -> None:
-    """The embedded default: generate the synthetic dataset on first use. Any other dataset path
-    must exist and load cleanly (annotations validated) before workers start."""
-    from mg_ray.data import load_index
-
-    root = Path(cfg.data.root).expanduser()
-    if not root.exists() and root.resolve() == paths.synthetic_dataset().resolve():
-        from mg_ray.data.synth import generate
-
-        print(f"synthetic dataset not found; generating it in {root}")
-        generate(root)
-    if not root.exists():
-        raise FileNotFoundError(f"data.root: dataset folder {root} does not exist")
-    load_index(root, layout=cfg.data.layout)  # raises naming the file/clip/field on bad input
-
-
 def run(args: argparse.Namespace) -> int:
-    from mg_ray.train.trainer import check_resources, fit, init_ray, train_run_exists
+    from mg_ray import tracking
+    from mg_ray.cluster import check_local_resources, check_resources, init_ray
+    from mg_ray.data.check import ensure_dataset
+    from mg_ray.train.config import load_config
+    from mg_ray.train.trainer import train, train_run_exists
 
     cfg = load_config(args.config, overrides_from_args(args))
-    ensure_dataset(cfg)
     name = args.name or f"train-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(args.storage_path or paths.ray_storage()).expanduser()
+    storage = paths.ensure_writable(Path(args.storage_path or paths.ray_storage()).expanduser().resolve(),
+                                    "Ray storage (--storage-path)")
     if train_run_exists(storage, name) and not args.resume:
         raise SystemExit(
             f"error: a Train run called {name!r} already exists in {storage}. Pass --resume to continue "
@@ -125,14 +89,20 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume and not train_run_exists(storage, name):
         raise SystemExit(f"error: --resume: no Train run called {name!r} in {storage}")
-    init_ray(args.address)
+    ensure_dataset(cfg.data)
+    tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
     res = cfg.resources
-    check_resources(res.num_workers, res.cpus_per_worker, res.use_gpu, what=f"train run {name!r}")
-    outcome = fit(cfg, name=name, storage_path=storage, tags={"mg_ray.stage": args.stage})
+    request = dict(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker, use_gpu=res.use_gpu,
+                   what=f"train run {name!r}")
+    check_local_resources(args.address, **request)  # before a local Ray starts
+    init_ray(args.address)
+    check_resources(**request)
+
+    outcome = train(cfg, name=name, storage_path=storage, tags={"mg_ray.stage": args.stage})
     m = outcome.metrics
     print(
-        f"train {name}: {outcome.status} | mlflow run {outcome.run_id} | best val_top1 "
+        f"train {name}: FINISHED | mlflow run {outcome.run_id} | best val_top1 "
         f"{m.get('best_val_top1', float('nan')):.3f} (epoch {m.get('best_epoch')}) | "
         f"test_top1 {m.get('test_top1', float('nan')):.3f} | best checkpoint {outcome.checkpoint_path}"
     )
-    return 0 if outcome.status == "FINISHED" else 1
+    return 0

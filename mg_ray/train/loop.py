@@ -2,23 +2,23 @@
 
 Read top to bottom: setup (config, data, model, optimiser, resume), then one iteration per epoch
 (train, evaluate on the whole validation split across ranks, checkpoint + `ray.train.report`),
-then the final multi-clip test evaluation of the best weights. Only Ray Train touches DDP
-(`prepare_model`, `prepare_data_loader`); everything rank 0 alone does (checkpoint files, the
+and in the last epoch the multi-clip test evaluation of the best weights. Only Ray Train touches
+DDP (`prepare_model`, `prepare_data_loader`); everything rank 0 alone does (checkpoint files, the
 artifacts for MLflow) sits behind `if rank == 0`.
 
 Workers never talk to MLflow (except to fetch `--rgb-init` / `--pose-init` models): metrics go out
 in the reports and artifacts inside the reported checkpoints, and the Train controller logs both
-into the run its driver owns (see `mg_ray.train.outbox` and `mg_ray.train.trainer`).
+into the run its driver owns (`mg_ray.train.outbox`).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,15 @@ from torch.utils.data import DataLoader, Subset
 
 from mg_ray.config import dump_yaml, from_mapping
 from mg_ray.train.checkpoint import (
-    CHECKPOINT_FILE,
     MODEL_FILE,
+    Best,
+    Resumed,
     build_from_spec,
     model_spec,
     resolve_model_file,
+    restore_checkpoint,
     safe_load,
+    save_checkpoint,
     save_model_file,
     unwrap,
 )
@@ -46,65 +49,179 @@ STREAMS = ("rgb", "pose")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """loop_config: {"experiment": <ExperimentConfig as dict>, "tracking_uri": str, "run_id": str}."""
+    """loop_config: {"experiment": <ExperimentConfig as dict>, "tracking_uri": str}."""
     entered = time.perf_counter()
     import ray.train
     import ray.train.torch
-
-    from mg_ray.data import build_dataset
-    from mg_ray.models import TwoStreamCriterion, merge_stream_checkpoints, modality_streams
 
     cfg = from_mapping(ExperimentConfig, loop_config["experiment"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    amp_dtype = torch.bfloat16 if (cfg.optim.amp == "bf16" or (cfg.optim.amp == "auto" and device.type == "cuda")) else None
+    amp = autocast_dtype(cfg.optim.amp, device)
 
-    # ---- data ------------------------------------------------------------------------------
-    streams = modality_streams(cfg.model.modality)
-    decode = "rgb" in streams  # a pose-only model: no video is decoded
-    train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
-    class_names = list(train_set.class_names)
-    num_classes = len(class_names)
-    per_worker_batch = cfg.optim.batch_size // world
-    loader_workers = cfg.data.num_workers
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(
-            train_set,
-            batch_size=per_worker_batch,
-            shuffle=True,
-            drop_last=len(train_set) >= cfg.optim.batch_size,
-            num_workers=loader_workers,
-            persistent_workers=loader_workers > 0,
-            pin_memory=device.type == "cuda",
-        )
-    )
-    # Validation is sharded by hand (rank r takes samples r, r+world, ...) instead of with a
-    # DistributedSampler, which pads with duplicates: metrics must count every sample once.
-    val_loader = DataLoader(
-        Subset(val_set, range(rank, len(val_set), world)),
-        batch_size=per_worker_batch,
-        num_workers=loader_workers,
-        persistent_workers=loader_workers > 0,
-    )
-
-    # ---- model, loss, optimiser --------------------------------------------------------------
+    # ---- setup -------------------------------------------------------------------------------
+    data = Data.build(cfg, rank, world, device)
     seed_everything(cfg.optim.seed)  # same initial weights and prototypes on every rank
-    spec = model_spec(cfg.model, cfg.data, num_classes, train_set.pose_channels)
+    spec = model_spec(cfg.model, cfg.data, data.num_classes, data.train_set.pose_channels)
+    model, criterion = build_model_and_loss(cfg, spec, device, loop_config["tracking_uri"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
+    training = dict(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
+    resumed = resume(ray.train.get_checkpoint(), training, rank)
+    best = resumed.best or Best()
+    # rank 0 stages its artifacts; they reach MLflow with each epoch's checkpoint
+    outbox = open_outbox(cfg, spec, data.class_names, resumed.start_epoch) if rank == 0 else None
+    setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
+    training_started_at = time.time()
+
+    # ---- epochs ------------------------------------------------------------------------------
+    for epoch in range(resumed.start_epoch, cfg.optim.epochs):
+        seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
+        skipped_before = data.train_set.stats["bad_video"]
+        train_stats = train_one_epoch(model, criterion, optimizer, data.train_loader, device, amp,
+                                      cfg.optim.grad_clip)
+        skipped = all_ranks_sum(data.train_set.stats["bad_video"] - skipped_before, world, device)
+        lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
+        scheduler.step()
+        started = time.perf_counter()
+        val = evaluate(model, data.val_loader, device, amp, cfg.model.stream_weights, world)
+        val_metrics = classification_metrics(val.stream_probs, val.fused, val.labels, "val")
+        improved = val_metrics["val_top1"] > best.val_top1
+        if improved:
+            best = Best.of(epoch, val_metrics["val_top1"], model, criterion)
+        # Key order matters: Tune's progress table shows the first four metrics it sees.
+        metrics = {
+            "val_top1": val_metrics["val_top1"], "best_val_top1": best.val_top1,
+            "epochs_completed": epoch + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
+            "train_loss": train_stats["train_loss"], "epoch": epoch, "lr": lr, **train_stats,
+            "train_skipped_clips": skipped, **val_metrics, "val_s": time.perf_counter() - started,
+            "best_epoch": best.epoch,
+        }
+        if skipped and rank == 0:
+            print(f"epoch {epoch}: {skipped} unreadable training clip(s) skipped and replaced (data.skip_bad)")
+        if epoch == resumed.start_epoch:
+            metrics["worker_setup_s"] = setup_s
+            metrics["training_started_at"] = training_started_at  # wall clock (see bench_trial_overhead.py)
+        last = epoch == cfg.optim.epochs - 1
+        if last and cfg.data.test_split:
+            started = time.perf_counter()
+            metrics.update(final_test(model, best, cfg, data.class_names, device, amp, rank, world, outbox))
+            metrics["test_s"] = time.perf_counter() - started
+
+        if rank == 0 and improved:
+            outbox.log_classification_report("val", val.labels, val.fused, val.stream_probs,
+                                             data.class_names, [data.val_set.clip_name(i) for i in val.indices])
+        if rank == 0 and last:
+            log_best_model(outbox, best, spec, data.class_names, cfg, data.train_set.layout.name)
+        report(metrics, outbox, partial(save_checkpoint, **training, epoch=epoch, best=best, metrics=metrics))
+
+    if resumed.start_epoch >= cfg.optim.epochs and resumed.last_metrics is not None:
+        # Resumed after the last epoch (the driver died between the final report and the end of
+        # the run): report the final metrics again, so whoever waits for them (Tune) gets them.
+        ray.train.report(resumed.last_metrics)
+    if outbox is not None:
+        outbox.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# setup and reports
+
+
+@dataclass
+class Data:
+    """This rank's datasets and loaders: the training shard, and its share of validation."""
+
+    train_set: Any
+    val_set: Any
+    train_loader: Any
+    val_loader: DataLoader
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train_set.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_set.class_names)
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, rank: int, world: int, device: torch.device) -> Data:
+        import ray.train.torch
+
+        from mg_ray.data import build_dataset
+        from mg_ray.models import modality_streams
+
+        decode = "rgb" in modality_streams(cfg.model.modality)  # a pose-only model: no video decoded
+        train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
+        val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
+        per_worker_batch = cfg.optim.batch_size // world
+        workers = cfg.data.num_workers
+        train_loader = ray.train.torch.prepare_data_loader(DataLoader(
+            train_set, batch_size=per_worker_batch, shuffle=True,
+            drop_last=len(train_set) >= cfg.optim.batch_size, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        ))
+        # Validation is sharded by hand (rank r takes samples r, r+world, ...) instead of with a
+        # DistributedSampler, which pads with duplicates: metrics must count every sample once.
+        val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=per_worker_batch,
+                                num_workers=workers, persistent_workers=workers > 0)
+        return cls(train_set, val_set, train_loader, val_loader)
+
+
+def resume(checkpoint, training: dict[str, Any], rank: int) -> Resumed:
+    """Ray Train's checkpoint of this run (a restarted worker group, a resumed study) loaded into
+    the model, criterion, optimiser and scheduler of `training`; a fresh start without one."""
+    if checkpoint is None:
+        return Resumed()
+    with checkpoint.as_directory() as folder:
+        resumed = restore_checkpoint(folder, **training)
+    print(f"[rank {rank}] resumed from the checkpoint of epoch {resumed.start_epoch - 1}")
+    return resumed
+
+
+def open_outbox(cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[str], start_epoch: int):
+    """Rank 0's outbox, with the run's configuration staged when the run starts."""
+    from mg_ray.train.outbox import ArtifactOutbox
+
+    outbox = ArtifactOutbox()
+    if start_epoch == 0:
+        outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
+        outbox.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
+    return outbox
+
+
+def report(metrics: dict[str, Any], outbox, write_checkpoint) -> None:
+    """`ray.train.report` of one epoch: a barrier every rank calls. Rank 0 (the one with an
+    outbox) writes the checkpoint and hands it the staged artifacts."""
+    import ray.train
+
+    if outbox is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        write_checkpoint(folder)
+        outbox.move_into(folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def build_model_and_loss(cfg: ExperimentConfig, spec: dict[str, Any], device: torch.device,
+                         tracking_uri: str) -> tuple[nn.Module, nn.Module]:
+    """The model (initialised from single-stream runs when the config names them), wrapped by Ray
+    Train for DDP, and the two-stream criterion with its prototypes, on `device`."""
+    import ray.train.torch
+
+    from mg_ray.models import TwoStreamCriterion, merge_stream_checkpoints, modality_streams
+
     model = build_from_spec(spec)
     if cfg.model.rgb_init or cfg.model.pose_init:
-        model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, loop_config["tracking_uri"]))
+        model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, tracking_uri))
     criterion = TwoStreamCriterion(
-        num_classes,
-        model.embed_dim,
-        alpha=cfg.loss.alpha,
-        tau=cfg.loss.tau,
-        rho=cfg.loss.rho,
-        refinement=cfg.model.refinement,
-        stream_weights=tuple(cfg.model.stream_weights),
-        streams=streams,
+        spec["num_classes"], model.embed_dim, alpha=cfg.loss.alpha, tau=cfg.loss.tau, rho=cfg.loss.rho,
+        refinement=cfg.model.refinement, stream_weights=tuple(cfg.model.stream_weights),
+        streams=modality_streams(cfg.model.modality),
     ).to(device)
     # NDHWC weights on CUDA (before DDP wraps the model, so its gradient buckets take that layout)
     layout = input_layout(device)
@@ -115,114 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # strides literally and warns once that this "may impair performance". It does not
         # (tests/train/test_loop_cuda.py checks every gradient's real layout).
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
-
-    # ---- resume ------------------------------------------------------------------------------
-    start_epoch, best, last_metrics = 0, Best(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = safe_load(Path(folder) / CHECKPOINT_FILE)
-        unwrap(model).load_state_dict(state["model"])
-        criterion.load_state_dict(state["prototypes"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
-        best = Best.from_state(state["best"])
-        last_metrics = state.get("metrics")
-        print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}")
-
-    # Rank 0 stages its artifacts; they reach MLflow with each epoch's checkpoint (see outbox.py).
-    outbox = None
-    if rank == 0:
-        from mg_ray.train.outbox import ArtifactOutbox
-
-        outbox = ArtifactOutbox()
-        if start_epoch == 0:
-            outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
-            outbox.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
-
-    # ---- epochs ------------------------------------------------------------------------------
-    setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
-    training_started_at = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            model, criterion, optimizer, train_loader, device, amp_dtype, cfg.optim.grad_clip
-        )
-        lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
-        scheduler.step()
-        started = time.perf_counter()
-        val = evaluate(model, val_loader, device, amp_dtype, cfg.model.stream_weights, world)
-        val_s = time.perf_counter() - started
-        val_metrics = classification_metrics(val.stream_probs, val.fused, val.labels, "val")
-        improved = val_metrics["val_top1"] > best.val_top1
-        if improved:
-            best = Best(
-                epoch=epoch,
-                val_top1=val_metrics["val_top1"],
-                model={k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()},
-                prototypes={k: v.detach().cpu().clone() for k, v in criterion.state_dict().items()},
-            )
-        # Key order matters: Tune's progress table shows the first four metrics it sees.
-        metrics = {
-            "val_top1": val_metrics["val_top1"],
-            "best_val_top1": best.val_top1,
-            "epochs_completed": epoch + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
-            "train_loss": train_stats["train_loss"],
-            "epoch": epoch,
-            "lr": lr,
-            **train_stats,
-            **val_metrics,
-            "val_s": val_s,
-            "best_epoch": best.epoch,
-        }
-        if epoch == start_epoch:
-            metrics["worker_setup_s"] = setup_s
-            metrics["training_started_at"] = training_started_at  # wall clock (see bench_trial_overhead.py)
-        last = epoch == cfg.optim.epochs - 1
-        if last and cfg.data.test_split:
-            started = time.perf_counter()
-            metrics.update(final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, outbox))
-            metrics["test_s"] = time.perf_counter() - started
-
-        if rank == 0:  # the metrics travel in the report
-            if improved:
-                clip_names = [val_set.clip_name(i) for i in val.indices]
-                outbox.log_classification_report("val", val.labels, val.fused, val.stream_probs, class_names, clip_names)
-            if last:
-                log_best_model(outbox, best, spec, class_names, cfg, train_set.layout.name)
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(
-                    {
-                        "model": unwrap(model).state_dict(),
-                        "prototypes": criterion.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "best": best.state(),
-                        "metrics": {k: float(v) for k, v in metrics.items()},
-                    },
-                    Path(folder) / CHECKPOINT_FILE,
-                )
-                outbox.move_into(folder)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics)  # a barrier: every rank reports
-
-    if start_epoch >= cfg.optim.epochs and last_metrics is not None:
-        # Resumed after the last epoch (the driver died between the final report and the end of
-        # the run): report the final metrics again, so whoever waits for them (Tune) gets them.
-        ray.train.report(last_metrics)
-    if outbox is not None:
-        outbox.close()
+    return model, criterion
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +245,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad
     model.train()
     criterion.train()
     sums: dict[str, float] = {}
-    samples, steps, wait = 0, 0, 0.0
+    samples, wait = 0, 0.0
     layout = input_layout(device)
     start = time.perf_counter()
     batches = iter(loader)
@@ -260,7 +270,6 @@ def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) * len(labels)
         samples += len(labels)
-        steps += 1
     elapsed = time.perf_counter() - start
     stats = {f"train_{k}": v / max(samples, 1) for k, v in sums.items()}
     stats["train_samples_per_s"] = samples / elapsed if elapsed > 0 else 0.0
@@ -357,23 +366,6 @@ def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, ou
 # helpers
 
 
-@dataclass
-class Best:
-    """The best validation epoch so far and its weights (kept in memory and in checkpoints)."""
-
-    epoch: int = -1
-    val_top1: float = -math.inf
-    model: dict[str, torch.Tensor] | None = None
-    prototypes: dict[str, torch.Tensor] | None = None
-
-    def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "val_top1": self.val_top1, "model": self.model, "prototypes": self.prototypes}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Best:
-        return cls(**state)
-
-
 def log_best_model(outbox, best: Best, spec, class_names, cfg, layout: str) -> None:
     from mg_ray.config import to_dict
 
@@ -401,6 +393,20 @@ def lr_factor(optim_cfg):
     return factor
 
 
+def all_ranks_sum(count: int, world: int, device: torch.device) -> int:
+    """`count` summed over every rank (a collective: every rank calls it)."""
+    if world == 1:
+        return int(count)
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked for, or on CUDA by default (`optim.amp: auto`); None: off."""
+    return torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+
+
 def to_device(x: torch.Tensor | None, device: torch.device, layout: torch.memory_format) -> torch.Tensor | None:
     """A batch tensor on `device` in `layout` (None, for a stream the model lacks, stays None)."""
     return None if x is None else x.to(device, non_blocking=True, memory_format=layout)
@@ -410,9 +416,8 @@ def input_layout(device: torch.device) -> torch.memory_format:
     """The memory layout of the model's weights and 5-D inputs on `device`.
 
     On CUDA, channels-last-3d (NDHWC): cuDNN's bf16 convolutions run in that layout, and with
-    NCDHW tensors every convolution pays transposes around it. The paper preset's training step
-    was 1.1x (batch 2) to 1.5x (batch 10) faster on an H100 (`benchmarks/bench_model.py` prints
-    both layouts). On CPU the default layout is kept.
+    NCDHW tensors every convolution pays transposes around it (`benchmarks/bench_model.py`
+    prints both layouts). On CPU the default layout is kept.
     """
     return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
 

@@ -2,16 +2,9 @@
 
 Rank 0 does not talk to MLflow. It stages what it would log in an `ArtifactOutbox` and hands
 the staged files over inside the checkpoint it reports every epoch; its metrics travel in the
-report itself. `MLflowLoggingCallback`, a Ray Train callback that runs in the Train controller,
-logs both into the run.
-
-Why: importing mlflow and opening its store costs a fresh worker process about 2 s, and
-matplotlib (the confusion matrices) 0.7 s more, all of it on the path from one trial's end to
-the next one's first batch while the other rank waits. The controller opens them in a
-background thread that `OpenMLflowEarly` starts with the controller, so the first report finds
-MLflow open. In a study the controller runs in the trial's driver process, which Tune reuses
-(`MgRayTorchTrainer` with `should_abort`): the imports are paid once per driver, not per trial.
-See `benchmarks/bench_trial_overhead.py`.
+report itself. `MLflowLoggingCallback`, a Ray Train `UserCallback` that runs in the Train
+controller, logs both into the run. Workers thus never import mlflow or matplotlib, and a
+worker group restarted by `FailureConfig` logs on into the same run.
 
 Ordering: Ray Train runs callbacks in order, and `fit()` puts this one before Tune's report
 callback, so a trial's epoch is in MLflow before Tune (or ASHA) sees it.
@@ -21,15 +14,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray.train import UserCallback
-from ray.train.v2._internal.execution.callback import ControllerCallback
 
 OUTBOX_DIR = "mlflow_outbox"      # inside a reported checkpoint folder
 ARTIFACTS, REPORTS = "artifacts", "reports"
@@ -91,67 +81,33 @@ def replay(outbox: Path, logger) -> None:
                                              arrays["class_names"].tolist(), arrays["clip_names"].tolist())
 
 
-def mlflow_callbacks(tracking_uri: str, run_id: str) -> list:
-    """The Train callbacks that log a run into MLflow from its controller."""
-    return [OpenMLflowEarly(tracking_uri, run_id), MLflowLoggingCallback(tracking_uri, run_id)]
-
-
-_opened: dict[tuple[str, str], Future] = {}  # (tracking URI, run id) -> RunLogger, per process
-_opened_lock = threading.Lock()
-
-
-def open_run_logger(tracking_uri: str, run_id: str) -> Future:
-    """The run's `RunLogger`, opened once per process in a background thread: mlflow and
-    matplotlib imported, the store opened. The future raises what opening raised; the next call
-    after a failure tries again."""
-    key = (tracking_uri, run_id)
-    with _opened_lock:
-        future = _opened.get(key)
-        if future is None or (future.done() and future.exception() is not None):
-            _opened[key] = future = Future()
-            threading.Thread(target=_open, args=(future, *key), name="mlflow-open", daemon=True).start()
-        return future
-
-
-def _open(future: Future, tracking_uri: str, run_id: str) -> None:
-    try:
-        from mg_ray.train.tracking import RunLogger, load_pyplot
-
-        logger = RunLogger(tracking_uri, run_id)
-        logger.client.get_run(run_id)  # connects to the store (and checks the run is there)
-        load_pyplot()
-        future.set_result(logger)
-    except BaseException as err:  # handed to whoever waits for the logger
-        future.set_exception(err)
-
-
-class OpenMLflowEarly(ControllerCallback):
-    """Starts opening MLflow (`open_run_logger`) when the Train controller starts."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-
-    def after_controller_start(self, train_run_context) -> None:
-        open_run_logger(self.tracking_uri, self.run_id)
-
-
 class MLflowLoggingCallback(UserCallback):
-    """Logs rank 0's reported metrics (step = epoch) and the outbox of its checkpoint.
+    """Logs rank 0's reported metrics (step = epoch) and the outbox of its checkpoint into the
+    MLflow run whose key is `run_key`, from the Train controller (a public `ray.train.UserCallback`).
 
-    Created by the driver, it runs in the Train controller, with the logger that
-    `OpenMLflowEarly` started opening (or opens it now). A report without a checkpoint is the
-    loop's replay of its final metrics after a resume (already logged): it is skipped.
+    Created by the driver, it runs in the controller and opens MLflow at the first report (the
+    import and the store: a few CPU-seconds, while the workers train on). A report without a
+    checkpoint is the loop's replay of its final metrics after a resume (already logged): it is
+    skipped. Once the run's owner has ended it (a trial that Tune stopped, say, whose workers
+    train on until Tune's stop reaches them), nothing more is logged into it.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, tracking_uri: str, experiment: str, run_key: str) -> None:
+        self.tracking_uri, self.experiment, self.run_key = tracking_uri, experiment, run_key
         self._logger = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_logger": None}  # an open MLflow client does not travel
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if checkpoint is None:
             return
+        from mg_ray import tracking
+
         if self._logger is None:
-            self._logger = open_run_logger(self.tracking_uri, self.run_id).result()
+            self._logger = tracking.open_run_logger(self.tracking_uri, self.experiment, self.run_key)
+        if not self._logger.is_running():
+            return
         reported = metrics[0]  # rank 0's
         self._logger.log_metrics(reported, step=int(reported.get("epoch", 0)))
         with checkpoint.as_directory() as folder:

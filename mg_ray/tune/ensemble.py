@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mg_ray.train import tracking
+from mg_ray import tracking
 from mg_ray.train.metrics import topk_accuracy
 
 
@@ -112,25 +112,9 @@ def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment:
     return {"run_id": run_id, "weights": weights.tolist(), "metrics": metrics}
 
 
-def runs_of_study(study: str, tracking_uri: str, experiment: str, top: int) -> list[str]:
-    """The `top` best completed trial runs of a study by best_val_top1."""
-    mlflow_client = tracking.client(tracking_uri)
-    exp = mlflow_client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"no MLflow experiment {experiment!r}")
-    runs = mlflow_client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`mg_ray.study` = '{study}' and tags.`mg_ray.role` = 'trial'",
-        order_by=["metrics.best_val_top1 DESC"], max_results=top,
-    )
-    if not runs:
-        raise ValueError(f"study {study!r} has no trial runs in experiment {experiment!r}")
-    return [r.info.run_id for r in runs]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", nargs="+", help="MLflow run ids to ensemble")
-    parser.add_argument("--study", help="ensemble the best --top trials of this study instead")
+    parser.add_argument("--study", help="ensemble the best --top completed trials of this study instead")
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--experiment", default="mg-ray")
     parser.add_argument("--name", help="run name of the ensemble run")
@@ -138,10 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mg_ray.tune.results import best_trials
+
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_store(uri)
     if bool(args.runs) == bool(args.study):
         raise SystemExit("error: give either --runs RUN [RUN ...] or --study NAME")
-    run_ids = args.runs or runs_of_study(args.study, uri, args.experiment, args.top)
+    run_ids = args.runs or [r.info.run_id for r in best_trials(
+        args.study, experiment=args.experiment, metric="val_top1", mode="max", tracking_uri=uri, top=args.top)]
     if len(run_ids) < 2:
         raise SystemExit(f"error: an ensemble needs at least 2 runs, got {len(run_ids)}")
     out = ensemble(run_ids, tracking_uri=uri, experiment=args.experiment, name=args.name)

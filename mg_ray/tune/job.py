@@ -39,9 +39,11 @@ def example_clip(root: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mg_ray.train import tracking
+    import sys
+
+    from mg_ray import tracking
     from mg_ray.tune.space import load_space
-    from mg_ray.tune.study import run_study
+    from mg_ray.tune.study import StudyInterrupted, run_study
 
     space = load_space(args.space)  # validated before anything starts
     study = args.study or Path(args.space).stem
@@ -49,8 +51,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --study {study!r}: expected letters, digits, '_', '.', '-' (max 64)")
     if args.trials is not None and args.trials < 1:
         raise SystemExit(f"error: --trials: expected an integer >= 1, got {args.trials}")
-    summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
-                        storage_path=args.storage_path, promote=not args.no_promote, address=args.address)
+    try:
+        summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
+                            storage_path=args.storage_path, promote=not args.no_promote, address=args.address)
+    except StudyInterrupted as err:
+        print(f"mg-ray tune: {err} (nothing was registered)", file=sys.stderr)
+        return 130
     print()
     print(f"study {study}: {summary['num_trials']} trials {summary.get('states', {})}")
     if "best_trial_id" in summary:
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if promotion["new"]:
             print(f"registered model {promotion['name']} version {promotion['version']} (alias {role})")
         else:
-            from mg_ray.tune.promote import existing_version_state
+            from mg_ray.registry import existing_version_state
 
             print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
                   f"{existing_version_state(promotion)}")

@@ -85,19 +85,6 @@ class StudySettings:
     time_budget_s: float | None = None
     seed: int = 0
     trial_driver_cpus: float = 0.1    # the Tune trial function only waits on its Train run
-    # Trials started beyond what the cluster can train at once: their MLflow run (and, the first
-    # time, their driver process) start up while the running trials train, and their workers
-    # start as soon as resources free up. Since a trial's Train controller runs in its reused
-    # driver, that start-up is short, and on a machine whose CPUs the trials fill, what it
-    # saves the next trial costs the training beside it (benchmarks/bench_trial_overhead.py).
-    standby_trials: int = 0
-    # Seconds a new trial is held back after a trial starts or ends while another one is live
-    # (twice that after a trial started with nothing else live: see `tune/stagger.py`). On a
-    # machine whose CPUs the trials fill, a standby trial launched the moment a trial ends
-    # starts its processes (driver, Train controller, imports) exactly while the next trial's
-    # workers start theirs, and slows that critical start-up; held back, it starts up while
-    # that trial trains. 0 launches at once.
-    trial_stagger_s: float = 0.0
     asha: AshaSettings = field(default_factory=AshaSettings)
     register_as: str = "mg-ray-fused"  # registered model name for promotion
 
@@ -108,8 +95,6 @@ class StudySettings:
         check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
               "a number of seconds > 0 or null", self.time_budget_s)
         check(self.trial_driver_cpus >= 0, "trial_driver_cpus", "a number >= 0", self.trial_driver_cpus)
-        check(self.standby_trials >= 0, "standby_trials", "an integer >= 0", self.standby_trials)
-        check(self.trial_stagger_s >= 0, "trial_stagger_s", "a number of seconds >= 0", self.trial_stagger_s)
 
 
 @dataclass
@@ -146,9 +131,6 @@ class SearchSpace:
             return p.value
         return self.fixed.get(key)
 
-    def searched(self) -> list[str]:
-        return [n for n, p in self.parameters.items() if p.type != "fixed"]
-
 
 def load_space(path: str | Path) -> SearchSpace:
     """Load and validate a search-space YAML; errors name the file and the key."""
@@ -170,7 +152,7 @@ def load_space(path: str | Path) -> SearchSpace:
 def base_config_dict(space: SearchSpace) -> dict[str, Any]:
     """The base training config as a nested dict, before fixed values and trial parameters."""
     from mg_ray.config import to_dict
-    from mg_ray.train.job import load_config
+    from mg_ray.train.config import load_config
 
     return to_dict(load_config(space.base, {}))
 

@@ -134,14 +134,14 @@ def test_pickle_with_code_payload(tmp_path):
 
 
 def test_yaml_config_unknown_key_and_bad_values(tmp_path):
-    from mg_ray.config import load_yaml
+    from mg_ray.train.config import load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("rgb_frame: 8\n")
-    with pytest.raises(ConfigError, match="c.yaml: rgb_frame: unknown key"):
-        load_yaml(DataConfig, path)
-    path.write_text("pose_frames: 0\n")
+    path.write_text("data:\n  rgb_frame: 8\n")
+    with pytest.raises(ConfigError, match="c.yaml: data.rgb_frame: unknown key"):
+        load_config(str(path), {})
+    path.write_text("data:\n  pose_frames: 0\n")
     with pytest.raises(ConfigError, match="pose_frames: expected an integer >= 1, got 0"):
-        load_yaml(DataConfig, path)
+        load_config(str(path), {})
     with pytest.raises(ConfigError, match="flip_prob: expected a number in \\[0, 1\\]"):
         from_mapping(DataConfig, {"flip_prob": 2})

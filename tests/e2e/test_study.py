@@ -146,13 +146,12 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
 
     import mlflow.pyfunc
 
-    from mg_ray.config import load_yaml
-    from mg_ray.train.config import ExperimentConfig
+    from mg_ray.train.config import load_config
 
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/tiny-model@champion")
 
-    cfg = load_yaml(ExperimentConfig, client.download_artifacts(v1.run_id, "config/resolved_config.yaml", str(tmp_path)))
+    cfg = load_config(client.download_artifacts(v1.run_id, "config/resolved_config.yaml", str(tmp_path)), {})
     item = build_dataset(cfg.data, "test", mode="test", num_clips=1)[0]
     probs = model.predict({"rgb": item["rgb"][None].numpy(), "pose": item["pose"][None].numpy()})
     assert probs.shape == (1, 10) and np.isclose(probs.sum(), 1.0, atol=1e-4)

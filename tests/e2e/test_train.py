@@ -48,10 +48,9 @@ def model_stream_weights(model) -> tuple[float, float]:
 
 
 def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset, tmp_path):
-    from mg_ray.config import load_yaml
     from mg_ray.data import build_dataset
     from mg_ray.train.checkpoint import build_from_spec, load_model_file, safe_load
-    from mg_ray.train.config import ExperimentConfig
+    from mg_ray.train.config import load_config
 
     home = tmp_path / "home"
     done = run(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "2", "--name", "e2e-train")
@@ -75,7 +74,7 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
 
     # The latest Ray checkpoint (epoch 1) in a fresh model reproduces epoch 1's val_top1.
     cfg_file = client.download_artifacts(mlrun.info.run_id, "config/resolved_config.yaml", str(tmp_path))
-    cfg = load_yaml(ExperimentConfig, cfg_file)
+    cfg = load_config(cfg_file, {})
     val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)
     model_file = client.download_artifacts(mlrun.info.run_id, "best_model/model.pt", str(tmp_path))
     best_model, content = load_model_file(model_file)

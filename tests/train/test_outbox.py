@@ -1,6 +1,6 @@
 """Rank 0's artifacts reach MLflow through the checkpoint: staged by `ArtifactOutbox`, handed over
-with `move_into`, logged by `MLflowLoggingCallback` into a real sqlite store, which the controller
-opens in the background as it starts (`OpenMLflowEarly`)."""
+with `move_into`, logged by `MLflowLoggingCallback` (a public Ray Train `UserCallback`) into a real
+sqlite store, in the run it finds by key; nothing once the run's owner has ended it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ray.train import Checkpoint
 
-from mg_ray.train import tracking
-from mg_ray.train.outbox import OUTBOX_DIR, ArtifactOutbox, MLflowLoggingCallback, OpenMLflowEarly, open_run_logger
+from mg_ray import tracking
+from mg_ray.train.outbox import OUTBOX_DIR, ArtifactOutbox, MLflowLoggingCallback
 from tests.e2e.helpers import artifact_paths
 
 
@@ -17,7 +17,7 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
-    callback = MLflowLoggingCallback(uri, run_id)
+    callback = MLflowLoggingCallback(uri, "t", "k")
 
     outbox = ArtifactOutbox()
     outbox.log_text("a: 1\n", "config/resolved_config.yaml")
@@ -53,25 +53,21 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     assert "right" in open(csv).read()  # class names survive the hand-over
 
 
-def test_the_controller_opens_mlflow_once_in_the_background(tmp_path):
+def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_path):
+    import pickle
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
+    callback = pickle.loads(pickle.dumps(MLflowLoggingCallback(uri, "t", "k")))  # as Ray ships it
+    callback.after_report(None, [{"epoch": 0, "val_top1": 0.5}], _empty_checkpoint(tmp_path))
+    tracking.terminate_run(client, run_id, "KILLED")  # Tune stopped the trial, say
+    callback.after_report(None, [{"epoch": 1, "val_top1": 0.75}], _empty_checkpoint(tmp_path))
+    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0]
+    assert pickle.loads(pickle.dumps(callback))._logger is None  # an open client does not travel
 
-    OpenMLflowEarly(uri, run_id).after_controller_start(None)  # what the Train controller calls first
-    opening = open_run_logger(uri, run_id)
-    assert open_run_logger(uri, run_id) is opening  # once per process
-    logger = opening.result(timeout=60)
-    assert logger.run_id == run_id
-    MLflowLoggingCallback(uri, run_id).after_report(None, [{"epoch": 0, "val_top1": 0.5}], _empty_checkpoint(tmp_path))
-    assert client.get_run(run_id).data.metrics["val_top1"] == 0.5
-
-    # A run that is not in the store: the report that needs the logger raises what opening
-    # raised, and the next attempt opens again.
-    missing = open_run_logger(uri, "0" * 32)
-    with pytest.raises(Exception, match="0" * 32):
-        MLflowLoggingCallback(uri, "0" * 32).after_report(None, [{"epoch": 0}], _empty_checkpoint(tmp_path))
-    assert open_run_logger(uri, "0" * 32) is not missing
+    with pytest.raises(LookupError, match="no run with mg_ray.run_key='other'"):
+        MLflowLoggingCallback(uri, "t", "other").after_report(None, [{"epoch": 0}], _empty_checkpoint(tmp_path))
 
 
 def _empty_checkpoint(tmp_path):

@@ -78,11 +78,3 @@ def test_infeasible_resources_are_refused_before_any_trial(tmp_path, tiny_datase
     done = tune(tmp_path, "--space", str(space), "--data", str(tiny_dataset))
     assert done.returncode == 2 and "CPU" in done.stderr, done.stderr[-3000:]
     assert "Trial status" not in done.stdout
-
-
-def test_negative_trial_stagger_is_refused(tmp_path):
-    path = tmp_path / "space.yaml"
-    path.write_text("base: small\nstudy:\n  trial_stagger_s: -1\nparameters:\n  loss.alpha: {type: float, low: 0.1, high: 0.5}\n")
-    with pytest.raises(ConfigError, match="trial_stagger_s") as err:
-        load_space(path)
-    assert "a number of seconds >= 0" in str(err.value)

@@ -1,39 +1,12 @@
-"""When trials start and how they end: `StaggeredLimiter` and `FinishingASHA`."""
+"""How trials end early: `FinishingASHA`."""
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.search import Searcher
 
-from mg_ray.tune.scheduling import FinishingASHA, StaggeredLimiter
-
-
-def test_trial_launches_are_staggered_while_another_trial_is_live():
-    class Fixed(Searcher):
-        def suggest(self, trial_id):
-            return {"x": 1}
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            pass
-
-    limiter = StaggeredLimiter(Fixed(), max_concurrent=2, stagger_s=0.5)
-    assert limiter.suggest("a") == {"x": 1}  # nothing live: at once
-    assert limiter.suggest("b") is None      # held: "a" just started, cold (for 2 x 0.5 s)
-    time.sleep(0.6)
-    assert limiter.suggest("b") is None
-    time.sleep(0.5)
-    assert limiter.suggest("b") == {"x": 1}
-    assert limiter.suggest("c") is None      # the concurrency limit
-    limiter.on_trial_complete("a")
-    assert limiter.suggest("c") is None      # held: "a" just ended while "b" runs
-    time.sleep(0.6)
-    assert limiter.suggest("c") == {"x": 1}
-    limiter.on_trial_complete("b")
-    limiter.on_trial_complete("c")
-    assert limiter.suggest("d") == {"x": 1}  # nothing live: at once
+from mg_ray.tune.scheduling import FinishingASHA
 
 
 def test_asha_stops_at_its_rungs_but_lets_a_trial_at_its_last_epoch_end_by_itself():

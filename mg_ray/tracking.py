@@ -1,13 +1,12 @@
-"""MLflow tracking for training runs.
+"""MLflow access for the whole project: the store, runs found by key, their lifecycle, logging.
 
 Who does what:
-- The *driver* (the `mg-ray train` process, or a Tune trial) owns a run's lifecycle. It finds the
-  run by its key (a tag) or creates it, passes the run id to the workers, and terminates it when
-  `fit()` returns or raises (a trial's run: the study driver, once Tune has recorded the trial's
-  end). A worker group restarted by `FailureConfig` therefore logs into the same run, and no run
-  is left RUNNING whatever happens to the workers.
-- The *Train controller* logs metrics and artifacts into that run id (`RunLogger`), from rank 0's
-  reports and the files staged in their checkpoints (see `mg_ray.train.outbox`).
+- The *driver* that owns a run creates or reopens it (found again by its key, a tag) and
+  terminates it: `mg-ray train` for its one run, the study driver for the study's run and every
+  trial's run (`mg_ray.tune.trial_state`). No run is left RUNNING whatever happens to workers.
+- The *Train controller* logs metrics and artifacts into a run it finds by key (`RunLogger`),
+  from rank 0's reports and the files staged in their checkpoints (`mg_ray.train.outbox`).
+  Workers never talk to MLflow.
 
 Everything goes through `MlflowClient` with an explicit tracking URI: no fluent global state in
 Ray's processes.
@@ -29,15 +28,28 @@ from mg_ray import paths
 
 RUN_KEY_TAG = "mg_ray.run_key"
 PARENT_TAG = "mlflow.parentRunId"
+# The tags a study puts on its runs (`mg_ray.tune`): which study, which role (study / trial), the
+# Tune trial id, how the trial ended (completed / stopped / failed / interrupted / orphaned) and
+# why, and the epochs Tune saw.
+STUDY_TAG, ROLE_TAG, TRIAL_TAG = "mg_ray.study", "mg_ray.role", "mg_ray.trial_id"
+STATE_TAG, STOP_REASON_TAG, EPOCHS_TAG = "mg_ray.trial_state", "mg_ray.stop_reason", "mg_ray.trial_epochs"
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
     """`MLFLOW_TRACKING_URI` wins (as in MLflow itself), then the config, then the sqlite store
     under $MG_RAY_HOME (never the current directory, which is temporary under `ray job submit`)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or paths.mlflow_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or paths.mlflow_tracking_uri()
+
+
+def check_store(tracking_uri: str) -> None:
+    """Fail fast, before any training, when the tracking store cannot be used: a sqlite file (or
+    its artifact folder) that cannot be written, or a tracking server that does not answer."""
+    db = paths.sqlite_file(tracking_uri)
+    if db is not None:
+        paths.ensure_writable_file(db, f"MLflow store {tracking_uri}")
+        paths.ensure_writable(paths.mlflow_artifact_root(), "MLflow artifact root")
+    else:
+        check_tracking_server(tracking_uri)
 
 
 def client(tracking_uri: str):
@@ -47,7 +59,7 @@ def client(tracking_uri: str):
 
 
 def check_tracking_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, before any training, when the tracking store cannot be reached."""
+    """Fail fast, before any training, when the tracking server cannot be reached."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -142,6 +154,10 @@ class RunLogger:
         self.client = client(tracking_uri)
         self.run_id = run_id
 
+    def is_running(self) -> bool:
+        """False once the run's owner has ended it."""
+        return self.client.get_run(self.run_id).info.status == "RUNNING"
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -191,6 +207,18 @@ class RunLogger:
                 predictions_csv(labels, fused, clip_names, class_names)
             )
             self.client.log_artifacts(self.run_id, str(tmp), "evaluation")
+
+
+def open_run_logger(tracking_uri: str, experiment: str, run_key: str) -> RunLogger:
+    """A `RunLogger` on the run of `experiment` whose key is `run_key` (its owner created it)."""
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    run = find_run(mlflow_client, found.experiment_id, run_key) if found is not None else None
+    if run is None:
+        raise LookupError(f"MLflow experiment {experiment!r} at {tracking_uri} has no run with "
+                          f"{RUN_KEY_TAG}={run_key!r}: its driver creates it before training starts")
+    load_pyplot()  # confusion matrices are drawn here, in the controller
+    return RunLogger(tracking_uri, run.info.run_id)
 
 
 def per_class_csv(cm: np.ndarray, accuracy: np.ndarray, class_names: Sequence[str]) -> str:

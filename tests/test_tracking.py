@@ -1,6 +1,6 @@
 """MLflow run lifecycle against a real sqlite store: one run per key, resumed not duplicated."""
 
-from mg_ray.train import tracking
+from mg_ray import tracking
 
 
 def test_run_found_again_by_key_and_terminated(tmp_path):

@@ -1,0 +1,99 @@
+"""The Ray cluster a job runs on: connecting to it, and refusing requests it can never satisfy.
+
+`init_ray` connects to the cluster in `--address` / RAY_ADDRESS, or starts a private local one.
+`check_resources` refuses, with the fix, a training request that the cluster can never place (Ray
+would wait for it forever). For a local cluster the same check runs before Ray starts
+(`check_local_resources`), on the CPUs Ray will find, so a bad request fails in a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot run what was asked: raised before anything waits on resources."""
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to connect to: `address`, else RAY_ADDRESS, else None (a private local one)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at `address` / RAY_ADDRESS, or start a private local cluster.
+
+    Without an address we start a private local cluster (`address="local"`) rather than letting
+    `ray.init()` attach to whatever cluster happens to run on this machine. Its dashboard (which
+    serves the State API) listens on loopback only. (Ray 2.60 binds its internal ports to the
+    node's address whatever it is given; `infra/local/start.sh` has the same limit.)
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster_address(address)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def local_resources() -> dict[str, float]:
+    """The CPUs (and whether there are GPUs) a local cluster started here will have, without
+    starting it: the CPUs this process may run on, GPUs when an NVIDIA driver is present."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    has_gpu = shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
+    return {"CPU": float(cpus), "GPU": 1.0 if has_gpu else 0.0}
+
+
+def check_resources(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    *,
+    reserved_cpus: float = 0.0,
+    what: str = "training run",
+    total: dict[str, float] | None = None,
+) -> None:
+    """Refuse, with the fix, a request the cluster can never satisfy.
+
+    reserved_cpus: CPUs held besides the workers (a Tune trial's driver holds some).
+    total: the cluster's resources (default: the connected cluster's).
+    """
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need = num_workers * cpus_per_worker + reserved_cpus
+    if need > cpus + 1e-9:
+        fit_cpus = max(0.0, cpus - reserved_cpus) / num_workers
+        hint = (
+            f"use fewer workers, or --cpus-per-worker {fit_cpus:.2g} (fractional CPUs work)"
+            if fit_cpus > 0 else "add CPUs to the cluster"
+        )
+        raise ResourceError(
+            f"{what} needs {need:g} CPUs ({num_workers} workers x {cpus_per_worker:g} CPU"
+            + (f" + {reserved_cpus:g} for the trial driver" if reserved_cpus else "")
+            + f") but the Ray cluster has {cpus:g}: it would never start. Fix: {hint}."
+        )
+    if use_gpu and gpus < num_workers:
+        raise ResourceError(
+            f"{what} asks for {num_workers} GPU(s) but the Ray cluster has {gpus:g}. "
+            f"Fix: set resources.use_gpu=false (--cpu) or connect to a cluster with GPU nodes."
+        )
+
+
+def check_local_resources(address: str | None, **request) -> None:
+    """`check_resources` before Ray starts, when the job will start a local cluster (no
+    address): on the CPUs that cluster will have. GPU counts are checked once Ray is up (only
+    their absence is known here)."""
+    if cluster_address(address) is not None:
+        return
+    total = local_resources()
+    if request.get("use_gpu") and total["GPU"]:
+        request = {**request, "use_gpu": False}  # some GPUs: counted by Ray once it is up
+    check_resources(**request, total=total)

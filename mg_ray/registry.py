@@ -1,0 +1,270 @@
+"""The MLflow model registry: a training run's best model -> a pyfunc model -> a registered version.
+
+Used by a study's promotion of its best trial and by `mg-ray promote` (`mg_ray.tune.promote`).
+
+The run's `best_model/model.pt` is wrapped as a pyfunc model (signature: `rgb` and `pose` float32
+tensors in, fused class probabilities out; an input example), logged into the run under `model/`
+and registered. The new version gets the alias `candidate`; it takes `champion` only when it
+beats the current champion on the validation metric (or there is none), unless forced. Lineage
+tags on the version: study, trial, run, git commit, dataset fingerprint.
+
+The run's own status is never touched (the model is saved locally and uploaded as artifacts), so a
+trial that ASHA stopped keeps its KILLED status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mg_ray import tracking
+from mg_ray.train.checkpoint import MODEL_FILE
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+class MicroGestureClassifier:
+    """The pyfunc model: loads `model.pt` (weights-only) and returns fused class probabilities.
+
+    Input: {"rgb": float32 [N, 3, T, H, W], "pose": float32 [N, C, T', h, w]}
+    Output: float32 [N, K] fused probabilities. Several clips of one video: predict them as a
+    batch and average the rows (as `mg-ray predict` does).
+    """
+
+    # Defined lazily as a PythonModel subclass (mlflow import is heavy); see `_pyfunc_class()`.
+
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class _MicroGestureClassifier(mlflow.pyfunc.PythonModel):
+        __doc__ = MicroGestureClassifier.__doc__
+
+        def load_context(self, context):
+            from mg_ray.train.checkpoint import load_model_file
+
+            self.model, content = load_model_file(context.artifacts["model_file"])
+            self.class_names = content["class_names"]
+            self.data = content["data"]
+            self.stream_weights = tuple(content["spec"]["kwargs"].get("stream_weights", (1.0, 1.0)))
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            from mg_ray.models import fuse_probabilities
+
+            rgb = torch.as_tensor(np.asarray(model_input["rgb"], dtype=np.float32))
+            pose = torch.as_tensor(np.asarray(model_input["pose"], dtype=np.float32))
+            with torch.no_grad():
+                return fuse_probabilities(self.model(rgb, pose), self.stream_weights).numpy()
+
+    return _MicroGestureClassifier
+
+
+def save_pyfunc(model_file: Path, out: Path) -> None:
+    """Write an MLflow pyfunc model folder for `model_file` (with signature and input example)."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from mg_ray.train.checkpoint import safe_load
+
+    content = safe_load(model_file)
+    kwargs, data = content["spec"]["kwargs"], content["data"]
+    num_classes = content["spec"]["num_classes"]
+    rgb_shape = (-1, 3, kwargs["rgb_frames"], data["rgb_size"], data["rgb_size"])
+    pose_shape = (-1, kwargs["pose_channels"], kwargs["pose_frames"], data["heatmap_size"], data["heatmap_size"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), rgb_shape, "rgb"),
+                       TensorSpec(np.dtype(np.float32), pose_shape, "pose")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
+    )
+    example = {"rgb": np.zeros((1, *rgb_shape[1:]), np.float32),
+               "pose": np.zeros((1, *pose_shape[1:]), np.float32)}
+    import torch
+
+    mlflow.pyfunc.save_model(
+        str(out),
+        python_model=_pyfunc_class()(),
+        artifacts={"model_file": str(model_file)},
+        signature=signature,
+        input_example=example,
+        # explicit requirements: inference would load the model in a subprocess (slow)
+        pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "mlflow", "mg-ray"],
+        metadata={"class_names": list(content["class_names"])},
+    )
+
+
+def promote_run(
+    run_id: str,
+    name: str,
+    *,
+    tracking_uri: str | None = None,
+    metric: str = "val_top1",
+    mode: str = "max",
+    lineage: dict[str, str] | None = None,
+    force_champion: bool = False,
+) -> dict[str, Any]:
+    """Register `run_id`'s best model as a new version of `name`; returns what happened."""
+    import mlflow
+
+    tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client(tracking_uri)
+    check_run(client, run_id, tracking_uri)
+    run = client.get_run(run_id)
+    score_key = f"best_{metric}" if f"best_{metric}" in run.data.metrics else metric
+    if score_key not in run.data.metrics:
+        raise ValueError(f"run {run_id} has no metric {metric!r} to compare on; is it a training run?")
+    score = run.data.metrics[score_key]
+    existing = registered_version(client, name, run_id)
+    if existing is not None:
+        # Promoting a run twice (a finished study run again, a repeated `mg-ray promote`) must not
+        # register a duplicate version: the existing one keeps its aliases, and only the champion
+        # rule below applies to it.
+        return _apply_champion_rule(client, name, existing, score, metric, mode, force_champion, new=False)
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
+        )
+        model_dir = Path(folder) / "model"
+        save_pyfunc(Path(local), model_dir)
+        client.log_artifacts(run_id, str(model_dir), "model")
+    tags = {
+        "run_id": run_id,
+        "study": (lineage or {}).get("study", run.data.tags.get("mg_ray.study", "")),
+        "trial": (lineage or {}).get("trial", run.data.tags.get("mg_ray.trial_id", "")),
+        "git_commit": git_commit(),
+        "dataset_fingerprint": dataset_fingerprint(run.data.params.get("data.root")),
+        metric: str(score),
+    }
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return _apply_champion_rule(client, name, version, score, metric, mode, force_champion, new=True)
+
+
+class ModelNotFoundError(LookupError):
+    """A model URI (or run id) names nothing in the tracking store."""
+
+
+def check_model_uri(uri: str, tracking_uri: str) -> None:
+    """Raise ModelNotFoundError, naming what is missing and what exists, unless `uri`
+    (`models:/<name>@<alias>`, `models:/<name>/<version>`, `runs:/<run id>/<path>` or a local
+    folder) resolves to a model. Cheap: run it before loading anything."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client(tracking_uri)
+    where = f"in the tracking store {tracking_uri}"
+    if uri.startswith("models:/"):
+        name, sep, ref = uri[len("models:/"):].partition("@")
+        version = None
+        if not sep:
+            name, _, version = name.partition("/")
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException:
+            known = sorted(m.name for m in client.search_registered_models(max_results=50))
+            raise ModelNotFoundError(f"{uri}: no registered model {name!r} {where} "
+                                     f"(registered: {', '.join(known) or 'none'})") from None
+        if sep and ref not in (model.aliases or {}):
+            raise ModelNotFoundError(f"{uri}: model {name!r} has no alias {ref!r} "
+                                     f"(aliases: {', '.join(sorted(model.aliases or {})) or 'none'})")
+        if version:
+            try:
+                client.get_model_version(name, version)
+            except MlflowException:
+                raise ModelNotFoundError(f"{uri}: model {name!r} has no version {version!r}") from None
+    elif uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        check_run(client, run_id, tracking_uri)
+        if path and not client.list_artifacts(run_id, path.rstrip("/")):
+            raise ModelNotFoundError(f"{uri}: run {run_id} has no artifact {path!r}")
+    elif not Path(uri).expanduser().exists():
+        raise ModelNotFoundError(f"{uri}: not a models:/ or runs:/ URI, and no such folder")
+
+
+def check_run(client, run_id: str, tracking_uri: str) -> None:
+    """Raise ModelNotFoundError unless run `run_id` exists in the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ModelNotFoundError(f"run {run_id!r}: no such MLflow run in the tracking store {tracking_uri}") from None
+
+
+def registered_version(client, name: str, run_id: str):
+    """The oldest version of registered model `name` made from `run_id`, or None."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _apply_champion_rule(client, name, version, score, metric, mode, force_champion, *, new: bool):
+    """`version` takes `champion` if it beats the current champion's score (or there is none,
+    or `force_champion`); returns what happened."""
+    previous = None
+    try:
+        previous = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # no champion yet
+        pass
+    if previous is not None and previous.version == version.version:
+        better = True  # already the champion
+    elif previous is not None and not force_champion:
+        old = float(previous.tags.get(metric, "nan"))
+        better = not np.isfinite(old) or (score > old if mode == "max" else score < old)
+    else:
+        better = True
+    if better:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "new": new,
+        "score": score,
+        "champion": better,
+        "previous_champion": int(previous.version) if previous is not None else None,
+    }
+
+
+def existing_version_state(out: dict[str, Any]) -> str:
+    """What promoting an already registered run did, for `promote_run`'s result with new=False."""
+    if out["champion"]:
+        return "nothing new registered, it is champion"
+    return f"nothing new registered, champion stays version {out['previous_champion']}"
+
+
+def git_commit() -> str:
+    """The commit the code runs from (MG_RAY_GIT_COMMIT wins: a `ray job submit` upload has no .git)."""
+    if os.environ.get("MG_RAY_GIT_COMMIT"):
+        return os.environ["MG_RAY_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dataset_fingerprint(root: str | None) -> str:
+    """dataset.json's fingerprint, else a sha256 of the annotation file; 'unknown' without data."""
+    if not root:
+        return "unknown"
+    folder = Path(root).expanduser()
+    meta = folder / "dataset.json"
+    if meta.is_file():
+        import json
+
+        fp = json.loads(meta.read_text()).get("fingerprint")
+        if fp:
+            return str(fp)
+    ann = folder / "annotations.pkl"
+    if ann.is_file():
+        return hashlib.sha256(ann.read_bytes()).hexdigest()
+    return "unknown"

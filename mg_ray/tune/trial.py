@@ -1,0 +1,73 @@
+"""One trial of a study: a Tune function trainable that runs one Ray Train run.
+
+This is the pattern Ray documents for Tune over Train V2: the function builds a `TorchTrainer`
+whose Train run is named after the trial (so a restored trial resumes its run from its last
+checkpoint), reports through Ray's `TuneReportCallback`, and calls `fit()`. When Tune stops the
+trial (ASHA, the time budget, the end of the study) it ends the trial's actor; the Train
+controller and workers it owns end with it, and Ray Train's placement-group cleaner frees their
+CPUs.
+
+The trial's MLflow run is opened and ended by the study driver (`mg_ray.tune.trial_state`); the
+Train controller logs into it, found by its key (`run_key`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mg_ray.config import apply_overrides, from_mapping
+from mg_ray.train.config import ExperimentConfig
+from mg_ray.tune.space import SearchSpace, trial_overrides
+
+
+@dataclass
+class StudyContext:
+    """What every trial needs to know about its study (passed with `tune.with_parameters`)."""
+
+    name: str
+    base: dict[str, Any]          # base training config as a nested dict
+    space: SearchSpace
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    train_storage: str            # where the trials' Train runs (and checkpoints) live
+    optuna_storage: str           # Optuna RDB storage URL holding the study of the same name
+    max_epochs: int               # a trial that reported this many epochs completed
+
+
+def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
+    """The full training config of one trial: base + fixed + sampled parameters."""
+    sampled = {k: v for k, v in params.items() if "|" not in k}  # drop conditional helper names
+    data = apply_overrides(ctx.base, trial_overrides(ctx.space, sampled))
+    data = apply_overrides(data, {"tracking.tracking_uri": ctx.tracking_uri,
+                                  "tracking.experiment": ctx.experiment})
+    return from_mapping(ExperimentConfig, data)
+
+
+def train_run_name(ctx: StudyContext, trial_id: str) -> str:
+    """The name of a trial's Train run (its folder under `ctx.train_storage`)."""
+    return f"{ctx.name}_{trial_id}"
+
+
+def run_key(ctx: StudyContext, trial_id: str) -> str:
+    """The key of a trial's MLflow run."""
+    return f"{ctx.name}/{trial_id}"
+
+
+def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
+    """The Tune function trainable: one Ray Train run with this trial's configuration."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mg_ray.train.trainer import fit
+
+    trial_id = tune.get_context().get_trial_id()
+    fit(
+        trial_config(ctx, params),
+        name=train_run_name(ctx, trial_id),
+        storage_path=ctx.train_storage,
+        tracking_uri=ctx.tracking_uri,
+        run_key=run_key(ctx, trial_id),
+        callbacks=[TuneReportCallback()],
+    )

@@ -1,0 +1,158 @@
+"""Every trial's MLflow run, from the study driver: opened when Tune starts the trial, ended with
+how the trial ended.
+
+`TrialRuns` is a Tune callback. It opens a trial's run (or reopens it, for a trial resumed after
+a crash) when Tune starts the trial, before the trial's function runs, and ends it when Tune
+reports the trial's end:
+
+    completed    FINISHED  the trial trained all its epochs
+    stopped      KILLED    ASHA stopped it (stop reason `asha`), or the time budget ran out
+                           (`time_budget`)
+    failed       FAILED    its Train run raised
+    interrupted  KILLED    the study was interrupted (Ctrl-C) while it ran; the same command
+                           resumes it, and reopens its run
+
+Tune tells its callbacks nothing about the trials still running when the study ends early
+(`time_budget_s`, Ctrl-C): `close_unfinished` ends those once `Tuner.fit()` has returned and
+the trials' Train workers are gone. `Session.interrupted` says whether the study ended because
+of a Ctrl-C: Tune catches the first one and returns from `fit()` normally, so this callback wraps
+the SIGINT handler Tune installs (in `setup`, which Tune calls after installing it).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from mg_ray import tracking
+from mg_ray.config import flatten, to_dict
+from mg_ray.tune.trial import StudyContext, run_key, train_run_name, trial_config
+
+TIME_ATTR = "epochs_completed"  # the epochs a trial completed, as its Train run reports them
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker")  # Ray Train's actors, as the State API names them
+
+
+@dataclass
+class Session:
+    """What this process knows of a study it runs: its context, the trials whose runs are open,
+    whether a Ctrl-C came. Kept here, not on the callback: a resumed study's callback is the copy
+    Tune restores from the experiment state, with the context of the session that started it."""
+
+    ctx: StudyContext
+    open: dict[str, str] = field(default_factory=dict)  # trial id -> run id, opened and not ended
+    interrupted: bool = False
+
+
+_sessions: dict[str, Session] = {}
+
+
+def begin(ctx: StudyContext) -> Session:
+    """Called by the study driver before `Tuner.fit()`."""
+    _sessions[ctx.name] = Session(ctx)
+    return _sessions[ctx.name]
+
+
+class TrialRuns(Callback):
+    def __init__(self, study: str) -> None:
+        self.study = study
+
+    @property
+    def session(self) -> Session:
+        return _sessions[self.study]
+
+    # ---- Tune's callback interface -------------------------------------------------------------
+    def setup(self, **info) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tune_handler = signal.getsignal(signal.SIGINT)
+        session = self.session
+
+        def on_sigint(signum, frame):
+            session.interrupted = True
+            if callable(tune_handler):
+                tune_handler(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        ctx = self.session.ctx
+        client = tracking.client(ctx.tracking_uri)
+        run_id, resumed = tracking.start_or_resume_run(
+            client, client.get_experiment_by_name(ctx.experiment).experiment_id, run_key(ctx, trial.trial_id),
+            run_name=f"{ctx.name}_{trial.trial_id}", parent_run_id=ctx.parent_run_id,
+            tags={tracking.STUDY_TAG: ctx.name, tracking.ROLE_TAG: "trial", tracking.TRIAL_TAG: trial.trial_id,
+                  "mg_ray.train_run": train_run_name(ctx, trial.trial_id), "mg_ray.storage_path": ctx.train_storage},
+            params=flatten(to_dict(trial_config(ctx, trial.config))),
+        )
+        if resumed:  # how it ended before no longer holds
+            client.set_tag(run_id, tracking.STATE_TAG, "running")
+        self.session.open[trial.trial_id] = run_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if epochs_seen(trial) >= self.session.ctx.max_epochs:
+            close(self.session, trial.trial_id, "completed", epochs_seen(trial))
+        else:
+            close(self.session, trial.trial_id, "stopped", epochs_seen(trial), reason="asha")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        close(self.session, trial.trial_id, "failed", epochs_seen(trial))
+
+
+def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True) -> list[str]:
+    """After `Tuner.fit()`: end the runs of trials that were still running when the study ended
+    (the time budget, or a Ctrl-C), once their Train workers are gone (`wait`); returns their
+    trial ids. `epochs`: the epochs Tune saw, per trial id."""
+    if not session.open:
+        return []
+    if wait:
+        wait_for_train_actors_to_end()
+    state, reason = ("interrupted", None) if session.interrupted else ("stopped", "time_budget")
+    ended = list(session.open)
+    for trial_id in ended:
+        close(session, trial_id, state, epochs.get(trial_id, 0), reason=reason)
+    return ended
+
+
+def close(session: Session, trial_id: str, state: str, epochs: int, reason: str | None = None) -> None:
+    """End a trial's run: its state and the epochs Tune saw as tags, the matching run status."""
+    run_id = session.open.pop(trial_id, None)
+    if run_id is None:
+        return
+    client = tracking.client(session.ctx.tracking_uri)
+    tags = {tracking.STATE_TAG: state, tracking.EPOCHS_TAG: str(epochs)}
+    if reason:
+        tags[tracking.STOP_REASON_TAG] = reason
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    tracking.terminate_run(client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
+
+
+def epochs_seen(trial: Any) -> int:
+    # int(): a trial restored from the experiment state on resume can hold it as a float
+    return int((trial.last_result or {}).get(TIME_ATTR, 0))
+
+
+def wait_for_train_actors_to_end(timeout_s: float = 60.0) -> None:
+    """Wait until this job's Train controllers and workers are dead (Tune has killed the trials'
+    actors, which own them: they end a moment later), through Ray's State API."""
+    import ray
+    from ray.util.state import list_actors
+
+    job_id = ray.get_runtime_context().get_job_id()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [a for a in list_actors(filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")], limit=10_000)
+                 if a.class_name in TRAIN_ACTORS]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            print(f"warning: {len(alive)} Ray Train actor(s) of this study still alive after {timeout_s:g} s")
+            return
+        time.sleep(0.5)
