@@ -1,54 +1,33 @@
-"""Per-trial orchestration overhead of a study: trial wall time minus training and evaluation.
+"""Per-trial orchestration overhead of a study, side by side with a bare Ray Train trial.
 
-    python benchmarks/bench_trial_overhead.py                 # quick.yaml, 1-epoch trials
-    python benchmarks/bench_trial_overhead.py --epochs 2 --sizes 2 8
+    python benchmarks/bench_trial_overhead.py                 # quick.yaml, 4 trials of 2 epochs
+    python benchmarks/bench_trial_overhead.py --trials 6 --standby 0
 
-Runs studies of the same space (same seed, so the same trial configurations) one after the other
-on one local Ray cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic dataset is
-taken from ~/.mg-ray, or generated there once). ASHA's grace period is set to the epoch count, so
-every trial runs all its epochs. A Tune callback on the driver sums the work the workers report
-for each trial: `train_epoch_s` and `val_s` of every epoch plus `test_s`. For each study:
+Runs, on one local Ray cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic
+dataset is taken from ~/.mg-ray, or generated there once):
 
-    overhead = study wall - sum of the trials' work
+- **bare**: Ray's documented Tune-over-Train pattern and nothing else: a function trainable per
+  trial that builds a `TorchTrainer` around the same per-worker loop with Ray's
+  `TuneReportCallback` and calls `fit()`, with the same searcher (OptunaSearch, same seed, so the
+  same configurations) and the same concurrency; no MLflow, no ASHA, no callbacks of ours;
+- **mg-ray**: `run_study` on the same space (ASHA's grace period set to the epoch count, so every
+  trial runs all its epochs): the MLflow run tree, the controller's logging, the summary.
 
-which is everything else: the processes Ray Train starts for every run (the workers and a
-synchronization actor) and their imports, process groups, datasets and models, MLflow,
-checkpoints, teardown, the trial driver's start-up (once per driver process: Tune reuses it), and
-the study's own start (Tuner, searcher, MLflow parent run) and end (summary, plots).
-
-The studies:
-- `standby_trials: 0`, `--trials` trials: one trial at a time, each starting after the last one
-  ended: overhead / trials is what a trial costs on its own.
-- the space's own settings (standby trials, trial stagger) at two sizes, `--sizes N1 N2`: the
-  overhead grows by the same amount with every trial, so
-
-      per-trial overhead = (overhead(N2) - overhead(N1)) / (N2 - N1)        (target: < 10 s)
-      per-study overhead = overhead(N1) - N1 x per-trial overhead
-
-  The per-study part is paid once, however many trials a study has.
-
-The difference of two studies' overheads is noisy on a shared machine (each is a sum over many
-seconds of noise). So each study also measures the same thing directly: on 2 CPUs one trial
-trains at a time, and every second between one trial's last work (its test evaluation) and the
-next trial's first batch is orchestration. The workers report the wall-clock time their first
-epoch started (`training_started_at`); a trial's work ends `work` seconds later. The mean of
-those gaps over a study is its per-trial overhead, printed as `mean gap`.
-
-Neither figure sees the CPU that a standby trial's start-up (its MLflow run and, the first time,
-its driver process), when the space has `standby_trials`, takes from the trial that trains beside
-it: that shows as slower work. The studies
-draw the same configurations (same seed), so the benchmark also prints how much longer the work
-of a configuration took in the studies than alone, and the per-trial cost with it.
+The overhead of a trial is measured directly: on 2 CPUs one trial trains at a time, and every
+second between one trial's last work (its test evaluation) and the next trial's first batch is
+orchestration. The workers report the wall-clock time their first epoch started
+(`training_started_at`) and the seconds they worked (`train_epoch_s`, `val_s`, `test_s`); the
+mean of the gaps over a study is its per-trial overhead. Wall time less work is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 
@@ -59,121 +38,137 @@ def mean(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="search_spaces/quick.yaml")
-    parser.add_argument("--trials", type=int, default=3, help="trials of the standby 0 study")
-    parser.add_argument("--sizes", type=int, nargs=2, default=(2, 6), metavar=("N1", "N2"),
-                        help="trials of the two studies run with the space's own settings")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="epochs per trial (with 1, the controller's start of MLflow at the first "
+                             "report falls between two trials)")
+    parser.add_argument("--standby", type=int, help="standby trials (default: the space's)")
     args = parser.parse_args()
-    n1, n2 = args.sizes
-    if not 1 <= n1 < n2:
-        parser.error("--sizes needs 1 <= N1 < N2")
 
     home = Path(tempfile.mkdtemp(prefix="mg-ray-bench-"))
     dataset = Path(os.environ.get("MG_RAY_HOME", "~/.mg-ray")).expanduser() / "datasets" / "synth"
     os.environ["MG_RAY_HOME"] = str(home)  # fresh MLflow store, Ray results, Optuna storage
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-    from ray.tune import Callback
+    import ray
+    from ray import tune
 
-    from mg_ray.data.synth import generate
     from mg_ray.cluster import init_ray
+    from mg_ray.data.synth import generate
     from mg_ray.tune.space import load_space
-    from mg_ray.tune.study import run_study
+    from mg_ray.tune.study import max_concurrent_trials, run_study
 
     if not dataset.exists():
         generate(dataset)
     space = load_space(args.space)
-    space.fixed.update({"optim.epochs": args.epochs, "optim.milestones": [args.epochs], "optim.warmup_epochs": 0})
+    space.fixed.update({"optim.epochs": args.epochs, "optim.milestones": [args.epochs], "optim.warmup_epochs": 0,
+                        "data.root": str(dataset)})
     space.study.asha.grace_period = args.epochs  # no early stopping: every trial runs to the end
     space.study.time_budget_s = None
+    space.study.num_trials = args.trials
+    if args.standby is not None:
+        space.study.standby_trials = args.standby
 
-    class Timer(Callback):
+    class Timer(tune.Callback):
         def __init__(self) -> None:
-            self.start: dict[str, float] = {}
-            self.end: dict[str, float] = {}
             self.work: dict[str, float] = {}
-            self.worker_setup: dict[str, float] = {}
             self.training_started: dict[str, float] = {}  # wall clock (time.time())
             self.config: dict[str, str] = {}
-            self.driver_pids: set[int] = set()  # Tune reuses trial actors: fewer than trials
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.start[trial.trial_id] = time.perf_counter()
             self.config[trial.trial_id] = json.dumps(trial.config, sort_keys=True, default=str)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             work = sum(result.get(k, 0.0) for k in ("train_epoch_s", "val_s", "test_s"))
             self.work[trial.trial_id] = self.work.get(trial.trial_id, 0.0) + work
-            if "worker_setup_s" in result:
-                self.worker_setup[trial.trial_id] = result["worker_setup_s"]
             if "training_started_at" in result:
                 self.training_started[trial.trial_id] = result["training_started_at"]
-            if "pid" in result:
-                self.driver_pids.add(result["pid"])
 
         def gaps(self) -> list[float]:
             """Seconds from each trial's last work to the next trial's first batch."""
             order = sorted(self.training_started, key=self.training_started.get)
-            return [self.training_started[b] - (self.training_started[a] + self.work[a])
-                    for a, b in zip(order, order[1:])]
+            return [self.training_started[b] - (self.training_started[a] + self.work[a]) for a, b in pairwise(order)]
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.end[trial.trial_id] = time.perf_counter()
-
-        def work_by_config(self) -> dict[str, float]:
-            return {self.config[t]: work for t, work in self.work.items()}
-
-    def study(name: str, trials: int, **settings) -> tuple[float, list[float], dict[str, float]]:
-        """Runs one study; prints its trials; returns its overhead (wall - work) in seconds, the
-        gaps between consecutive trials' work, and each configuration's work."""
-        run_space = copy.deepcopy(space)
-        for key, value in settings.items():
-            setattr(run_space.study, key, value)
-        timer = Timer()
-        started = time.perf_counter()
-        run_study(run_space, study_name=name, data_root=str(dataset), num_trials=trials,
-                  promote=False, verbose=0, callbacks=[timer])
-        wall = time.perf_counter() - started
-        work = sum(timer.work.values())
-        print(f"\n{name}: {trials} trials x {args.epochs} epoch(s), standby_trials "
-              f"{run_space.study.standby_trials}, trial_stagger_s {getattr(run_space.study, 'trial_stagger_s', 0):g}: "
-              f"wall {wall:.1f} s, work {work:.1f} s, overhead {wall - work:.1f} s; "
-              f"{len(timer.driver_pids)} trial driver process(es)")
-        print(f"{'trial':10} {'wall s':>8} {'work s':>8} {'wall-work s':>12} {'worker setup s':>15}")
-        for trial in sorted(timer.end, key=timer.start.get):
-            trial_wall = timer.end[trial] - timer.start[trial]
-            print(f"{trial:10} {trial_wall:8.1f} {timer.work.get(trial, 0.0):8.1f} "
-                  f"{trial_wall - timer.work.get(trial, 0.0):12.1f} {timer.worker_setup.get(trial, float('nan')):15.1f}")
-        gaps = timer.gaps()
-        print("gaps between one trial's last work and the next one's first batch: "
+    def report(name: str, wall: float, timer: Timer) -> list[float]:
+        gaps, work = timer.gaps(), sum(timer.work.values())
+        print(f"\n{name}: {len(timer.work)} trials x {args.epochs} epoch(s): wall {wall:.1f} s, work {work:.1f} s, "
+              f"wall - work {wall - work:.1f} s ({(wall - work) / max(1, len(timer.work)):.1f} s per trial)")
+        print("  gaps between one trial's last work and the next one's first batch: "
               + ", ".join(f"{gap:.1f}" for gap in gaps) + f" s (mean {mean(gaps):.1f} s)")
-        return wall - work, gaps, timer.work_by_config()
+        return gaps
 
     init_ray()
-    alone, alone_gaps, alone_work = study("alone", args.trials, standby_trials=0, trial_stagger_s=0.0)
-    small, small_gaps, small_work = study(f"study-{n1}", n1)
-    large, large_gaps, large_work = study(f"study-{n2}", n2)
-    per_trial = (large - small) / (n2 - n1)
-    gaps = small_gaps + large_gaps
-    # The same configurations (same seed) trained alone and in the studies, where a standby
-    # trial starts up beside the running one: the CPU that start-up takes shows as slower work.
-    slowdown = [work[config] - alone_work[config] for work in (small_work, large_work)
-                for config in work if config in alone_work]
-    print(f"\none trial at a time (standby 0):          {alone / args.trials:5.1f} s overhead per trial, "
-          f"mean gap {mean(alone_gaps):.1f} s")
-    print(f"{args.space} settings, {n1} and {n2} trials:  {small / n1:5.1f} and {large / n2:5.1f} s overhead per trial")
-    print(f"  per-study overhead (paid once):          {small - n1 * per_trial:5.1f} s")
-    print(f"  per-trial overhead, from the difference: {per_trial:5.1f} s   (target: < 10 s)")
-    print(f"  per-trial overhead, mean gap:            {mean(gaps):5.1f} s   (target: < 10 s; {len(gaps)} gaps, "
-          f"{min(gaps):.1f}-{max(gaps):.1f} s; {mean(alone_gaps) / mean(gaps):.1f}x less than one trial at a time)")
-    if not space.study.standby_trials:  # one trial at a time: nothing starts up beside training
-        print(f"  no standby trials, so nothing starts up beside a trial's training (the work of the same "
-              f"configurations differed from the first study's by {mean(slowdown):+.1f} s)")
-        return
-    print(f"  work of a trial beside a standby start-up: {mean(slowdown):+5.1f} s against the same configuration "
-          f"alone ({len(slowdown)} trials)")
-    print(f"  per-trial cost, mean gap + that:         {mean(gaps) + mean(slowdown):5.1f} s   "
-          f"(one trial at a time: {mean(alone_gaps):.1f} s)")
+    bare_timer, started = Timer(), time.perf_counter()
+    bare_study(space, bare_timer)
+    bare_gaps = report("bare Ray Train trials", time.perf_counter() - started, bare_timer)
+
+    timer, started = Timer(), time.perf_counter()
+    run_study(space, study_name="bench", promote=False, verbose=0, callbacks=[timer])
+    gaps = report("mg-ray study", time.perf_counter() - started, timer)
+
+    concurrency = max_concurrent_trials(space, _probe(space), ray.cluster_resources())
+    print(f"\nper-trial overhead (mean gap), side by side in one run; {concurrency} trial(s) at a time "
+          f"(standby_trials {space.study.standby_trials}):")
+    print(f"  bare Ray Train trial: {mean(bare_gaps):5.1f} s")
+    print(f"  mg-ray trial:         {mean(gaps):5.1f} s   ({mean(gaps) / mean(bare_gaps):.2f}x the bare trial; "
+          f"{mean(gaps) - mean(bare_gaps):+.1f} s)")
+
+
+def _probe(space):
+    from mg_ray.config import apply_overrides, from_mapping
+    from mg_ray.train.config import ExperimentConfig
+    from mg_ray.tune.space import base_config_dict, trial_overrides
+
+    return from_mapping(ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, {})))
+
+
+def bare_trial(config: dict, space) -> None:
+    """Ray's documented pattern: a TorchTrainer per trial, reporting through TuneReportCallback."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mg_ray.config import apply_overrides, from_mapping, to_dict
+    from mg_ray.train.config import ExperimentConfig
+    from mg_ray.train.loop import train_loop_per_worker
+    from mg_ray.tune.space import base_config_dict, trial_overrides
+
+    params = {k: v for k, v in config.items() if "|" not in k}
+    cfg = from_mapping(ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, params)))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "tracking_uri": ""},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.num_workers,
+                                               resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"bare_{tune.get_context().get_trial_id()}",
+                                       storage_path=str(Path(os.environ["MG_RAY_HOME"]) / "bare_train"),
+                                       callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def bare_study(space, timer) -> None:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mg_ray.tune.study import max_concurrent_trials
+
+    searcher = OptunaSearch(space.sample, metric=space.study.metric, mode=space.study.mode,
+                            storage=optuna.storages.RDBStorage(f"sqlite:///{os.environ['MG_RAY_HOME']}/bare.db"),
+                            study_name="bare", seed=space.study.seed)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(bare_trial, space=space), {"cpu": space.study.trial_driver_cpus}),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.study.num_trials,
+                                    max_concurrent_trials=max_concurrent_trials(space, _probe(space),
+                                                                                ray.cluster_resources())),
+        run_config=tune.RunConfig(name="bare", storage_path=str(Path(os.environ["MG_RAY_HOME"]) / "bare_tune"),
+                                  callbacks=[timer], verbose=0),
+    )
+    tuner.fit()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 # package from that copy (the code the job was submitted with), installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mg_ray.cli import main  # noqa: E402
+from mg_ray.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["tune", *sys.argv[1:]]))

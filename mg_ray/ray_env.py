@@ -1,24 +1,37 @@
 """Environment settings the project gives Ray and Tune, in one place, each with its reason.
 
-Only documented variables (Ray's "Environment variables used by Ray Tune" page). A value the user
-has set always wins: `apply_defaults()` only fills in what is unset, in the study driver's process,
-before the `Tuner` is created (where Tune reads them).
+A value the user has set always wins: `apply_defaults()` only fills in what is unset, in the
+process named below, before the object that reads it is created.
 """
 
 from __future__ import annotations
 
 import os
 
-DEFAULTS: dict[str, tuple[str, str]] = {
+# The study driver, before the `Tuner` is created (documented on Ray's "Environment variables
+# used by Ray Tune" page).
+STUDY_DRIVER: dict[str, tuple[str, str]] = {
     "TUNE_GLOBAL_CHECKPOINT_S": (
         "0",
-        "save the experiment state on every step (Tune's default: every 10+ s). A study driver "
-        "killed between two saves forgets the trials that started since, and the resumed study "
-        "runs their slots again; the state of a study of tens of trials is a few kB.",
+        ("save the experiment state on every step (Tune's default: every 10+ s). A study driver "
+         "killed between two saves forgets the trials that started since, and the resumed study "
+         "runs their slots again; the state of a study of tens of trials is a few kB."),
+    ),
+}
+
+# Each trial's function, before its `TorchTrainer` runs (Ray Train hands RAY_TRAIN_* settings of
+# that process on to the run's controller).
+TRIAL: dict[str, tuple[str, str]] = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": (
+        "86400",
+        ("a standby trial (`study.standby_trials`) waits for the running trials' CPUs as long as "
+         "one of them trains; with Ray Train's default of 60 s it logs a startup-timeout error "
+         "every minute meanwhile (the error itself names this variable as the way to raise it). "
+         "Requests no cluster can ever place are refused before the study starts."),
     ),
 }
 
 
-def apply_defaults() -> None:
-    for name, (value, _why) in DEFAULTS.items():
+def apply_defaults(settings: dict[str, tuple[str, str]]) -> None:
+    for name, (value, _why) in settings.items():
         os.environ.setdefault(name, value)

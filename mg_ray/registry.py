@@ -209,11 +209,12 @@ def registered_version(client, name: str, run_id: str):
 def _apply_champion_rule(client, name, version, score, metric, mode, force_champion, *, new: bool):
     """`version` takes `champion` if it beats the current champion's score (or there is none,
     or `force_champion`); returns what happened."""
-    previous = None
+    from mlflow.exceptions import MlflowException
+
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
-    except Exception:  # no champion yet
-        pass
+    except MlflowException:  # no champion yet
+        previous = None
     if previous is not None and previous.version == version.version:
         better = True  # already the champion
     elif previous is not None and not force_champion:
@@ -245,7 +246,7 @@ def git_commit() -> str:
     if os.environ.get("MG_RAY_GIT_COMMIT"):
         return os.environ["MG_RAY_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -97,7 +97,7 @@ def get_or_create_experiment(mlflow_client, name: str) -> str:
         artifact_location = paths.mlflow_artifact_root().as_uri()
     try:
         return mlflow_client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created concurrently by another trial
+    except Exception:  # noqa: BLE001 (created concurrently by another process: any store's error)
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 

@@ -40,7 +40,7 @@ _EXPORTS = {
     "load_skeleton": "dataset",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (a list, built from the table above)
 
 
 def __getattr__(name: str) -> Any:

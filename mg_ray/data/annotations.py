@@ -122,7 +122,7 @@ def safe_load_pickle(path: str | Path) -> Any:
             return RestrictedUnpickler(f, str(path)).load()
         except AnnotationError:
             raise
-        except Exception as err:  # truncated or not a pickle at all
+        except Exception as err:  # noqa: BLE001 (truncated, or not a pickle at all: any error)
             raise AnnotationError(f"{path}: not a readable annotation pickle: {err}") from None
 
 

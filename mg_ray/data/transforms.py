@@ -93,9 +93,9 @@ def random_resized_box(
 
 def integer_box(box: Box) -> tuple[int, int, int, int]:
     """Round a box to whole pixels (at least 1 x 1), so frames crop without resampling."""
-    x0, y0 = int(math.floor(box[0] + 0.5)), int(math.floor(box[1] + 0.5))
-    x1 = max(int(math.floor(box[2] + 0.5)), x0 + 1)
-    y1 = max(int(math.floor(box[3] + 0.5)), y0 + 1)
+    x0, y0 = math.floor(box[0] + 0.5), math.floor(box[1] + 0.5)
+    x1 = max(math.floor(box[2] + 0.5), x0 + 1)
+    y1 = max(math.floor(box[3] + 0.5), y0 + 1)
     return (x0, y0, x1, y1)
 
 

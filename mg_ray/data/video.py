@@ -41,7 +41,7 @@ def read_frames(path: str | Path, indices: np.ndarray, expected_frames: int | No
         raise VideoError(f"{path}: video file not found")
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
-    except Exception as err:  # decord raises DECORDError / RuntimeError
+    except Exception as err:  # noqa: BLE001 (decord raises DECORDError, RuntimeError, ...)
         raise VideoError(f"{path}: cannot open video (corrupt or not a video?): {_short(err)}") from None
     try:
         num_frames = len(reader)
@@ -58,7 +58,7 @@ def read_frames(path: str | Path, indices: np.ndarray, expected_frames: int | No
             batch = reader.get_batch(unique.tolist()).asnumpy()
         except VideoError:
             raise
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (any decoder error)
             raise VideoError(f"{path}: decoding frames failed (truncated or corrupt video?): {_short(err)}") from None
         if batch.ndim != 4 or batch.shape[0] != len(unique):
             raise VideoError(f"{path}: decoder returned {batch.shape} for {len(unique)} frames")
@@ -77,7 +77,7 @@ def video_size(path: str | Path) -> tuple[int, int]:
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         h, w = reader[0].shape[:2]
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (any decoder error)
         raise VideoError(f"{path}: cannot open video: {_short(err)}") from None
     return int(h), int(w)
 

@@ -103,7 +103,7 @@ class H264Writer:
             self._container.close()
             self._container = None
 
-    def __enter__(self) -> H264Writer:
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

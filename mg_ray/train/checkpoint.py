@@ -64,7 +64,7 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such checkpoint or model file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for corrupt zips
+    except Exception as err:  # noqa: BLE001 (UnpicklingError for foreign objects, RuntimeError for corrupt zips, ...)
         raise ValueError(
             f"{path}: not a loadable mg-ray checkpoint (weights-only load refused it: {err})"
         ) from None

@@ -94,23 +94,23 @@ class MLflowLoggingCallback(UserCallback):
 
     def __init__(self, tracking_uri: str, experiment: str, run_key: str) -> None:
         self.tracking_uri, self.experiment, self.run_key = tracking_uri, experiment, run_key
-        self._logger = None
+        self.run_logger = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_logger": None}  # an open MLflow client does not travel
+        return {**self.__dict__, "run_logger": None}  # an open MLflow client does not travel
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if checkpoint is None:
             return
         from mg_ray import tracking
 
-        if self._logger is None:
-            self._logger = tracking.open_run_logger(self.tracking_uri, self.experiment, self.run_key)
-        if not self._logger.is_running():
+        if self.run_logger is None:
+            self.run_logger = tracking.open_run_logger(self.tracking_uri, self.experiment, self.run_key)
+        if not self.run_logger.is_running():
             return
         reported = metrics[0]  # rank 0's
-        self._logger.log_metrics(reported, step=int(reported.get("epoch", 0)))
+        self.run_logger.log_metrics(reported, step=int(reported.get("epoch", 0)))
         with checkpoint.as_directory() as folder:
             outbox = Path(folder) / OUTBOX_DIR
             if outbox.is_dir():
-                replay(outbox, self._logger)
+                replay(outbox, self.run_logger)

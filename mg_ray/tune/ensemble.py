@@ -30,7 +30,7 @@ def load_predictions(run_id: str, split: str, tracking_uri: str, folder: Path) -
             artifact_uri=f"runs:/{run_id}/evaluation/{split}_predictions.npz",
             dst_path=str(folder / run_id), tracking_uri=tracking_uri,
         )
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (whatever the artifact store raises)
         raise FileNotFoundError(f"run {run_id}: no evaluation/{split}_predictions.npz ({err})") from None
     with np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}

@@ -133,6 +133,6 @@ def log_optuna_plots(study: str, optuna_storage: str, logger) -> None:
                 fig.tight_layout()
                 fig.savefig(Path(folder) / f"{name}.png", dpi=100)
                 plt.close(fig)
-            except Exception as err:  # plots are a convenience: never fail the study on one
+            except Exception as err:  # noqa: BLE001 (plots are a convenience: never fail the study on one)
                 (Path(folder) / f"{name}.txt").write_text(f"not plotted: {err}\n")
         logger.client.log_artifacts(logger.run_id, folder, "study/plots")

@@ -85,6 +85,10 @@ class StudySettings:
     time_budget_s: float | None = None
     seed: int = 0
     trial_driver_cpus: float = 0.1    # the Tune trial function only waits on its Train run
+    # Trials started beyond what the cluster can train at once: their driver and Train
+    # controller start up while the others train, and their workers start the moment a running
+    # trial's CPUs are freed (`mg_ray.tune.study.max_concurrent_trials`).
+    standby_trials: int = 1
     asha: AshaSettings = field(default_factory=AshaSettings)
     register_as: str = "mg-ray-fused"  # registered model name for promotion
 
@@ -95,6 +99,7 @@ class StudySettings:
         check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
               "a number of seconds > 0 or null", self.time_budget_s)
         check(self.trial_driver_cpus >= 0, "trial_driver_cpus", "a number >= 0", self.trial_driver_cpus)
+        check(self.standby_trials >= 0, "standby_trials", "an integer >= 0", self.standby_trials)
 
 
 @dataclass

@@ -40,15 +40,19 @@ class StudyInterrupted(KeyboardInterrupt):
 
 
 def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, total: dict[str, float]) -> int:
-    """Trials at once: as many as the cluster's CPUs (and GPUs) can train, capped by
-    `max_concurrent` and the number of trials. Tune places only the trial functions (a small CPU
-    share each); the Train workers wait for their own placement groups, so more trials than the
-    cluster can train would only queue their workers."""
+    """Trials at once: as many as the cluster's CPUs (and GPUs) can train, plus the space's
+    `standby_trials`, capped by `max_concurrent` and the number of trials.
+
+    Tune places only the trial functions (a small CPU share each); the Train workers wait for
+    their own placement groups. A standby trial's driver and Train controller start up while the
+    others train, and its placement group is placed the moment a running trial's is freed
+    (`benchmarks/bench_trial_overhead.py` measures what that saves); more than that would only
+    queue more workers."""
     res, study = cfg.resources, space.study
     fits = math.floor(total.get("CPU", 0) / (res.num_workers * res.cpus_per_worker + study.trial_driver_cpus) + 1e-9)
     if res.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // res.num_workers))
-    concurrent = min(max(1, fits), study.num_trials)
+    concurrent = min(max(1, fits) + study.standby_trials, study.num_trials)
     return min(concurrent, study.max_concurrent) if study.max_concurrent else concurrent
 
 
@@ -132,7 +136,7 @@ def run_study(
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": space.study.trial_driver_cpus})
-    ray_env.apply_defaults()
+    ray_env.apply_defaults(ray_env.STUDY_DRIVER)
     session = trial_state.begin(ctx)
     status = "FAILED"
     try:

@@ -60,8 +60,10 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mg_ray import ray_env
     from mg_ray.train.trainer import fit
 
+    ray_env.apply_defaults(ray_env.TRIAL)
     trial_id = tune.get_context().get_trial_id()
     fit(
         trial_config(ctx, params),

@@ -5,7 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mg_ray.data.annotations import AnnotationError, RestrictedUnpickler, load_index, safe_load_pickle
+from mg_ray.data.annotations import (
+    AnnotationError,
+    RestrictedUnpickler,
+    load_index,
+    safe_load_pickle,
+)
 
 from .helpers import make_entry, write_dataset
 

@@ -80,7 +80,7 @@ def test_compact_box_square_padded_inside_image():
 def test_compact_box_near_border_shifts_inside_or_pads():
     kp = np.array([[[[2.0, 2.0], [40.0, 60.0]]]], np.float32)
     score = np.ones((1, 1, 2), np.float32)
-    x0, y0, x1, y1 = compact_box(kp, score, (480, 640))
+    x0, y0, _, _ = compact_box(kp, score, (480, 640))
     assert x0 == 0 and y0 == 0  # shifted into the image, no padding needed
     big = compact_box(kp * 10, score, (480, 640))
     assert big[3] - big[1] > 480  # larger than the frame: stays centred, frames get padded
@@ -124,7 +124,7 @@ def test_keypoints_stay_on_the_person(seed):
         ckp, _ = flip_keypoints(ckp, score, size, PERM)
     for t in range(2):
         for x, y in ckp[0, t]:
-            xi, yi = int(round(x)), int(round(y))
+            xi, yi = round(float(x)), round(float(y))
             if 0 <= xi < size and 0 <= yi < size:
                 assert rgb[t, 0, yi, xi] > 128, (t, x, y)
 

@@ -25,7 +25,7 @@ def command(*args: str) -> list[str]:
 
 
 def run(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(*args), env=cli_env(home), cwd=ROOT, capture_output=True,
+    done = subprocess.run(command(*args), check=False, env=cli_env(home), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, f"mg-ray {' '.join(args)} failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     return done
@@ -81,3 +81,28 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def ray_processes_of(home: Path, title: str = "RayTrainWorker") -> list[psutil.Process]:
+    """Live processes whose title contains `title` (Ray names a worker process after its actor)
+    and whose environment has MG_RAY_HOME=home: the ones a job run with that home started,
+    wherever they were reparented after their driver exited."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if title in " ".join(proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE \
+                    and proc.environ().get("MG_RAY_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def no_train_workers_left(home: Path, timeout_s: float = 30) -> bool:
+    """True once no Ray Train worker of a job run with MG_RAY_HOME=home is alive."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray_processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not ray_processes_of(home)

@@ -48,7 +48,7 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int:
 
 def group_pids(pgid: int) -> set[int]:
     """Live (non-zombie) processes in a process group."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], check=False, capture_output=True, text=True).stdout
     return {int(pid) for pid, group, stat in (line.split() for line in out.splitlines())
             if int(group) == pgid and not stat.startswith("Z")}
 
@@ -88,7 +88,7 @@ class Stack:
         return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
 
     def run(self, script: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(LOCAL / script), *args], env=self.env, cwd=ROOT,
+        return subprocess.run(["bash", str(LOCAL / script), *args], check=False, env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
     def pid(self, name: str) -> int:
@@ -127,11 +127,11 @@ def test_local_stack_starts_authenticates_and_stops(stack):
     client = stack.client_env()
     assert client["RAY_ADDRESS"] == stack.dashboard and client["MLFLOW_TRACKING_URI"] == stack.mlflow
     gcs = f"127.0.0.1:{stack.ports['RAY']}"
-    status = subprocess.run(["ray", "status", "--address", gcs], env=client, capture_output=True,
+    status = subprocess.run(["ray", "status", "--address", gcs], check=False, env=client, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
     anonymous = {**stack.env, "HOME": str(stack.home)}
-    refused = subprocess.run(["ray", "job", "list", "--address", stack.dashboard], env=anonymous,
+    refused = subprocess.run(["ray", "job", "list", "--address", stack.dashboard], check=False, env=anonymous,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
 
@@ -157,7 +157,7 @@ def readme_cluster_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Running on a cluster"):]
     section = section[: section.index("\n## ", 1)]
-    return re.findall(r"```bash\n(.*?)```", section, re.S)
+    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
 
 
 def test_readme_cluster_section_verbatim(tmp_path):
@@ -173,11 +173,11 @@ def test_readme_cluster_section_verbatim(tmp_path):
     assert quick in run_blocks[1]
     # Free ports and a temporary home; 1 of the quick study's 4 trials (the suite's time: each
     # trial is about 40 s here, and tests/e2e/test_study.py covers the study itself).
-    ours = lambda text: text.replace("http://127.0.0.1:8265", stack.dashboard).replace(  # noqa: E731
+    ours = lambda text: text.replace("http://127.0.0.1:8265", stack.dashboard).replace(
         "~/.mg-ray", str(stack.home)).replace(quick, f"{quick} --trials 1")
     script = "set -euo pipefail\n" + "\n".join(ours(block) for block in run_blocks)
     try:
-        done = subprocess.run(["bash", "-c", script], env=stack.env, cwd=ROOT, capture_output=True,
+        done = subprocess.run(["bash", "-c", script], check=False, env=stack.env, cwd=ROOT, capture_output=True,
                               text=True, timeout=1500)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-8000:]
@@ -207,7 +207,7 @@ def test_readme_cluster_section_verbatim(tmp_path):
         assert (stack.home / "datasets" / "synth" / "annotations.pkl").is_file()
         ray_pgid, mlflow_pgid = stack.pid("ray-head.pid"), stack.pid("mlflow.pid")
     finally:
-        stopped = subprocess.run(["bash", "-c", ours(stop_block)], env=stack.env, cwd=ROOT,
+        stopped = subprocess.run(["bash", "-c", ours(stop_block)], check=False, env=stack.env, cwd=ROOT,
                                  capture_output=True, text=True, timeout=120)
         shutil.rmtree(stack.ray_temp, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

@@ -28,7 +28,7 @@ LOCAL = INFRA / "local"
 YAML_FILES = sorted([*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml")])
 SCRIPTS = sorted(LOCAL.glob("*.sh"))
 STORAGE_PATH = "/mnt/shared"
-SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY|_KEY$|DB_URL|CREDENTIAL", re.I)
+SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY|_KEY$|DB_URL|CREDENTIAL", re.IGNORECASE)
 
 
 def load_all(path: Path) -> list[dict]:
@@ -40,13 +40,16 @@ def k8s_docs(kind: str | None = None) -> list[dict]:
     return [doc for doc in docs if kind is None or doc["kind"] == kind]
 
 
-def ray_lower_bound() -> str:
+def ray_requirement() -> str:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    ray = next(dep for dep in deps if re.match(r"ray(\[|\s|>|=|$)", dep))
-    match = re.search(r">=\s*([0-9][0-9.]*)", ray)
-    assert match, f"ray dependency {ray!r} has no lower bound"
-    parts = match.group(1).split(".")
-    return ".".join((parts + ["0", "0"])[:3])  # "2.60" -> "2.60.0"
+    return next(dep for dep in deps if re.match(r"ray(\[|\s|>|=|$)", dep))
+
+
+def ray_pin() -> str:
+    """The Ray minor release pyproject pins (`ray[...]==2.60.*` -> "2.60")."""
+    match = re.search(r"==\s*([0-9]+\.[0-9]+)\.\*$", ray_requirement())
+    assert match, f"ray dependency {ray_requirement()!r} is not pinned to one minor release (==X.Y.*)"
+    return match.group(1)
 
 
 def walk(node):
@@ -103,8 +106,7 @@ def test_no_kubernetes_secret_objects_are_committed():
 def test_secret_env_values_come_from_secrets(path):
     for doc in load_all(path):
         for node in walk(doc):
-            if "name" in node and ("value" in node or "valueFrom" in node):
-                if SECRET_NAME.search(str(node["name"])):
+            if "name" in node and ("value" in node or "valueFrom" in node) and SECRET_NAME.search(str(node["name"])):
                     assert "value" not in node, f"{path}: literal value for {node['name']}"
                     assert "secretKeyRef" in node["valueFrom"], f"{path}: {node['name']}"
 
@@ -113,7 +115,10 @@ def test_secret_env_values_come_from_secrets(path):
 
 
 def test_ray_images_match_pyproject_ray_version():
-    version = ray_lower_bound()
+    import ray
+
+    version = ray_pin()
+    assert ray.__version__.startswith(f"{version}."), (ray.__version__, version)  # what the suite runs on
     images = [
         c["image"]
         for doc in k8s_docs()
@@ -123,9 +128,9 @@ def test_ray_images_match_pyproject_ray_version():
     ]
     assert images
     for image in images:
-        assert image.split(":")[1].split("-")[0] == version, image
+        assert image.split(":")[1].split("-")[0].startswith(f"{version}."), image
     for name, spec in ray_cluster_specs():
-        assert spec["rayVersion"] == version, name
+        assert spec["rayVersion"].startswith(f"{version}."), name
 
 
 def test_ray_clusters_have_gpu_workers_shared_storage_shm_and_token_auth():
@@ -213,7 +218,7 @@ def test_vm_cluster_yaml_is_valid_for_the_launcher():
     assert start.count("RAY_AUTH_MODE=token") == 2
     assert "--dashboard-host=127.0.0.1" in start
     assert config["file_mounts"]["~/.ray/auth_token"]
-    assert f"ray[default,tune,train]=={ray_lower_bound()}" in " ".join(config["setup_commands"])
+    assert ray_requirement() in " ".join(config["setup_commands"])
 
 
 # --- local scripts ------------------------------------------------------------------------------

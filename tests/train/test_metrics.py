@@ -1,6 +1,11 @@
 import numpy as np
 
-from mg_ray.train.metrics import classification_metrics, confusion_matrix, mean_class_accuracy, topk_accuracy
+from mg_ray.train.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    mean_class_accuracy,
+    topk_accuracy,
+)
 
 
 def test_topk_and_mean_class_accuracy_against_hand_counts():

@@ -4,6 +4,8 @@ sqlite store, in the run it finds by key; nothing once the run's owner has ended
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ray.train import Checkpoint
@@ -50,7 +52,7 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
             "evaluation/val_confusion_matrix.png", "evaluation/val_per_class_accuracy.csv",
             "evaluation/val_predictions.npz", "evaluation/val_predictions.csv"} <= files
     csv = client.download_artifacts(run_id, "evaluation/val_predictions.csv", str(tmp_path / "dl"))
-    assert "right" in open(csv).read()  # class names survive the hand-over
+    assert "right" in Path(csv).read_text()  # class names survive the hand-over
 
 
 def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_path):

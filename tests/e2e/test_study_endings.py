@@ -1,0 +1,181 @@
+"""Every way a study ends closes every run (real local Ray cluster, real sqlite MLflow store, tiny
+synthetic dataset, the real `mg-ray tune` entry point in a subprocess).
+
+After each ending: the study run is terminated, there is exactly one child run per trial, each
+child is FINISHED / KILLED / FAILED with its `mg_ray.trial_state` tag, none is RUNNING, and no
+Ray Train worker of the study is left. Covered here: a trial stopped by ASHA, a failed trial, a
+study cut by its time budget (and the same command run again), Ctrl-C (and the same command run
+again, which resumes). A completed study and a SIGKILLed driver resumed with the same command are
+in tests/e2e/test_study.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import mlflow_client, no_train_workers_left, run, runs, start
+
+pytestmark = pytest.mark.slow
+
+# One Train worker per trial, trials one after the other: what each test needs, at the least cost.
+SPACE = """\
+base: small
+fixed:
+  optim.epochs: {epochs}
+  optim.milestones: [{epochs}]
+  optim.warmup_epochs: 0
+  resources.num_workers: 1
+  resources.cpus_per_worker: 0.9
+  resources.max_failures: 0
+  data.test_clips: 1
+{fixed}
+study:
+  num_trials: {trials}
+  metric: {metric}
+  mode: max
+  seed: 0
+  max_concurrent: 1
+  trial_driver_cpus: 0.05
+  register_as: endings-model
+{study}
+  asha: {{grace_period: 1, reduction_factor: 2}}
+parameters:
+  optim.lr: {{type: categorical, choices: [0.01, 0.05]}}
+"""
+
+
+def write_space(folder: Path, *, trials: int, epochs: int, metric: str = "val_top1", fixed: str = "",
+                study: str = "") -> Path:
+    path = folder / "space.yaml"
+    path.write_text(SPACE.format(trials=trials, epochs=epochs, metric=metric, fixed=fixed, study=study))
+    return path
+
+
+def study_tree(client, study: str):
+    [parent] = runs(client, f"tags.`mg_ray.role` = 'study' and tags.`mg_ray.study` = '{study}'")
+    children = runs(client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, children
+
+
+def check_closed(client, home: Path, study: str, trials: int, parent_status: str) -> dict[str, object]:
+    """The properties every ending must leave; returns the children by trial id."""
+    parent, children = study_tree(client, study)
+    assert parent.info.status == parent_status and parent.info.end_time
+    assert len(children) == trials == len({c.data.tags["mg_ray.trial_id"] for c in children})
+    for child in children:
+        status, state = child.info.status, child.data.tags.get("mg_ray.trial_state")
+        assert status in ("FINISHED", "KILLED", "FAILED") and child.info.end_time, (status, state)
+        assert {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED") == status, (status, state)
+        assert state in ("completed", "stopped", "failed", "interrupted")
+    assert no_train_workers_left(home)
+    return {c.data.tags["mg_ray.trial_id"]: c for c in children}
+
+
+def test_asha_stops_a_trial_and_its_run_ends_stopped(tiny_dataset, tmp_path):
+    # The metric is the learning rate the trial trained with, so ASHA's decision is known: the
+    # sampler (seed 0) draws 0.05 then 0.01, and at the first rung the second trial is below the
+    # first (cutoff: their mean), so ASHA stops it after its first epoch.
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=2, epochs=2, metric="lr")
+    run(home, "tune", "--space", str(space), "--study", "asha", "--data", str(tiny_dataset), "--no-promote")
+    client = mlflow_client(home)
+    children = check_closed(client, home, "asha", trials=2, parent_status="FINISHED")
+    by_state = {c.data.tags["mg_ray.trial_state"]: c for c in children.values()}
+    assert set(by_state) == {"completed", "stopped"}, {t: c.data.tags for t, c in children.items()}
+    stopped = by_state["stopped"]
+    assert stopped.data.tags["mg_ray.stop_reason"] == "asha" and stopped.data.tags["mg_ray.trial_epochs"] == "1"
+    assert stopped.data.params["optim.lr"] == "0.01"
+    # its run holds the epochs Tune saw (a report racing the stop could add one)
+    assert 1 <= len(client.get_metric_history(stopped.info.run_id, "val_top1")) <= 2
+
+
+def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
+    data = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, data)
+    for video in (data / "videos").glob("*.mp4"):  # every clip unreadable, nothing to skip to
+        video.write_bytes(video.read_bytes()[:200])
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=1, epochs=2, fixed="  data.skip_bad: false")
+    done = run(home, "tune", "--space", str(space), "--study", "failed", "--data", str(data))
+    assert "1 trials {'failed': 1}" in done.stdout, done.stdout[-3000:]
+    client = mlflow_client(home)
+    [child] = check_closed(client, home, "failed", trials=1, parent_status="FINISHED").values()
+    assert child.data.tags["mg_ray.trial_state"] == "failed" and child.info.status == "FAILED"
+    assert not client.search_registered_models()  # nothing completed: nothing registered
+
+
+def test_a_study_cut_by_its_time_budget_closes_the_cut_trial_and_runs_again(tiny_dataset, tmp_path):
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=2, epochs=200, study="  time_budget_s: 40")
+    args = ("tune", "--space", str(space), "--study", "budget", "--data", str(tiny_dataset), "--no-promote")
+    done = run(home, *args)
+    assert "cut by the time budget" in done.stdout, done.stdout[-3000:]
+    client = mlflow_client(home)
+    [child] = check_closed(client, home, "budget", trials=1, parent_status="FINISHED").values()
+    assert child.data.tags["mg_ray.trial_state"] == "stopped" and child.data.tags["mg_ray.stop_reason"] == "time_budget"
+    logged = len(client.get_metric_history(child.info.run_id, "val_top1"))
+    assert logged == int(child.data.tags["mg_ray.trial_epochs"]) < 200  # nothing logged after the cut
+
+    again = run(home, *args)  # the same command: the study is over, nothing fails, nothing is added
+    assert "resuming study 'budget'" in again.stdout, again.stdout[-3000:]
+    check_closed(client, home, "budget", trials=1, parent_status="FINISHED")
+
+
+def test_ctrl_c_ends_the_study_killed_and_the_same_command_resumes_it(tiny_dataset, tmp_path):
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=2, epochs=3)
+    args = ("tune", "--space", str(space), "--study", "ctrlc", "--data", str(tiny_dataset))
+    log = tmp_path / "first.log"
+    proc = start(home, *args, log=log)
+    client = mlflow_client(home)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:  # interrupt once an epoch is in
+            trials = runs(client, "tags.`mg_ray.role` = 'trial'") if (home / "mlflow.db").exists() else []
+            if trials and client.get_metric_history(trials[0].info.run_id, "val_top1"):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study ended before Ctrl-C:\n" + log.read_text()[-4000:]
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
+        assert proc.wait(timeout=180) == 130, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "interrupted; run the same command to resume it" in log.read_text()
+    [child] = check_closed(client, home, "ctrlc", trials=1, parent_status="KILLED").values()
+    assert child.data.tags["mg_ray.trial_state"] == "interrupted"
+    assert not client.search_registered_models()  # an interrupted study promotes nothing
+
+    done = run(home, *args, timeout=900)
+    assert "resuming study 'ctrlc'" in done.stdout, done.stdout[-3000:]
+    children = check_closed(client, home, "ctrlc", trials=2, parent_status="FINISHED")
+    assert children[child.data.tags["mg_ray.trial_id"]].info.run_id == child.info.run_id  # resumed, not rerun
+    assert {c.data.tags["mg_ray.trial_state"] for c in children.values()} == {"completed"}
+    assert client.get_model_version_by_alias("endings-model", "champion")
+
+
+def test_ray_processes_of_a_finished_study_are_gone(tmp_path):
+    """The check the endings rely on sees a Ray Train worker while one lives."""
+    from tests.e2e.helpers import ray_processes_of
+
+    home = tmp_path / "home"
+    proc = subprocess.Popen(["python", "-c", "import time; time.sleep(30)  # RayTrainWorker"],
+                            env={**os.environ, "MG_RAY_HOME": str(home)})
+    try:
+        deadline = time.monotonic() + 10
+        while not ray_processes_of(home) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p.pid for p in ray_processes_of(home)] == [proc.pid]
+        assert ray_processes_of(tmp_path / "other") == []
+    finally:
+        proc.kill()
+        proc.wait()
+    assert no_train_workers_left(home, timeout_s=5)
