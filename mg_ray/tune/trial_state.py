@@ -141,15 +141,22 @@ def epochs_seen(trial: Any) -> int:
 
 def wait_for_train_actors_to_end(timeout_s: float = 60.0) -> None:
     """Wait until this job's Train controllers and workers are dead (Tune has killed the trials'
-    actors, which own them: they end a moment later), through Ray's State API."""
+    actors, which own them: they end a moment later), through Ray's State API. When the State API
+    does not answer (a Ctrl-C in the terminal of a local cluster reaches its dashboard too), there
+    is nothing to wait for: the local cluster ends with this process."""
     import ray
     from ray.util.state import list_actors
 
     job_id = ray.get_runtime_context().get_job_id()
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [a for a in list_actors(filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")], limit=10_000)
-                 if a.class_name in TRAIN_ACTORS]
+        try:
+            alive = [a for a in list_actors(filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")],
+                                            limit=10_000, timeout=5, raise_on_missing_output=False)
+                     if a.class_name in TRAIN_ACTORS]
+        except Exception as err:  # noqa: BLE001 (the State API's failures: HTTP errors, timeouts, ...)
+            print(f"note: Ray's State API did not answer ({type(err).__name__}); not waiting for Train actors")
+            return
         if not alive:
             return
         if time.monotonic() > deadline:

@@ -113,15 +113,19 @@ def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
 
 def test_a_study_cut_by_its_time_budget_closes_the_cut_trial_and_runs_again(tiny_dataset, tmp_path):
     home = tmp_path / "home"
-    space = write_space(tmp_path, trials=2, epochs=200, study="  time_budget_s: 40")
+    space = write_space(tmp_path, trials=1, epochs=200, study="  time_budget_s: 40")
     args = ("tune", "--space", str(space), "--study", "budget", "--data", str(tiny_dataset), "--no-promote")
     done = run(home, *args)
     assert "cut by the time budget" in done.stdout, done.stdout[-3000:]
     client = mlflow_client(home)
     [child] = check_closed(client, home, "budget", trials=1, parent_status="FINISHED").values()
     assert child.data.tags["mg_ray.trial_state"] == "stopped" and child.data.tags["mg_ray.stop_reason"] == "time_budget"
-    logged = len(client.get_metric_history(child.info.run_id, "val_top1"))
-    assert logged == int(child.data.tags["mg_ray.trial_epochs"]) < 200  # nothing logged after the cut
+    # Its run holds the epochs Tune saw, and perhaps the one that ended as the budget ran out
+    # (logged before Tune got it); nothing after the run was ended.
+    history = client.get_metric_history(child.info.run_id, "val_top1")
+    seen = int(child.data.tags["mg_ray.trial_epochs"])
+    assert seen <= len(history) <= seen + 1 and seen < 200
+    assert all(m.timestamp <= child.info.end_time for m in history)
 
     again = run(home, *args)  # the same command: the study is over, nothing fails, nothing is added
     assert "resuming study 'budget'" in again.stdout, again.stdout[-3000:]
@@ -158,7 +162,8 @@ def test_ctrl_c_ends_the_study_killed_and_the_same_command_resumes_it(tiny_datas
     assert "resuming study 'ctrlc'" in done.stdout, done.stdout[-3000:]
     children = check_closed(client, home, "ctrlc", trials=2, parent_status="FINISHED")
     assert children[child.data.tags["mg_ray.trial_id"]].info.run_id == child.info.run_id  # resumed, not rerun
-    assert {c.data.tags["mg_ray.trial_state"] for c in children.values()} == {"completed"}
+    states = {c.data.tags["mg_ray.trial_state"] for c in children.values()}
+    assert "completed" in states and states <= {"completed", "stopped"}, states  # ASHA may stop the second
     assert client.get_model_version_by_alias("endings-model", "champion")
 
 
