@@ -57,6 +57,7 @@ def check_resources(
     reserved_cpus: float = 0.0,
     what: str = "training run",
     total: dict[str, float] | None = None,
+    cluster: str = "the Ray cluster",
 ) -> None:
     """Refuse, with the fix, a request the cluster can never satisfy.
 
@@ -78,11 +79,11 @@ def check_resources(
         raise ResourceError(
             f"{what} needs {need:g} CPUs ({num_workers} workers x {cpus_per_worker:g} CPU"
             + (f" + {reserved_cpus:g} for the trial driver" if reserved_cpus else "")
-            + f") but the Ray cluster has {cpus:g}: it would never start. Fix: {hint}."
+            + f") but {cluster} has {cpus:g}: it would never start. Fix: {hint}."
         )
     if use_gpu and gpus < num_workers:
         raise ResourceError(
-            f"{what} asks for {num_workers} GPU(s) but the Ray cluster has {gpus:g}. "
+            f"{what} asks for {num_workers} GPU(s) but {cluster} has {gpus:g}. "
             f"Fix: set resources.use_gpu=false (--cpu) or connect to a cluster with GPU nodes."
         )
 
@@ -96,4 +97,4 @@ def check_local_resources(address: str | None, **request) -> None:
     total = local_resources()
     if request.get("use_gpu") and total["GPU"]:
         request = {**request, "use_gpu": False}  # some GPUs: counted by Ray once it is up
-    check_resources(**request, total=total)
+    check_resources(**request, total=total, cluster="a local Ray cluster on this machine")

@@ -14,6 +14,7 @@ folder: `$MG_RAY_HOME`, or `~/.mg-ray` when unset.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -59,8 +60,11 @@ def ensure_writable(folder: Path, what: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StorageError(f"{what}: cannot create folder {folder} ({err.strerror}). {_FIX}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise StorageError(f"{what}: folder {folder} is not writable. {_FIX}")
+    try:  # a real write: permission bits say nothing for root, or on a read-only mount
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mg-ray-write-check-"):
+            pass
+    except OSError as err:
+        raise StorageError(f"{what}: cannot write in folder {folder} ({err.strerror}). {_FIX}") from None
     return folder
 
 

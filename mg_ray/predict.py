@@ -96,13 +96,14 @@ def dataset_clips(root: Path, names: list[Path]) -> list[tuple[Path, tuple, str]
     for name in names:
         key = name.stem if name.suffix == index.video_ext else str(name)
         if key not in entries:
-            raise SystemExit(f"error: {name}: no clip of that name in {root} ({len(entries)} clips, e.g. {next(iter(entries))})")
+            raise FileNotFoundError(f"{name}: no clip of that name in {root} ({len(entries)} clips, e.g. {next(iter(entries))})")
         a = entries[key]
         found.append((index.video_path(key), (a.keypoint, a.keypoint_score, a.img_shape), index.class_names[a.label]))
     return found
 
 
 def run(args: argparse.Namespace) -> int:
+    model, inner = load_classifier(args.model, args.tracking_uri)  # a missing model fails first
     if args.data:
         clips = dataset_clips(args.data, list(args.clips))
     else:
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"error: {clip}: video not found")
         skeleton_files = args.skeleton or [find_skeleton(c) for c in args.clips]
         clips = [(c, s, None) for c, s in zip(args.clips, skeleton_files)]
-    model, inner = load_classifier(args.model, args.tracking_uri)
     probs = classify(model, inner, [(c, s) for c, s, _ in clips], args.clips_per_video)
     for (clip, _, truth), p in zip(clips, probs):
         print(f"{clip}:" + (f"  (true class: {truth})" if truth else ""))

@@ -13,7 +13,7 @@ after: `fit()` neither opens nor closes it. `train()` is `fit()` with a run of i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ class TrainOutcome:
     run_id: str | None = None        # the MLflow run, when `train()` owned it
 
 
-def fit(
+def build_trainer(
     cfg: ExperimentConfig,
     *,
     name: str,
@@ -37,18 +37,22 @@ def fit(
     tracking_uri: str,
     run_key: str,
     callbacks: Sequence[Any] = (),
-) -> TrainOutcome:
-    """Train `cfg` on the connected Ray cluster as Train run `name`, logging into the MLflow run
-    whose key is `run_key` (it must exist). Raises what Ray Train raises when training fails."""
+    train_loop: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_config: Any = None,
+):
+    """Ray's `TorchTrainer` for `cfg` as Train run `name`, logging into the MLflow run whose key
+    is `run_key`. `train_loop` (default: `mg_ray.train.loop.train_loop_per_worker`) and
+    `checkpoint_config` (default: keep the best by val_top1, and the latest) are for tests."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mg_ray.train.loop import train_loop_per_worker
     from mg_ray.train.outbox import MLflowLoggingCallback
 
+    if train_loop is None:
+        from mg_ray.train.loop import train_loop_per_worker as train_loop
     resources = cfg.resources
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    return TorchTrainer(
+        train_loop,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -60,7 +64,7 @@ def fit(
             name=name,
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
+            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(
                 num_to_keep=1,  # the best by val_top1; Ray always keeps the latest as well
                 checkpoint_score_attribute="val_top1",
                 checkpoint_score_order="max",
@@ -69,6 +73,21 @@ def fit(
             callbacks=[MLflowLoggingCallback(tracking_uri, cfg.tracking.experiment, run_key), *callbacks],
         ),
     )
+
+
+def fit(
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    storage_path: str | Path,
+    tracking_uri: str,
+    run_key: str,
+    callbacks: Sequence[Any] = (),
+) -> TrainOutcome:
+    """Train `cfg` on the connected Ray cluster as Train run `name`, logging into the MLflow run
+    whose key is `run_key` (it must exist). Raises what Ray Train raises when training fails."""
+    trainer = build_trainer(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri,
+                            run_key=run_key, callbacks=callbacks)
     result = trainer.fit()
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
     return TrainOutcome(metrics=dict(result.metrics or {}), checkpoint_path=best.path if best else None)

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e.helpers import alive, artifact_paths, mlflow_client, no_train_workers_left, run, runs, start
+from tests.e2e.helpers import (
+    alive,
+    artifact_paths,
+    mlflow_client,
+    no_train_workers_left,
+    run,
+    runs,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -48,13 +48,21 @@ def model_stream_weights(model) -> tuple[float, float]:
 
 
 def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset, tmp_path):
-    from mg_ray.data import build_dataset
+    import shutil
+
+    from mg_ray.data import build_dataset, load_index
     from mg_ray.train.checkpoint import build_from_spec, load_model_file, safe_load
     from mg_ray.train.config import load_config
 
+    # One training clip is unreadable: it is skipped (replaced by another), and counted.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    broken = load_index(data).video_path(load_index(data).split("train")[0].frame_dir)
+    broken.write_bytes(broken.read_bytes()[:300])
     home = tmp_path / "home"
-    done = run(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "2", "--name", "e2e-train")
+    done = run(home, *TRAIN_ARGS, "--data", str(data), "--epochs", "2", "--name", "e2e-train")
     assert "val_top1" in done.stdout  # the final summary line
+    assert "unreadable training clip(s) skipped" in done.stdout + done.stderr
 
     client = mlflow_client(home)
     [mlrun] = runs(client, "tags.`mg_ray.train_run` = 'e2e-train'")
@@ -62,7 +70,8 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     for key in ("val_top1", "val_top5", "val_mean_class_acc", "val_top1_rgb", "val_top1_pose", "train_loss", "lr"):
         assert [m.step for m in client.get_metric_history(mlrun.info.run_id, key)] == [0, 1], key
     assert "test_top1" in mlrun.data.metrics
-    assert mlrun.data.params["optim.epochs"] == "2" and mlrun.data.params["data.root"] == str(tiny_dataset)
+    assert sum(m.value for m in client.get_metric_history(mlrun.info.run_id, "train_skipped_clips")) >= 2  # 1 a epoch
+    assert mlrun.data.params["optim.epochs"] == "2" and mlrun.data.params["data.root"] == str(data)
     files = artifact_paths(client, mlrun.info.run_id)
     for expected in ("config/resolved_config.yaml", "best_model/model.pt",
                      "evaluation/val_confusion_matrix.png", "evaluation/val_per_class_accuracy.csv",
@@ -75,7 +84,7 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     # The latest Ray checkpoint (epoch 1) in a fresh model reproduces epoch 1's val_top1.
     cfg_file = client.download_artifacts(mlrun.info.run_id, "config/resolved_config.yaml", str(tmp_path))
     cfg = load_config(cfg_file, {})
-    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)  # all readable
     model_file = client.download_artifacts(mlrun.info.run_id, "best_model/model.pt", str(tmp_path))
     best_model, content = load_model_file(model_file)
     [checkpoint] = sorted((home / "ray_results" / "e2e-train").glob("checkpoint_*/checkpoint.pt"))[-1:]

@@ -1,6 +1,8 @@
-"""Bad input to a study is a clear error before any trial starts: search-space files (unknown
-parameters, empty ranges, wrong types, impossible constraints), a missing dataset, an unreachable
-MLflow server (these three before Ray even starts) and an infeasible resource request."""
+"""Bad input is a clear one-line error before anything expensive starts: search-space files
+(unknown parameters, empty ranges, wrong types, impossible constraints), a missing dataset or split,
+a relative dataset path, an unwritable home or MLflow store, an unreachable MLflow server, an
+infeasible resource request (all before Ray starts), and a model or run that the store does not
+hold (`mg-ray predict`, `mg-ray promote`)."""
 
 from __future__ import annotations
 
@@ -71,10 +73,51 @@ def test_unreachable_tracking_server_is_refused_before_ray_starts(tmp_path, tiny
     assert "Started a local Ray instance" not in done.stdout + done.stderr
 
 
-@pytest.mark.slow
-def test_infeasible_resources_are_refused_before_any_trial(tmp_path, tiny_dataset):
+def test_infeasible_resources_are_refused_before_ray_starts(tmp_path, tiny_dataset):
     space = space_file(tmp_path, "loss.alpha: {type: float, low: 0.1, high: 0.5}",
                        fixed="resources.cpus_per_worker: 64")
     done = tune(tmp_path, "--space", str(space), "--data", str(tiny_dataset))
-    assert done.returncode == 2 and "CPU" in done.stderr, done.stderr[-3000:]
-    assert "Trial status" not in done.stdout
+    assert done.returncode == 2 and "needs 128.1 CPUs" in done.stderr, done.stderr[-3000:]
+    assert "a local Ray cluster on this machine has" in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+def no_ray_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+def test_unwritable_home_and_store_are_refused_before_ray_starts(tmp_path, tiny_dataset):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = tune(tmp_path, "--space", "search_spaces/quick.yaml", "--data", str(tiny_dataset),
+                env={"MG_RAY_HOME": str(blocker / "home")})
+    no_ray_one_line_error(done, str(blocker / "home"), "Set MG_RAY_HOME")
+    done = tune(tmp_path, "--space", "search_spaces/quick.yaml", "--data", str(tiny_dataset),
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{blocker}/mlflow.db"})
+    no_ray_one_line_error(done, f"MLflow store sqlite:///{blocker}/mlflow.db", "cannot create folder")
+
+
+def test_a_split_the_dataset_lacks_and_a_relative_path_are_refused_before_ray_starts(tmp_path, tiny_dataset):
+    space = space_file(tmp_path, "loss.alpha: {type: float, low: 0.1, high: 0.5}", fixed="data.val_split: dev")
+    done = tune(tmp_path, "--space", str(space), "--data", str(tiny_dataset))
+    no_ray_one_line_error(done, "data.val_split: no split 'dev'", "the file has test, train, val")
+    done = tune(tmp_path, "--space", "search_spaces/quick.yaml", "--data", "relative/data")
+    no_ray_one_line_error(done, "data.root: relative/data is a relative path")
+
+
+def test_a_model_or_run_the_store_lacks_is_a_one_line_error(tmp_path, tiny_dataset):
+    env = cli_env(tmp_path / "home")
+    cli = [sys.executable, "-m", "mg_ray.cli"]
+    done = subprocess.run([*cli, "predict", "--model", "models:/nope@champion", "--data", str(tiny_dataset), "x"],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    no_ray_one_line_error(done, "models:/nope@champion: no registered model 'nope'", "registered: none")
+    done = subprocess.run([*cli, "promote", "--run", "0123abcd"], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    no_ray_one_line_error(done, "run '0123abcd': no such MLflow run")
+    done = subprocess.run([*cli, "promote", "--study", "nope"], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    no_ray_one_line_error(done, "study 'nope': no trial runs")

@@ -1,0 +1,62 @@
+"""A study's trial is Ray's documented Tune-over-Train pattern: its Train controller is an actor of
+its own, so Ray Train's public API works inside a trial as it does anywhere else."""
+
+from __future__ import annotations
+
+import pytest
+
+from mg_ray import tracking
+from mg_ray.train.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _reports_three_checkpoints(config):
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+
+    for epoch in range(3):
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "checkpoint.pt").write_text(str(epoch))
+            ray.train.report({"epoch": epoch, "val_top1": 0.1 * epoch},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+    reported = ray.train.get_all_reported_checkpoints()
+    ray.train.report({"epoch": 3, "reported": len(reported),
+                      "reported_epochs": [c.metrics["epoch"] for c in reported]})
+
+
+def _trial(config):
+    """What `mg_ray.tune.trial.run_trial` does, with a loop that asks Ray Train for every
+    checkpoint it reported."""
+    import ray.train
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mg_ray.train.trainer import build_trainer
+
+    cfg = load_config("small", {"resources.num_workers": 1, "resources.cpus_per_worker": 0.5,
+                                "tracking.experiment": "t"})
+    build_trainer(cfg, name=f"t_{tune.get_context().get_trial_id()}", storage_path=config["storage"],
+                  tracking_uri=config["uri"], run_key="trial", callbacks=[TuneReportCallback()],
+                  train_loop=_reports_three_checkpoints,
+                  checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)).fit()
+
+
+def test_get_all_reported_checkpoints_inside_a_trial_returns_every_epochs_checkpoint(ray_cluster, tmp_path):
+    from ray import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "trial")
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {"cpu": 0.1}),
+        param_space={"storage": str(tmp_path / "train"), "uri": uri},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
+    )
+    [result] = tuner.fit()
+    assert result.error is None, result.error
+    assert result.metrics["reported"] == 3 and result.metrics["reported_epochs"] == [0, 1, 2]
+    # and the controller logged each epoch into the trial's MLflow run, through its UserCallback
+    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0, 1, 2]
