@@ -4,9 +4,15 @@ Used by a study's promotion of its best trial and by `mg-ray promote` (`mg_ray.t
 
 The run's `best_model/model.pt` is wrapped as a pyfunc model (signature: `rgb` and `pose` float32
 tensors in, fused class probabilities out; an input example), logged into the run under `model/`
-and registered. The new version gets the alias `candidate`; it takes `champion` only when it
-beats the current champion on the validation metric (or there is none), unless forced. Lineage
-tags on the version: study, trial, run, git commit, dataset fingerprint.
+and registered. Tags on the version: its lineage (study, trial, run, git commit, the runs a fused
+model was initialised from), the data it was scored on (dataset fingerprint and root, validation
+split), its validation score and its multi-clip test top-1 (reported, never used to decide).
+
+The new version gets the alias `candidate`. It takes `champion` when it beats the current
+champion on the same data (`champion_decision`): when both were scored on the same dataset and
+split, by their scores; otherwise the current champion is first evaluated on the candidate's
+validation split, and the candidate must beat that. The decision and its numbers are a tag of
+the version (`champion_decision`).
 
 The run's own status is never touched (the model is saved locally and uploaded as artifacts), so a
 trial that ASHA stopped keeps its KILLED status.
@@ -127,7 +133,8 @@ def promote_run(
         # Promoting a run twice (a finished study run again, a repeated `mg-ray promote`) must not
         # register a duplicate version: the existing one keeps its aliases, and only the champion
         # rule below applies to it.
-        return _apply_champion_rule(client, name, existing, score, metric, mode, force_champion, new=False)
+        return _apply_champion_rule(client, name, existing, score, metric, mode, force_champion, new=False,
+                                    tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
@@ -135,19 +142,25 @@ def promote_run(
         model_dir = Path(folder) / "model"
         save_pyfunc(Path(local), model_dir)
         client.log_artifacts(run_id, str(model_dir), "model")
+    params = run.data.params
     tags = {
         "run_id": run_id,
-        "study": (lineage or {}).get("study", run.data.tags.get("mg_ray.study", "")),
-        "trial": (lineage or {}).get("trial", run.data.tags.get("mg_ray.trial_id", "")),
+        "study": run.data.tags.get(tracking.STUDY_TAG, ""),
+        "trial": run.data.tags.get(tracking.TRIAL_TAG, ""),
         "git_commit": git_commit(),
-        "dataset_fingerprint": dataset_fingerprint(run.data.params.get("data.root")),
+        "dataset_fingerprint": dataset_fingerprint(params.get("data.root")),
+        "dataset_root": params.get("data.root", ""),
+        "val_split": params.get("data.val_split", ""),
         metric: str(score),
+        **({"test_top1": str(run.data.metrics["test_top1"])} if "test_top1" in run.data.metrics else {}),
+        **{k: str(v) for k, v in (lineage or {}).items()},
     }
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return _apply_champion_rule(client, name, version, score, metric, mode, force_champion, new=True)
+    return _apply_champion_rule(client, name, client.get_model_version(name, version.version), score, metric,
+                                mode, force_champion, new=True, tracking_uri=tracking_uri)
 
 
 class ModelNotFoundError(LookupError):
@@ -206,30 +219,93 @@ def registered_version(client, name: str, run_id: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _apply_champion_rule(client, name, version, score, metric, mode, force_champion, *, new: bool):
-    """`version` takes `champion` if it beats the current champion's score (or there is none,
-    or `force_champion`); returns what happened."""
+def same_data(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Two versions' tags say they were scored on the same dataset (fingerprint) and split."""
+    return (a.get("dataset_fingerprint", "unknown") != "unknown"
+            and a.get("dataset_fingerprint") == b.get("dataset_fingerprint")
+            and a.get("val_split") == b.get("val_split"))
+
+
+def champion_decision(champion_tags: dict[str, str], candidate_tags: dict[str, str], candidate_score: float,
+                      metric: str, mode: str, evaluate_champion) -> tuple[bool, str]:
+    """Whether the candidate beats the champion on the candidate's data, and why.
+
+    Scored on the same data: the champion's recorded score. Otherwise `evaluate_champion()` scores
+    it on the candidate's validation split now (it raises ValueError when it cannot: then the
+    champion stays). Returns (the candidate takes champion, the decision as a sentence)."""
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    data = (f"dataset {candidate_tags.get('dataset_fingerprint', 'unknown')[:12]}, "
+            f"split {candidate_tags.get('val_split') or '?'}")
+    if same_data(champion_tags, candidate_tags):
+        old = float(champion_tags.get(metric, "nan"))
+        takes = not np.isfinite(old) or better(candidate_score, old)
+        return takes, f"compared on the same data ({data}): {metric} {candidate_score:.4f} vs champion's {old:.4f}"
+    try:
+        old = evaluate_champion()
+    except ValueError as err:
+        return False, f"the champion could not be evaluated on this version's data ({data}: {err}); it stays champion"
+    return better(candidate_score, old), (f"champion re-evaluated on this version's validation split ({data}): "
+                                          f"{metric} {candidate_score:.4f} vs champion's {old:.4f}")
+
+
+def evaluate_on_split(model_uri: str, data_root: str, split: str, tracking_uri: str) -> float:
+    """Top-1 of a registered model on a dataset split, one clip per video (the protocol of the
+    training loop's validation). ValueError when the dataset is not there or does not fit."""
+    from mg_ray.data import load_index
+    from mg_ray.data.annotations import AnnotationError
+    from mg_ray.predict import classify, load_classifier
+
+    if not data_root or not Path(data_root).is_dir():
+        raise ValueError(f"dataset folder {data_root or '(none recorded)'} not found")
+    try:
+        index = load_index(data_root)
+        clips = index.split(split)
+    except (AnnotationError, KeyError) as err:
+        raise ValueError(str(err)) from None
+    model, inner = load_classifier(model_uri, tracking_uri)
+    if len(inner.class_names) != index.num_classes:
+        raise ValueError(f"the model has {len(inner.class_names)} classes, the dataset {index.num_classes}")
+    try:
+        probs = classify(model, inner, [(index.video_path(a.frame_dir), (a.keypoint, a.keypoint_score, a.img_shape))
+                                        for a in clips], num_clips=1)
+    except (RuntimeError, ValueError) as err:  # another layout, another input size
+        raise ValueError(f"the model cannot take this data ({str(err)[:200]})") from None
+    labels = np.array([a.label for a in clips])
+    return float((probs.argmax(1) == labels).mean())
+
+
+def _apply_champion_rule(client, name, version, score, metric, mode, force_champion, *, new: bool,
+                         tracking_uri: str):
+    """`version` takes `champion` if it beats the current champion on its own data (or there is
+    none, or `force_champion`); the decision is tagged on the version; returns what happened."""
     from mlflow.exceptions import MlflowException
 
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no champion yet
         previous = None
-    if previous is not None and previous.version == version.version:
-        better = True  # already the champion
-    elif previous is not None and not force_champion:
-        old = float(previous.tags.get(metric, "nan"))
-        better = not np.isfinite(old) or (score > old if mode == "max" else score < old)
+    if previous is None:
+        better, decision = True, "no champion before"
+    elif previous.version == version.version:
+        better, decision = True, version.tags.get("champion_decision", "already champion")
+    elif force_champion:
+        better, decision = True, f"forced (--force-champion) over version {previous.version}"
     else:
-        better = True
+        better, decision = champion_decision(
+            previous.tags, version.tags, score, metric, mode,
+            lambda: evaluate_on_split(f"models:/{name}/{previous.version}", version.tags.get("dataset_root", ""),
+                                      version.tags.get("val_split", ""), tracking_uri))
     if better:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+    if new or previous is None or previous.version != version.version:
+        client.set_model_version_tag(name, version.version, "champion_decision", decision)
     return {
         "name": name,
         "version": int(version.version),
         "new": new,
         "score": score,
         "champion": better,
+        "decision": decision,
         "previous_champion": int(previous.version) if previous is not None else None,
     }
 

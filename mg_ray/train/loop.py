@@ -80,6 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # ---- epochs ------------------------------------------------------------------------------
     for epoch in range(resumed.start_epoch, cfg.optim.epochs):
         seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
+        data.start_epoch(epoch)
         skipped_before = data.train_set.stats["bad_video"]
         train_stats = train_one_epoch(model, criterion, optimizer, data.train_loader, device, amp,
                                       cfg.optim.grad_clip)
@@ -146,6 +147,13 @@ class Data:
     @property
     def num_classes(self) -> int:
         return len(self.train_set.class_names)
+
+    def start_epoch(self, epoch: int) -> None:
+        """A new shuffle of the training shards every epoch (Ray Train's DistributedSampler
+        shuffles by its epoch: without this, every epoch would see the same order)."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, rank: int, world: int, device: torch.device) -> Data:

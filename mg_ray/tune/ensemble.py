@@ -70,8 +70,14 @@ def search_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int = 10,
 
 
 def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment: str = "mg-ray",
-             name: str | None = None) -> dict:
+             name: str | None = None, member_names: list[str] | None = None, run_key: str | None = None,
+             parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> dict:
+    """Search the weights on validation, apply them to test, and log the ensemble as a run (with
+    each member's val and test top-1 beside the ensemble's). `member_names` name the members in
+    the metrics (default: member_0, member_1, ...); `run_key`, `parent_run_id`, `tags` place the
+    run (a pipeline's ensemble step)."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    names = member_names or [f"member_{i}" for i in range(len(run_ids))]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         val = [load_predictions(r, "val", uri, folder) for r in run_ids]
@@ -81,7 +87,7 @@ def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment:
                                  f"an ensemble needs predictions on the same split")
         labels = val[0]["labels"]
         weights = search_weights([v["fused"] for v in val], labels)
-        metrics = {f"val_top1_member_{i}": topk_accuracy(v["fused"], labels, 1) for i, v in enumerate(val)}
+        metrics = {f"val_top1_{n}": topk_accuracy(v["fused"], labels, 1) for n, v in zip(names, val)}
         fused_val = np.tensordot(weights, np.stack([v["fused"] for v in val]), axes=1)
         metrics.update(val_top1=topk_accuracy(fused_val, labels, 1), val_top5=topk_accuracy(fused_val, labels, 5))
         test = None
@@ -93,15 +99,19 @@ def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment:
             fused_test = np.tensordot(weights, np.stack([t["fused"] for t in test]), axes=1)
             metrics.update(test_top1=topk_accuracy(fused_test, test[0]["labels"], 1),
                            test_top5=topk_accuracy(fused_test, test[0]["labels"], 5))
+            metrics.update({f"test_top1_{n}": topk_accuracy(t["fused"], t["labels"], 1) for n, t in zip(names, test)})
         mlflow_client = tracking.client(uri)
         experiment_id = tracking.get_or_create_experiment(mlflow_client, experiment)
-        run = mlflow_client.create_run(experiment_id, run_name=name or f"ensemble-{len(run_ids)}",
-                                       tags={"mg_ray.role": "ensemble", "mg_ray.members": ",".join(run_ids)})
-        run_id = run.info.run_id
-        tracking.log_params(mlflow_client, run_id, {f"weight.{r}": f"{w:.4f}" for r, w in zip(run_ids, weights)})
+        run_id, _ = tracking.start_or_resume_run(
+            mlflow_client, experiment_id, run_key or f"ensemble/{'+'.join(run_ids)}",
+            run_name=name or f"ensemble-{len(run_ids)}", parent_run_id=parent_run_id,
+            tags={tracking.ROLE_TAG: "ensemble", "mg_ray.members": ",".join(run_ids),
+                  "mg_ray.member_names": ",".join(names), **(tags or {})})
+        tracking.log_params(mlflow_client, run_id, {f"weight.{n}": f"{w:.4f}" for n, w in zip(names, weights)})
         logger = tracking.RunLogger(uri, run_id)
         logger.log_metrics(metrics, step=0)
-        logger.log_text(json.dumps({"members": run_ids, "weights": weights.tolist()}, indent=2), "ensemble.json")
+        logger.log_text(json.dumps({"members": run_ids, "names": names, "weights": weights.tolist()}, indent=2),
+                        "ensemble.json")
         np.savez_compressed(folder / "val_predictions.npz", labels=labels, fused=fused_val, clip_names=val[0]["clip_names"])
         logger.log_file(folder / "val_predictions.npz", "evaluation")
         if test:

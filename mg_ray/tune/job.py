@@ -41,8 +41,8 @@ def example_clip(root: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from mg_ray import tracking
-    from mg_ray.tune.space import load_space
+    from mg_ray.tune.pipeline import run_pipeline
+    from mg_ray.tune.space import Pipeline, load_space
     from mg_ray.tune.study import StudyInterrupted, run_study
 
     space = load_space(args.space)  # validated before anything starts
@@ -51,35 +51,62 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --study {study!r}: expected letters, digits, '_', '.', '-' (max 64)")
     if args.trials is not None and args.trials < 1:
         raise SystemExit(f"error: --trials: expected an integer >= 1, got {args.trials}")
+    if args.trials is not None and isinstance(space, Pipeline):
+        raise SystemExit("error: --trials: a pipeline's stages set their own trial counts (study.num_trials)")
     try:
-        summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
-                            storage_path=args.storage_path, promote=not args.no_promote, address=args.address)
+        if isinstance(space, Pipeline):
+            summary = run_pipeline(space, name=study, data_root=args.data, storage_path=args.storage_path,
+                                   promote=not args.no_promote, address=args.address)
+        else:
+            summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
+                                storage_path=args.storage_path, promote=not args.no_promote, address=args.address)
     except StudyInterrupted as err:
         print(f"mg-ray tune: {err} (nothing was registered)", file=sys.stderr)
         return 130
     print()
-    print(f"study {study}: {summary['num_trials']} trials {summary.get('states', {})}")
-    if "best_trial_id" in summary:
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in summary["best_params"].items())
-        print(f"best trial {summary['best_trial_id']} (MLflow run {summary['best_run_id']}): "
-              f"{summary['score_name']} {summary['best_score']:.3f} with {params}")
-    promotion = summary.get("promotion")
-    if promotion:
-        role = "champion" if promotion["champion"] else "candidate"
-        if promotion["new"]:
-            print(f"registered model {promotion['name']} version {promotion['version']} (alias {role})")
-        else:
-            from mg_ray.registry import existing_version_state
+    if isinstance(space, Pipeline):
+        for stage, stage_summary in summary["stages"].items():
+            print(f"stage {stage}: " + ("completed before" if stage_summary.get("skipped") else
+                                        f"{stage_summary['num_trials']} trials {stage_summary.get('states', {})}"))
+        if summary.get("ensemble"):
+            print("ensemble: " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(summary["ensemble"]["metrics"].items())))
+        print(f"best trial of stage {summary['best_stage']}: {summary['best_trial_id']} (MLflow run "
+              f"{summary['best_run_id']}) {summary['score_name']} {summary['best_score']:.3f}"
+              + (f", initialised from {summary['lineage']}" if summary["lineage"] else ""))
+    else:
+        print(f"study {study}: {summary['num_trials']} trials {summary.get('states', {})}")
+        if "best_trial_id" in summary:
+            params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
+            print(f"best trial {summary['best_trial_id']} (MLflow run {summary['best_run_id']}): "
+                  f"{summary['score_name']} {summary['best_score']:.3f} with {params}")
+    print_promotion(summary)
+    print_mlflow_ui(study)
+    return 0
 
-            print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
-                  f"{existing_version_state(promotion)}")
-        print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
-              f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
+
+def print_promotion(summary: dict) -> None:
+    promotion = summary.get("promotion")
+    if not promotion:
+        return
+    role = "champion" if promotion["champion"] else "candidate"
+    if promotion["new"]:
+        print(f"registered model {promotion['name']} version {promotion['version']} (alias {role}; "
+              f"{promotion['decision']})")
+    else:
+        from mg_ray.registry import existing_version_state
+
+        print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
+              f"{existing_version_state(promotion)}")
+    print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
+          f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
+
+
+def print_mlflow_ui(study: str) -> None:
+    from mg_ray import tracking
+
     uri = tracking.resolve_tracking_uri(None)
     if uri.startswith("sqlite:"):
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
               f"then open http://127.0.0.1:5000 (experiment 'mg-ray', run '{study}')")
     else:
         print(f"MLflow UI: {uri} (experiment 'mg-ray', run '{study}')")
-    return 0

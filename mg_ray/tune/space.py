@@ -137,8 +137,97 @@ class SearchSpace:
         return self.fixed.get(key)
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Load and validate a search-space YAML; errors name the file and the key."""
+STREAM_MODALITY = {"rgb": "rgb", "pose": "pose"}  # init stream -> the modality its stage must train
+
+
+@dataclass
+class StageSpec:
+    """One stage of a pipeline: a study of one modality, optionally initialised from the best
+    runs of earlier stages (`init`: stream -> stage name; an `rgbpose` stage only)."""
+
+    modality: Literal["rgb", "pose", "rgbpose"]
+    init: dict[str, str] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)  # overrides of the pipeline's study settings
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.init) - set(STREAM_MODALITY))
+        check(not unknown, "init", f"streams among {', '.join(STREAM_MODALITY)}", unknown)
+        check(not self.init or self.modality == "rgbpose", "init",
+              "no init for a single-stream stage (only an rgbpose stage merges single-stream runs)", self.init)
+
+
+@dataclass
+class EnsembleSpec:
+    """The pipeline's last step: a score ensemble of the best model of each member stage."""
+
+    members: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(len(self.members) >= 2 and len(set(self.members)) == len(self.members), "members",
+              "at least two different stage names", self.members)
+
+
+@dataclass
+class Pipeline:
+    """A search-space file with `stages`: the paper's recipe as one resumable study.
+
+        base: small
+        fixed: {...}               # every stage
+        study: {...}               # every stage's study settings (a stage's `study` overrides)
+        stages:                    # run in this order
+          rgb:   {modality: rgb, fixed: {...}}
+          pose:  {modality: pose, fixed: {...}}
+          fused: {modality: rgbpose, init: {rgb: rgb, pose: pose}, parameters: {...}}
+        ensemble: {members: [rgb, pose, fused]}
+        register: fused            # whose best trial is registered (default: the last stage)
+    """
+
+    base: str = "small"
+    fixed: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageSpec] = field(default_factory=dict)
+    ensemble: EnsembleSpec | None = None
+    register: str | None = None
+    source: str = "<memory>"
+
+    def validate(self) -> None:
+        check(bool(self.stages), "stages", "at least one stage", self.stages)
+        names = list(self.stages)
+        for name, stage in self.stages.items():
+            for stream, source in stage.init.items():
+                key = f"stages.{name}.init.{stream}"
+                if source not in names[: names.index(name)]:
+                    raise ConfigError(f"{key}: expected a stage that comes before {name!r} "
+                                      f"(one of {', '.join(names[: names.index(name)]) or 'none'}), got {source!r}")
+                if self.stages[source].modality != STREAM_MODALITY[stream]:
+                    raise ConfigError(f"{key}: stage {source!r} trains modality {self.stages[source].modality!r}; "
+                                      f"a {stream} init needs a {STREAM_MODALITY[stream]!r} stage")
+        for member in self.ensemble.members if self.ensemble else ():
+            check(member in self.stages, "ensemble.members", f"stage names among {', '.join(names)}", member)
+        check(self.register is None or self.register in self.stages, "register",
+              f"a stage name among {', '.join(names)}", self.register)
+
+    @property
+    def register_stage(self) -> str:
+        return self.register or list(self.stages)[-1]
+
+    def stage_space(self, name: str, init_runs: dict[str, str] | None = None) -> SearchSpace:
+        """The study of stage `name` as a `SearchSpace`; `init_runs`: stream -> the MLflow run id
+        its weights come from (the best run of the stage its `init` names)."""
+        stage = self.stages[name]
+        fixed = {**self.fixed, **stage.fixed, "model.modality": stage.modality}
+        for stream, run_id in (init_runs or {}).items():
+            fixed[f"model.{stream}_init"] = f"runs:/{run_id}"
+        study = from_mapping(StudySettings, {**self.study, **stage.study}, "study")
+        return SearchSpace(base=self.base, fixed=fixed, study=study, parameters=dict(stage.parameters),
+                           source=f"{self.source}#stages.{name}")
+
+
+def load_space(path: str | Path) -> SearchSpace | Pipeline:
+    """Load and validate a search-space YAML: a single study (`parameters`), or a pipeline of
+    stages (`stages`). Errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: search-space file not found")
@@ -147,6 +236,14 @@ def load_space(path: str | Path) -> SearchSpace:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
+        if isinstance(data, dict) and "stages" in data:
+            pipeline = from_mapping(Pipeline, {**data, "source": str(path)})
+            for name in pipeline.stages:  # each stage as the study it runs, checked like any space
+                try:
+                    _validate_against_config(pipeline.stage_space(name, {s: "0" * 32 for s in pipeline.stages[name].init}))
+                except ConfigError as err:
+                    raise ConfigError(f"stages.{name}.{err}") from None
+            return pipeline
         space = from_mapping(SearchSpace, {**data, "source": str(path)})
         _validate_against_config(space)
     except ConfigError as err:

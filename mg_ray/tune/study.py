@@ -22,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mg_ray import paths, ray_env, tracking
-from mg_ray.config import apply_overrides, from_mapping, to_dict
+from mg_ray.config import ConfigError, apply_overrides, from_mapping, to_dict
 from mg_ray.train.config import ExperimentConfig
 from mg_ray.tune import trial_state
 from mg_ray.tune.space import SearchSpace, base_config_dict, trial_overrides
@@ -61,6 +62,47 @@ def space_fingerprint(space: SearchSpace) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+@dataclass
+class Checked:
+    """What `preflight` established about a study before anything started."""
+
+    base: dict[str, Any]      # the base training config, with the dataset root applied
+    probe: ExperimentConfig   # the config every trial starts from (fixed values applied)
+    tracking_uri: str
+    request: dict[str, Any]   # the resource request of one trial, for `check_resources`
+
+
+def preflight(space: SearchSpace, *, study_name: str, data_root: str | None, address: str | None) -> Checked:
+    """Every check that needs no cluster, before Ray starts: the config every trial starts from,
+    the dataset (generated when it is the default synthetic one), the MLflow store, and on a
+    local cluster the CPUs a trial needs."""
+    from mg_ray.cluster import check_local_resources
+    from mg_ray.data.check import ensure_dataset
+
+    base = base_config_dict(space)
+    if data_root is not None:
+        base = apply_overrides(base, {"data.root": str(data_root)})
+    probe = from_mapping(ExperimentConfig, apply_overrides(base, trial_overrides(space, {})))
+    ensure_dataset(probe.data)
+    tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
+    tracking.check_store(tracking_uri)
+    res = probe.resources
+    request = dict(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker, use_gpu=res.use_gpu,
+                   reserved_cpus=space.study.trial_driver_cpus, what=f"each trial of study {study_name!r}")
+    check_local_resources(address, **request)
+    return Checked(base, probe, tracking_uri, request)
+
+
+def check_storage(storage_path: str | Path | None, optuna_storage: str | None) -> tuple[Path, str]:
+    """The Ray storage folder and the Optuna storage URL, both checked writable."""
+    storage = paths.ensure_writable(Path(storage_path or paths.ray_storage()).expanduser().resolve(),
+                                    "Ray storage (--storage-path)")
+    optuna_storage = optuna_storage or paths.optuna_storage_url()
+    if paths.sqlite_file(optuna_storage):
+        paths.ensure_writable_file(paths.sqlite_file(optuna_storage), f"Optuna storage {optuna_storage}")
+    return storage, optuna_storage
+
+
 def run_study(
     space: SearchSpace,
     *,
@@ -73,41 +115,30 @@ def run_study(
     verbose: int = 1,
     callbacks: list | None = None,
     address: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the study; returns a summary dict. Every check runs before any trial, and
     those that need no cluster (config, dataset, stores, a local cluster's CPUs) before Ray
-    starts. `address`: the Ray cluster to connect to (default: RAY_ADDRESS or a local one)."""
+    starts. `address`: the Ray cluster to connect to (default: RAY_ADDRESS or a local one).
+    `parent_run_id`, `tags`: the study's MLflow run is nested under that run, with those tags (a
+    pipeline's stage)."""
     import optuna
     import ray
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from mg_ray.cluster import check_local_resources, check_resources, init_ray
-    from mg_ray.data.check import ensure_dataset
+    from mg_ray.cluster import check_resources, init_ray
     from mg_ray.tune.results import summarise
     from mg_ray.tune.scheduling import FinishingASHA
 
     if num_trials is not None:
         space.study.num_trials = num_trials
-    base = base_config_dict(space)
-    if data_root is not None:
-        base = apply_overrides(base, {"data.root": str(data_root)})
-    # The config every trial starts from (fixed values applied): checked once, here.
-    probe = from_mapping(ExperimentConfig, apply_overrides(base, trial_overrides(space, {})))
-    ensure_dataset(probe.data)
-    tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
-    tracking.check_store(tracking_uri)
-    storage = paths.ensure_writable(Path(storage_path or paths.ray_storage()).expanduser().resolve(),
-                                    "Ray storage (--storage-path)")
-    optuna_storage = optuna_storage or paths.optuna_storage_url()
-    if paths.sqlite_file(optuna_storage):
-        paths.ensure_writable_file(paths.sqlite_file(optuna_storage), f"Optuna storage {optuna_storage}")
-    res = probe.resources
-    request = dict(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker, use_gpu=res.use_gpu,
-                   reserved_cpus=space.study.trial_driver_cpus, what=f"each trial of study {study_name!r}")
-    check_local_resources(address, **request)  # before a local Ray starts
+    checked = preflight(space, study_name=study_name, data_root=data_root, address=address)
+    base, probe, tracking_uri = checked.base, checked.probe, checked.tracking_uri
+    storage, optuna_storage = check_storage(storage_path, optuna_storage)
     init_ray(address)
-    check_resources(**request)
+    check_resources(**checked.request)
     concurrency = max_concurrent_trials(space, probe, ray.cluster_resources())
 
     experiment_path = storage / study_name
@@ -116,21 +147,21 @@ def run_study(
     experiment_id = tracking.get_or_create_experiment(mlflow_client, probe.tracking.experiment)
     existing = tracking.find_run(mlflow_client, experiment_id, f"study/{study_name}")
     if existing is not None and existing.data.tags.get(SPACE_HASH_TAG) != fingerprint:
-        raise ValueError(
+        raise ConfigError(
             f"study {study_name!r} already exists (MLflow run {existing.info.run_id}) with a different "
             f"search space; resume it with the same space file, or choose another --study name"
         )
-    parent_run_id, _ = tracking.start_or_resume_run(
-        mlflow_client, experiment_id, f"study/{study_name}", run_name=study_name,
+    study_run_id, _ = tracking.start_or_resume_run(
+        mlflow_client, experiment_id, f"study/{study_name}", run_name=study_name, parent_run_id=parent_run_id,
         tags={tracking.STUDY_TAG: study_name, tracking.ROLE_TAG: "study", SPACE_HASH_TAG: fingerprint,
-              "mg_ray.space_file": space.source},
+              "mg_ray.space_file": space.source, **(tags or {})},
         params={"study.name": study_name, "study.space": space.source,
                 **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
                 "study.max_concurrent_trials": concurrency},
     )
     ctx = StudyContext(
         name=study_name, base=base, space=space, tracking_uri=tracking_uri,
-        experiment=probe.tracking.experiment, parent_run_id=parent_run_id,
+        experiment=probe.tracking.experiment, parent_run_id=study_run_id,
         train_storage=str(storage / f"{study_name}_train"), optuna_storage=optuna_storage,
         max_epochs=probe.optim.epochs,
     )
@@ -172,14 +203,15 @@ def run_study(
                   for r in results if r.metrics and "trial_id" in r.metrics}
         for trial_id in trial_state.close_unfinished(session, epochs):
             print(f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}")
-        detach_orphans(mlflow_client, parent_run_id)
+        detach_orphans(mlflow_client, study_run_id)
         if session.interrupted:
             status = "KILLED"
             raise StudyInterrupted(f"study {study_name!r} interrupted; run the same command to resume it")
-        summary = summarise(mlflow_client, parent_run_id, experiment_id, study_name, metric=space.study.metric,
+        summary = summarise(mlflow_client, study_run_id, experiment_id, study_name, metric=space.study.metric,
                             mode=space.study.mode, searched=list(space.parameters),
                             optuna_storage=optuna_storage, tracking_uri=tracking_uri)
         summary["data_root"] = str(probe.data.root)
+        summary["study_run_id"] = study_run_id
         if promote and summary.get("best_run_id"):
             from mg_ray.registry import promote_run
 
@@ -198,7 +230,7 @@ def run_study(
         # Runs still open here: the study failed, or a second Ctrl-C came. Their trials end with
         # this process (a local cluster) or with its Ray job, so nothing is waited for.
         trial_state.close_unfinished(session, {}, wait=False)
-        tracking.terminate_run(mlflow_client, parent_run_id, status)
+        tracking.terminate_run(mlflow_client, study_run_id, status)
 
 
 def detach_orphans(mlflow_client, parent_run_id: str) -> None:

@@ -84,12 +84,17 @@ class TrialRuns(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         ctx = self.session.ctx
         client = tracking.client(ctx.tracking_uri)
+        cfg = trial_config(ctx, trial.config)
+        lineage = {f"mg_ray.init.{stream}_run": location[len("runs:/"):].split("/")[0]
+                   for stream, location in (("rgb", cfg.model.rgb_init), ("pose", cfg.model.pose_init))
+                   if location and location.startswith("runs:/")}
         run_id, resumed = tracking.start_or_resume_run(
             client, client.get_experiment_by_name(ctx.experiment).experiment_id, run_key(ctx, trial.trial_id),
             run_name=f"{ctx.name}_{trial.trial_id}", parent_run_id=ctx.parent_run_id,
             tags={tracking.STUDY_TAG: ctx.name, tracking.ROLE_TAG: "trial", tracking.TRIAL_TAG: trial.trial_id,
-                  "mg_ray.train_run": train_run_name(ctx, trial.trial_id), "mg_ray.storage_path": ctx.train_storage},
-            params=flatten(to_dict(trial_config(ctx, trial.config))),
+                  "mg_ray.train_run": train_run_name(ctx, trial.trial_id), "mg_ray.storage_path": ctx.train_storage,
+                  **lineage},
+            params=flatten(to_dict(cfg)),
         )
         if resumed:  # how it ended before no longer holds
             client.set_tag(run_id, tracking.STATE_TAG, "running")
