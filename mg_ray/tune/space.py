@@ -89,6 +89,10 @@ class StudySettings:
     # controller start up while the others train, and their workers start the moment a running
     # trial's CPUs are freed (`mg_ray.tune.study.max_concurrent_trials`).
     standby_trials: int = 1
+    # Configurations tried first, before the searcher's own draws (OptunaSearch's
+    # `points_to_evaluate`): a known-good setting the search should start from. Each maps
+    # searched parameters to values; parameters it leaves out are drawn.
+    first_trials: list[dict[str, Any]] = field(default_factory=list)
     asha: AshaSettings = field(default_factory=AshaSettings)
     register_as: str = "mg-ray-fused"  # registered model name for promotion
 
@@ -130,11 +134,30 @@ class SearchSpace:
                 params[POSE_FRAMES] = _suggest(trial, POSE_FRAMES, p)
         return params
 
+    def optuna_points(self) -> list[dict[str, Any]]:
+        """`study.first_trials` under the parameter names `sample` gives Optuna (the pose frame
+        count is drawn under a name of its own for each rgb value)."""
+        points = []
+        for first in self.study.first_trials:
+            point = dict(first)
+            if POSE_FRAMES in point and self.parameters.get(POSE_FRAMES, Parameter("fixed")).type == "categorical":
+                rgb = point.get(RGB_FRAMES, self.fixed_value(RGB_FRAMES))
+                point[f"{POSE_FRAMES}|rgb={rgb}"] = point.pop(POSE_FRAMES)
+            points.append(point)
+        return points
+
     def fixed_value(self, key: str) -> Any:
+        """The value every trial has for `key` when it is not searched: a fixed parameter, a
+        fixed override, else the base config's."""
         p = self.parameters.get(key)
         if p is not None and p.type == "fixed":
             return p.value
-        return self.fixed.get(key)
+        if key in self.fixed:
+            return self.fixed[key]
+        node: Any = base_config_dict(self)
+        for part in key.split("."):
+            node = node[part]
+        return node
 
 
 STREAM_MODALITY = {"rgb": "rgb", "pose": "pose"}  # init stream -> the modality its stage must train
@@ -319,6 +342,24 @@ def _validate_against_config(space: SearchSpace) -> None:
         from_mapping(ExperimentConfig, apply_overrides(base, space.fixed))
     except ConfigError as err:
         raise ConfigError(f"fixed: {err}") from None
+
+    for i, first in enumerate(space.study.first_trials):
+        for name, value in first.items():
+            p = space.parameters.get(name)
+            key = f"study.first_trials[{i}].{name}"
+            if p is None or p.type == "fixed":
+                raise ConfigError(f"{key}: expected one of the searched parameters "
+                                  f"({', '.join(n for n, q in space.parameters.items() if q.type != 'fixed')})")
+            if p.type == "categorical" and value not in p.choices:
+                raise ConfigError(f"{key}: expected one of {p.choices}, got {value!r}")
+            if p.type in ("float", "int") and not (isinstance(value, (int, float)) and p.low <= value <= p.high):
+                raise ConfigError(f"{key}: expected a number in [{p.low}, {p.high}], got {value!r}")
+        if RGB_FRAMES in first or POSE_FRAMES in first:
+            rgb = first.get(RGB_FRAMES, space.fixed.get(RGB_FRAMES, base["data"]["rgb_frames"]))
+            pose = first.get(POSE_FRAMES, space.fixed.get(POSE_FRAMES, base["data"]["pose_frames"]))
+            if not _frames_ok(rgb, pose):
+                raise ConfigError(f"study.first_trials[{i}]: data.rgb_frames={rgb} with data.pose_frames={pose} "
+                                  f"builds no model (see mg_ray.models.check_frame_counts)")
 
     rgb_p, pose_p = space.parameters.get(RGB_FRAMES), space.parameters.get(POSE_FRAMES)
     rgb_values = _values(rgb_p, space.fixed.get(RGB_FRAMES, base["data"]["rgb_frames"]))

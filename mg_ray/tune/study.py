@@ -178,7 +178,7 @@ def run_study(
             searcher = OptunaSearch(
                 space.sample, metric=space.study.metric, mode=space.study.mode,
                 storage=optuna.storages.RDBStorage(optuna_storage), study_name=study_name,
-                seed=space.study.seed,
+                seed=space.study.seed, points_to_evaluate=space.optuna_points() or None,
             )
             tuner = tune.Tuner(
                 trainable,

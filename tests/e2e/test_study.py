@@ -1,34 +1,33 @@
 """End to end: the study (`jobs/tune.py`) on a real local Ray cluster with a real sqlite MLflow
 store, on the tiny synthetic dataset, then promotion and prediction from the registry.
 
-- A 3-trial study: one parent run, exactly one child per trial, all terminated, states that
-  match what ran; the parent's summary artifacts; version 1 registered with `candidate` and
-  `champion` and lineage tags. A worse model registered by hand does not take `champion`, a
-  better one does. `mg-ray predict` and `mlflow.pyfunc.load_model` work from `@champion`.
-- A study whose driver is killed (SIGKILL) mid-study resumes with the same command: completed
-  trials are not rerun, exactly the requested number of trials, one child run per trial, and no
-  Ray Train worker of the study is left. The other endings: tests/e2e/test_study_endings.py.
+A 2-trial study (a single-stage space file): one parent run, exactly one child per trial, all
+terminated, states that match what ran; the parent's summary artifacts; version 1 registered with
+`candidate` and `champion`, its lineage, data and test tags. On the same data, a worse model
+registered by hand does not take `champion` and a better one does; on another dataset the
+champion is re-evaluated there first. `mg-ray predict`, `mlflow.pyfunc.load_model` and the
+ensemble work from the registry and the study.
+
+The other endings of a study are in tests/e2e/test_study_endings.py; a driver killed with SIGKILL
+and resumed by the same command, in tests/e2e/test_pipeline.py (a pipeline's stage is a study).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import time
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.e2e.helpers import (
-    alive,
     artifact_paths,
     mlflow_client,
     no_train_workers_left,
     run,
     runs,
-    start,
 )
 
 pytestmark = pytest.mark.slow
@@ -92,7 +91,7 @@ def check_children(client, children: list, epochs: int) -> None:
 
 def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     home = tmp_path / "home"
-    space = write_space(tmp_path, trials=3, epochs=2)
+    space = write_space(tmp_path, trials=2, epochs=1)
     done = run(home, "tune", "--space", str(space), "--study", "s1", "--data", str(tiny_dataset), timeout=900)
     assert "Trial status" in done.stdout  # Tune's progress table
     assert "best trial" in done.stdout and "registered model tiny-model version 1" in done.stdout
@@ -100,8 +99,8 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
 
     client = mlflow_client(home)
     parent, children = study_runs(client, "s1")
-    assert parent.info.status == "FINISHED" and len(children) == 3
-    check_children(client, children, epochs=2)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    check_children(client, children, epochs=1)
     assert {c.data.tags["mg_ray.study"] for c in children} == {"s1"}
     files = artifact_paths(client, parent.info.run_id)
     assert {"study/trials.csv", "study/best_config.yaml", "study/plots/optimization_history.png"} <= files
@@ -122,31 +121,53 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     assert champion_score == pytest.approx(max(c.data.metrics["best_val_top1"] for c in completed))
     assert no_train_workers_left(home)
 
-    # Guarded promotion: a copy of the best model claiming a worse score stays `candidate`;
-    # one claiming a better score becomes `champion`.
+    # Guarded promotion, on the same data: a copy of the best model claiming a worse score stays
+    # `candidate`; one claiming a better score becomes `champion`. The version says which data it
+    # was scored on and carries its test top-1, which decides nothing.
+    assert v1.tags["val_split"] == "val" and float(v1.tags["test_top1"]) >= 0
     model_file = client.download_artifacts(v1.run_id, "best_model/model.pt", str(tmp_path))
     experiment_id = parent.info.experiment_id
-    for delta, expect_champion in ((-0.5, "1"), (+0.5, "3")):
-        fake = client.create_run(experiment_id, run_name=f"manual{delta:+}")
+
+    def fake_run(score: float, data) -> str:
+        fake = client.create_run(experiment_id, run_name=f"manual{score:.2f}")
         client.log_artifact(fake.info.run_id, model_file, "best_model")
-        client.log_metric(fake.info.run_id, "best_val_top1", champion_score + delta)
+        client.log_metric(fake.info.run_id, "best_val_top1", score)
+        client.log_param(fake.info.run_id, "data.root", str(data))
+        client.log_param(fake.info.run_id, "data.val_split", "val")
         client.set_terminated(fake.info.run_id)
-        out = run(home, "promote", "--run", fake.info.run_id, "--name", "tiny-model")
+        return fake.info.run_id
+
+    for delta, expect_champion in ((-0.5, "1"), (+0.5, "3")):
+        out = run(home, "promote", "--run", fake_run(champion_score + delta, tiny_dataset), "--name", "tiny-model")
         assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == expect_champion, out.stdout
         assert ("champion stays version 1" in out.stdout) == (delta < 0)
+        decision = client.get_model_version("tiny-model", str(len(client.search_model_versions("name = 'tiny-model'"))))
+        assert "compared on the same data" in decision.tags["champion_decision"]
+    # On another dataset (same clips, another fingerprint), the recorded scores do not decide: the
+    # champion (version 3, recorded at champion_score + 0.5) is re-evaluated there first and
+    # scores what the model really does, so a claim of champion_score + 0.1 beats it.
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset, other)
+    meta = json.loads((other / "dataset.json").read_text())
+    (other / "dataset.json").write_text(json.dumps({**meta, "fingerprint": "another-dataset"}))
+    out = run(home, "promote", "--run", fake_run(champion_score + 0.1, other), "--name", "tiny-model")
+    v4 = client.get_model_version("tiny-model", "4")
+    assert "champion re-evaluated on this version's validation split" in v4.tags["champion_decision"], out.stdout
+    assert f"champion's {champion_score:.4f}" in v4.tags["champion_decision"]  # the model's real score
+    assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == "4"
     latest = client.get_model_version_by_alias("tiny-model", "candidate")
-    assert str(latest.version) == "3"
+    assert str(latest.version) == "4"
     # Promoting an already registered run again registers nothing and moves no alias.
     out = run(home, "promote", "--run", v1.run_id, "--name", "tiny-model")
     assert "already registered as tiny-model version 1" in out.stdout, out.stdout
-    assert len(client.search_model_versions("name = 'tiny-model'")) == 3
+    assert len(client.search_model_versions("name = 'tiny-model'")) == 4
     assert {a: str(client.get_model_version_by_alias("tiny-model", a).version)
-            for a in ("candidate", "champion")} == {"candidate": "3", "champion": "3"}
+            for a in ("candidate", "champion")} == {"candidate": "4", "champion": "4"}
     # Running the finished study again trains nothing, adds no child run, registers nothing.
     again = run(home, "tune", "--space", str(space), "--study", "s1", "--data", str(tiny_dataset), timeout=600)
     assert "best model already registered as tiny-model version 1" in again.stdout, again.stdout[-3000:]
-    assert len(client.search_model_versions("name = 'tiny-model'")) == 3
-    assert len(study_runs(client, "s1")[1]) == 3
+    assert len(client.search_model_versions("name = 'tiny-model'")) == 4
+    assert len(study_runs(client, "s1")[1]) == 2
 
     # Predict from the registry: the CLI and plain MLflow pyfunc.
     from mg_ray.data import build_dataset, load_index
@@ -172,51 +193,3 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     # The paper's last step: an ensemble of the study's runs, logged as a run.
     out = run(home, "ensemble", "--study", "s1", "--top", "2")
     assert runs(client, "tags.`mg_ray.role` = 'ensemble'"), out.stdout
-
-
-def test_killed_study_resumes_without_rerunning_or_duplicating(tiny_dataset, tmp_path):
-    home = tmp_path / "home"
-    # One worker per trial: two trials train at once on 2 CPUs, so the kill catches trials
-    # running side by side (and the test takes less time; the other test covers DDP trials).
-    space = write_space(tmp_path, trials=3, epochs=2, workers=1)
-    args = ("tune", "--space", str(space), "--study", "s2", "--data", str(tiny_dataset), "--no-promote")
-    proc = start(home, *args, log=tmp_path / "first.log")
-    client = mlflow_client(home)
-    try:
-        # Kill the driver (and its local Ray cluster) once one trial has ended and another runs.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            children = runs(client, "tags.`mg_ray.role` = 'trial'") if (home / "mlflow.db").exists() else []
-            ended = [c for c in children if c.info.status != "RUNNING"]
-            if ended and len(children) > len(ended):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the study ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-4000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    first_ended = {c.data.tags["mg_ray.trial_id"]: c for c in runs(client, "tags.`mg_ray.role` = 'trial'")
-                   if c.info.status != "RUNNING"}
-    assert first_ended
-
-    done = run(home, *args, timeout=900)
-    assert "resuming study 's2'" in done.stdout
-    parent, children = study_runs(client, "s2")
-    assert parent.info.status == "FINISHED"
-    assert len(children) == 3 and len({c.data.tags["mg_ray.trial_id"] for c in children}) == 3
-    check_children(client, children, epochs=2)
-    for trial_id, before in first_ended.items():  # not rerun: same run, untouched since
-        [after] = [c for c in children if c.data.tags["mg_ray.trial_id"] == trial_id]
-        assert after.info.run_id == before.info.run_id and after.info.end_time == before.info.end_time
-        assert len(client.get_metric_history(after.info.run_id, "val_top1")) == len(
-            client.get_metric_history(before.info.run_id, "val_top1"))
-
-    import optuna
-
-    study = optuna.load_study(study_name="s2", storage=f"sqlite:///{home / 'optuna.db'}")
-    finished = [t for t in study.trials if t.state.is_finished()]
-    assert len(finished) >= 3
-    assert not alive(proc.pid) and no_train_workers_left(home)

@@ -160,21 +160,43 @@ def readme_cluster_blocks() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
 
 
-def test_readme_cluster_section_verbatim(tmp_path):
-    """Start the stack, `ray job submit` the quick study, promote, predict and stop, with the
-    README's commands as written (free ports, a temporary home and 1 trial in place of the
-    defaults);
-    then check the study's MLflow run tree and the registry on the MLflow server, that outputs
-    landed in the stack's home, and that no process is left behind."""
+TINY_QUICK = """\
+base: small
+fixed:
+  optim.epochs: 1
+  optim.milestones: [1]
+  optim.warmup_epochs: 0
+  resources.num_workers: 2
+  resources.cpus_per_worker: 0.9
+  data.test_clips: 1
+study:
+  num_trials: 1
+  trial_driver_cpus: 0.05
+parameters:
+  optim.lr: {type: float, low: 0.01, high: 0.1, log: true}
+"""
+
+
+def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
+    """Start the stack, `ray job submit` a study, promote, predict and stop, with the README's
+    commands as written, except: free ports, a temporary home, and in place of the quick study
+    (the paper's recipe, about 9 minutes here) a one-trial study of the same name on the tiny
+    dataset (tests/e2e covers the pipeline itself). Then check the study's MLflow run tree and
+    the registry on the MLflow server, that outputs landed in the stack's home, and that no
+    process is left behind."""
+    from mg_ray.data import load_index
+
     *run_blocks, stop_block = readme_cluster_blocks()
     assert len(run_blocks) == 3 and "ray job submit" in run_blocks[1] and "stop.sh" in stop_block
     stack = Stack(tmp_path)
-    quick = "--space search_spaces/quick.yaml"
-    assert quick in run_blocks[1]
-    # Free ports and a temporary home; 1 of the quick study's 4 trials (the suite's time: each
-    # trial is about 40 s here, and tests/e2e/test_study.py covers the study itself).
+    quick, synth_clip = "--space search_spaces/quick.yaml", "--data ~/.mg-ray/datasets/synth s04_000"
+    assert quick in run_blocks[1] and synth_clip in run_blocks[2]
+    stand_in = tmp_path / "quick.yaml"  # study name: the file's stem, as the README's
+    stand_in.write_text(TINY_QUICK)
+    clip = load_index(tiny_dataset).split("test")[0].frame_dir
     ours = lambda text: text.replace("http://127.0.0.1:8265", stack.dashboard).replace(
-        "~/.mg-ray", str(stack.home)).replace(quick, f"{quick} --trials 1")
+        synth_clip, f"--data {tiny_dataset} {clip}").replace("~/.mg-ray", str(stack.home)).replace(
+        quick, f"--space {stand_in} --data {tiny_dataset}")
     script = "set -euo pipefail\n" + "\n".join(ours(block) for block in run_blocks)
     try:
         done = subprocess.run(["bash", "-c", script], check=False, env=stack.env, cwd=ROOT, capture_output=True,
@@ -194,7 +216,7 @@ def test_readme_cluster_section_verbatim(tmp_path):
         [parent] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'study'")
         children = client.search_runs([experiment.experiment_id],
                                       f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        assert parent.info.status == "FINISHED" and len(children) == 1  # --trials 1
+        assert parent.info.status == "FINISHED" and len(children) == 1  # one trial
         assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
         assert {c.data.tags["mg_ray.trial_state"] for c in children} <= {"completed", "stopped"}
         champion = client.get_model_version_by_alias("mg-ray-fused", "champion")
@@ -204,7 +226,6 @@ def test_readme_cluster_section_verbatim(tmp_path):
         # Outputs in the stack's stable home, not in the job's temporary working dir.
         assert (stack.home / "optuna.db").is_file()
         assert list((stack.home / "ray_results").glob("quick_train/*/checkpoint_*"))
-        assert (stack.home / "datasets" / "synth" / "annotations.pkl").is_file()
         ray_pgid, mlflow_pgid = stack.pid("ray-head.pid"), stack.pid("mlflow.pid")
     finally:
         stopped = subprocess.run(["bash", "-c", ours(stop_block)], check=False, env=stack.env, cwd=ROOT,
