@@ -44,7 +44,7 @@ stages:
     modality: rgbpose
     init: {rgb: rgb, pose: pose}
     fixed: {optim.epochs: 2, optim.milestones: [2]}
-    study: {num_trials: 2, max_concurrent: 1, asha: {grace_period: 2}}
+    study: {num_trials: 2, asha: {grace_period: 2}}
     parameters:
       optim.lr: {type: float, low: 0.001, high: 0.01, log: true}
 ensemble:

@@ -107,7 +107,7 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
 def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset, tmp_path):
     home = tmp_path / "home"
     log = tmp_path / "train.log"
-    proc = start(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "5", "--name", "e2e-kill", log=log)
+    proc = start(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "4", "--name", "e2e-kill", log=log)
     try:
         client = mlflow_client(home)
         deadline = time.monotonic() + 300
@@ -116,7 +116,7 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset
             found = runs(client, "tags.`mg_ray.train_run` = 'e2e-kill'") if (home / "mlflow.db").exists() else []
             epochs = len(client.get_metric_history(found[0].info.run_id, "val_top1")) if found else 0
             workers = train_workers(proc.pid)
-            if 1 <= epochs < 4 and workers:  # a checkpoint exists and training goes on
+            if 1 <= epochs < 3 and workers:  # a checkpoint exists and training goes on
                 victim = workers[-1]
             time.sleep(0.5)
         assert victim is not None, "never saw a finished epoch with workers alive:\n" + log.read_text()[-4000:]
@@ -132,5 +132,5 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset
     [mlrun] = runs(client, "tags.`mg_ray.train_run` = 'e2e-kill'")
     assert mlrun.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "val_top1")]
-    assert sorted(set(steps)) == [0, 1, 2, 3, 4]
+    assert sorted(set(steps)) == [0, 1, 2, 3]
     assert not alive(proc.pid)
