@@ -66,7 +66,7 @@ def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_
     tracking.terminate_run(client, run_id, "KILLED")  # Tune stopped the trial, say
     callback.after_report(None, [{"epoch": 1, "val_top1": 0.75}], _empty_checkpoint(tmp_path))
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0]
-    assert pickle.loads(pickle.dumps(callback))._logger is None  # an open client does not travel
+    assert pickle.loads(pickle.dumps(callback)).run_logger is None  # an open client does not travel
 
     with pytest.raises(LookupError, match="no run with mg_ray.run_key='other'"):
         MLflowLoggingCallback(uri, "t", "other").after_report(None, [{"epoch": 0}], _empty_checkpoint(tmp_path))
