@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mg_ray.data.synth", "write the synthetic micro-gesture dataset"),
     "prepare": ("mg_ray.data.prepare", "re-encode clips for cheap random access"),
     "convert-openpose": ("mg_ray.data.openpose", "build a dataset from OpenPose JSON output"),
+    "import-mmaction2": ("mg_ray.import_mmaction2", "turn an mmaction2 checkpoint into an mg-ray model file"),
     "train": ("mg_ray.train.job", "train one model on a Ray cluster"),
     "tune": ("mg_ray.tune.job", "run a hyperparameter study"),
     "promote": ("mg_ray.tune.promote", "register a run's model and set its aliases"),
@@ -54,12 +55,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.data.prepare import PrepareError
     from mg_ray.data.video import VideoError
     from mg_ray.data.video_io import DatasetWriteError
+    from mg_ray.models.mmaction2 import CheckpointImportError
     from mg_ray.paths import StorageError
     from mg_ray.registry import ModelNotFoundError
     from mg_ray.tune.results import NoTrialsError
 
     return (ConfigError, AnnotationError, ConvertError, PrepareError, VideoError, DatasetWriteError,
-            ResourceError, StorageError, ModelNotFoundError, NoTrialsError, FileNotFoundError,
+            ResourceError, StorageError, ModelNotFoundError, CheckpointImportError, NoTrialsError, FileNotFoundError,
             ConnectionError)
 
 

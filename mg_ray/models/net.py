@@ -10,7 +10,6 @@ two-stream-only parts are `backbone.pose_to_rgb.*`, `backbone.rgb_to_pose.*` (la
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mg_ray.models.prototype import STREAMS
@@ -18,12 +17,18 @@ from mg_ray.models.rgbpose import RGBPoseBackbone, check_frame_counts, check_inp
 
 
 class StreamHead(nn.Module):
-    """Feature [N, C, T, H, W] -> global average pool -> (dropout -> linear: logits [N, K],
-    linear -> L2 normalise: embedding [N, D]). The embedding is taken before dropout: it feeds
-    the prototype loss, whose cosine scores should not be noised."""
+    """Feature [N, C, T, H, W] -> global average pool -> dropout -> linear: logits [N, K], as
+    mmaction2's head; and global `embed_pool` pool -> linear: embedding [N, D] for the prototype
+    loss (max, as the paper and PCAN pool before their embedding; "avg" shares the classifier's
+    pooling). The embedding is taken before dropout, whose noise the loss's cosine scores should
+    not see, and left unnormalised: the loss normalises it (`PrototypeRefinementLoss`)."""
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, dropout: float,
+                 embed_pool: str = "max") -> None:
         super().__init__()
+        if embed_pool not in ("max", "avg"):
+            raise ValueError(f"embed_pool: expected 'max' or 'avg', got {embed_pool!r}")
+        self.embed_pool = embed_pool
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
         self.embed = nn.Linear(in_channels, embed_dim)
@@ -32,12 +37,14 @@ class StreamHead(nn.Module):
 
     def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = feature.mean(dim=(2, 3, 4))
-        return self.fc(self.dropout(pooled)), F.normalize(self.embed(pooled), dim=1)
+        embed_in = feature.amax(dim=(2, 3, 4)) if self.embed_pool == "max" else pooled
+        return self.fc(self.dropout(pooled)), self.embed(embed_in)
 
 
 class MicroGestureNet(nn.Module):
     """forward(rgb [N, 3, T_rgb, S, S], pose [N, C_pose, T_pose, S/4, S/4]) -> dict with
-    "<s>_logits" [N, K] and "<s>_embedding" [N, embed_dim] for each stream s the modality has.
+    "<s>_logits" [N, K] and "<s>_embedding" [N, embed_dim] (unnormalised) for each stream s the
+    modality has.
     Single-stream variants ignore (and accept None for) the other input."""
 
     def __init__(
@@ -51,6 +58,7 @@ class MicroGestureNet(nn.Module):
         fusion: bool = True,
         embed_dim: int = 256,
         dropout: float = 0.5,
+        embed_pool: str = "max",
         stream_weights: tuple[float, float] = (1.0, 1.0),
         rgb_base_channels: int = 64,
         rgb_blocks: tuple[int, int, int, int] = (3, 4, 6, 3),
@@ -79,7 +87,7 @@ class MicroGestureNet(nn.Module):
         self.streams = modality_streams(modality)
         widths = {"rgb": self.backbone.rgb_channels, "pose": self.backbone.pose_channels}
         self.heads = nn.ModuleDict(
-            {s: StreamHead(widths[s], num_classes, embed_dim, dropout) for s in self.streams}
+            {s: StreamHead(widths[s], num_classes, embed_dim, dropout, embed_pool) for s in self.streams}
         )
 
     def forward_features(
@@ -250,3 +258,29 @@ def merge_stream_checkpoints(
     if problems:
         raise ValueError("cannot merge single-stream checkpoints: " + "; ".join(problems))
     return merged
+
+
+def load_two_stream_state(state: dict[str, torch.Tensor], fused_model: MicroGestureNet) -> dict[str, torch.Tensor]:
+    """A state_dict for `fused_model` from a whole two-stream model's `state` (an imported
+    mmaction2 RGBPoseConv3D, say): every key taken as it is, laterals included. Only the fusion's
+    keys may be absent (a source without fusion: the fused model's init, gates at zero) or left
+    over (a source with fusion, a target without). Raises ValueError naming any other missing,
+    unexpected or mis-shaped key."""
+    target = fused_model.state_dict()
+    source = {k.removeprefix("module."): v for k, v in state.items()}
+    fusion = "backbone.fusion."
+    missing = [k for k in target if k not in source and not k.startswith(fusion)]
+    unexpected = [k for k in source if k not in target and not k.startswith(fusion)]
+    shapes = [f"{k} has shape {tuple(v.shape)} in the source, {tuple(target[k].shape)} in the model"
+              for k, v in source.items() if k in target and v.shape != target[k].shape]
+    problems = ([f"missing keys {few(missing)}"] if missing else []) + \
+        ([f"unexpected keys {few(unexpected)}"] if unexpected else []) + shapes[:5]
+    if problems:
+        raise ValueError("cannot start the two-stream model from a two-stream model file: " + "; ".join(problems))
+    return {k: (source[k].detach().clone().to(v.dtype) if k in source else v.clone()) for k, v in target.items()}
+
+
+def few(items: list[str], shown: int = 5) -> str:
+    """A list for an error message: the first `shown` items and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return f"{items[:shown]}{more}"

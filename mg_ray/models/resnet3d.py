@@ -3,9 +3,10 @@
 Both pathways of the two-stream backbone are instances of `ResNet3dPathway`, differing only
 in widths, depths, strides and temporal kernels (REFERENCE.md section 4):
 
-- RGB:  stem (1,7,7) stride 2 + max-pool stride 2, stages (3,4,6,3), base 64, spatial strides
-  (1,2,2,2), temporal kernel 3 in the first conv of every block of stages 3-4.
-- pose: stem (1,7,7) stride 1, no pool, stages (4,6,3), base 32, spatial strides (2,2,2),
+- RGB:  stem (1,7,7) stride 2 + max-pool (1,3,3) stride 2, stages (3,4,6,3), base 64, spatial
+  strides (1,2,2,2), temporal kernel 3 in the first conv of every block of stages 3-4.
+- pose: stem (1,7,7) stride 1 + max-pool (1,3,3) stride 1 (mmaction2's RGBPoseConv3D applies
+  `pose_path.maxpool` in its forward), stages (4,6,3), base 32, spatial strides (2,2,2),
   temporal kernel 3 in stages 2-3.
 
 No stage ever strides in time, so a pathway keeps its input frame count T throughout; the
@@ -94,7 +95,7 @@ class ResNet3dPathway(nn.Module):
         spatial_strides: tuple[int, ...],
         temporal_kernels: tuple[int, ...],
         stem_stride: int,
-        stem_pool: bool,
+        stem_pool_stride: int | None,
         lateral_channels: tuple[int, ...] | None = None,
         zero_init_residual: bool = True,
     ) -> None:
@@ -108,8 +109,8 @@ class ResNet3dPathway(nn.Module):
             nn.BatchNorm3d(base_channels),
             nn.ReLU(inplace=True),
         ]
-        if stem_pool:
-            stem.append(nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
+        if stem_pool_stride is not None:  # (1,3,3) max-pool, padding 1: stride 1 keeps the size
+            stem.append(nn.MaxPool3d((1, 3, 3), stride=(1, stem_pool_stride, stem_pool_stride), padding=(0, 1, 1)))
         self.stem = nn.Sequential(*stem)
         self.stages = nn.ModuleList()
         self.out_channels: list[int] = []

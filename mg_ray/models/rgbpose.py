@@ -4,11 +4,17 @@ RGB pathway (4 stages) and pose pathway (3 stages) run side by side; at two late
 after RGB stage 2 / pose stage 1 and after RGB stage 3 / pose stage 2, they exchange features:
 
     (optional) cross-modal fusion:  rgb, pose = fusion(rgb, pose)            (fusion.py)
-    rgb  <- [rgb;  Conv3d(pose)]           kernel (7,1,1), stride (r,1,1): T_pose -> T_rgb
-    pose <- [pose; ReLU(BN(ConvT3d(rgb)))] kernel (7,1,1), stride (r,1,1): T_rgb -> T_pose
+    rgb  <- [rgb;  Conv3d(pose)]           kernel (k,1,1), stride (r,1,1): T_pose -> T_rgb
+    pose <- [pose; ReLU(BN(ConvT3d(rgb)))] kernel (k,1,1), stride (r,1,1): T_rgb -> T_pose
 
-with r = speed_ratio = pose_frames / rgb_frames. Nothing strides in time inside the pathways,
-so the laterals only work when pose_frames is an integer multiple of rgb_frames; spatially the
+with r = speed_ratio = pose_frames / rgb_frames and k = `lateral_kernel(r)`. RGB step t sits at
+pose frame r*t and a centred kernel reads pose frames r*t - k//2 ... r*t + k//2, so every pose
+frame is read (and, through the transposed conv, written) only if k//2 >= r - 1: mmaction2's 7
+does that up to r = 4; beyond (8 RGB / 48 or 64 pose frames, say) the last r - 4 frames of every
+clip and some frames between windows would never be seen, so the kernel grows to 2r - 1. That is
+a deliberate difference from mmaction2, which keeps 7 for every ratio.
+
+Nothing strides in time inside the pathways, so the laterals only work when pose_frames is an integer multiple of rgb_frames; spatially the
 RGB map at RGB stage 2 (rgb_size / 8) must match the pose map at pose stage 1
 (heatmap_size / 2). `check_frame_counts` and `check_input_sizes` state those rules up front so a
 search can refuse a combination before building anything.
@@ -29,7 +35,13 @@ from mg_ray.models.fusion import CrossModalFusion
 from mg_ray.models.resnet3d import ResNet3dPathway, init_weights
 
 MODALITIES = ("rgbpose", "rgb", "pose")
-LATERAL_KERNEL = 7
+LATERAL_KERNEL = 7  # mmaction2's fusion_kernel
+
+
+def lateral_kernel(speed_ratio: int) -> int:
+    """The laterals' temporal kernel: mmaction2's 7, or 2r - 1 once r > 4, so that with stride r and
+    padding k // 2 the windows reach every pose frame, the clip's last r - 1 included."""
+    return max(LATERAL_KERNEL, 2 * speed_ratio - 1)
 
 
 def check_frame_counts(rgb_frames: int, pose_frames: int) -> int:
@@ -68,19 +80,19 @@ def check_input_sizes(rgb_size: int, heatmap_size: int) -> None:
 
 
 class RGBToPoseLateral(nn.Module):
-    """ConvTranspose3d (7,1,1) stride (r,1,1) + BN + ReLU: [N, C, T, H, W] -> [N, C', r*T, H, W].
+    """ConvTranspose3d (k,1,1) stride (r,1,1) + BN + ReLU: [N, C, T, H, W] -> [N, C', r*T, H, W].
 
     A transposed conv with kernel k, stride r and padding p gives (T - 1) * r - 2p + k +
-    output_padding steps; with k = 7, p = 3 that is r*T - r + 1 + output_padding, so
+    output_padding steps; with k odd, p = k // 2 that is r*T - r + 1 + output_padding, so
     output_padding = r - 1 (always < r, as PyTorch requires) recovers exactly r*T.
     """
 
     def __init__(self, in_channels: int, out_channels: int, speed_ratio: int) -> None:
         super().__init__()
-        r = speed_ratio
+        r, k = speed_ratio, lateral_kernel(speed_ratio)
         self.conv = nn.ConvTranspose3d(
-            in_channels, out_channels, (LATERAL_KERNEL, 1, 1), stride=(r, 1, 1),
-            padding=(LATERAL_KERNEL // 2, 0, 0), output_padding=(r - 1, 0, 0), bias=False,
+            in_channels, out_channels, (k, 1, 1), stride=(r, 1, 1),
+            padding=(k // 2, 0, 0), output_padding=(r - 1, 0, 0), bias=False,
         )
         self.bn = nn.BatchNorm3d(out_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -90,10 +102,10 @@ class RGBToPoseLateral(nn.Module):
 
 
 def pose_to_rgb_lateral(in_channels: int, out_channels: int, speed_ratio: int) -> nn.Conv3d:
-    """Conv3d (7,1,1) stride (r,1,1) pad 3: floor((r*T - 1) / r) + 1 = T steps for any r."""
+    """Conv3d (k,1,1) stride (r,1,1) pad k // 2 (k odd): floor((r*T - 1) / r) + 1 = T steps."""
+    k = lateral_kernel(speed_ratio)
     return nn.Conv3d(
-        in_channels, out_channels, (LATERAL_KERNEL, 1, 1), stride=(speed_ratio, 1, 1),
-        padding=(LATERAL_KERNEL // 2, 0, 0), bias=False,
+        in_channels, out_channels, (k, 1, 1), stride=(speed_ratio, 1, 1), padding=(k // 2, 0, 0), bias=False,
     )
 
 
@@ -149,7 +161,7 @@ class RGBPoseBackbone(nn.Module):
             self.rgb = ResNet3dPathway(
                 in_channels=3, base_channels=rgb_base_channels, blocks=tuple(rgb_blocks),
                 spatial_strides=(1, 2, 2, 2), temporal_kernels=(1, 1, 3, 3),
-                stem_stride=2, stem_pool=True,
+                stem_stride=2, stem_pool_stride=2,
                 lateral_channels=(0, 0, to_rgb[0], to_rgb[1]) if two_stream else None,
                 zero_init_residual=zero_init_residual,
             )
@@ -157,7 +169,7 @@ class RGBPoseBackbone(nn.Module):
             self.pose = ResNet3dPathway(
                 in_channels=pose_channels, base_channels=pose_base_channels, blocks=tuple(pose_blocks),
                 spatial_strides=(2, 2, 2), temporal_kernels=(1, 3, 3),
-                stem_stride=1, stem_pool=False,
+                stem_stride=1, stem_pool_stride=1,
                 lateral_channels=(0, to_pose[0], to_pose[1]) if two_stream else None,
                 zero_init_residual=zero_init_residual,
             )

@@ -35,6 +35,7 @@ def model_spec(model_cfg, data_cfg, num_classes: int, pose_channels: int) -> dic
         "fusion": model_cfg.fusion,
         "stream_weights": tuple(model_cfg.stream_weights),
         "rgb_size": data_cfg.rgb_size,
+        "embed_pool": model_cfg.embed_pool,
     }
     if model_cfg.embed_dim is not None:
         kwargs["embed_dim"] = model_cfg.embed_dim

@@ -25,6 +25,9 @@ class ModelConfig:
     refinement: bool = True
     embed_dim: int | None = None  # None: the preset's default
     dropout: float | None = None
+    # The pooling before the prototype loss's embedding: max, as the paper and PCAN; "avg" shares
+    # the classifier's (mmaction2's) average pooling.
+    embed_pool: Literal["max", "avg"] = "max"
     stream_weights: tuple[float, float] = (1.0, 1.0)
     # Two-stream initialisation from single-stream runs (paper recipe, section 7): each is a
     # `best_model.pt` path, an MLflow `runs:/<run_id>` URI, or None.
@@ -45,16 +48,26 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    alpha: float = 0.1   # weight of the prototypical refinement loss
-    tau: float = 0.125   # temperature of the cosine scores
-    rho: float = 0.9     # EMA momentum of the prototypes
-    calibration: float = 0.125  # `a` in the FN/FP calibration terms
+    """The prototypical refinement loss (`mg_ray.models.prototype`, whose docstring gives each
+    variant's source). Defaults: FR-Head's values and variants, except unit features in the
+    class means and p's gradient kept (PCAN), which the learnability test was tuned with."""
+
+    alpha: float = 0.1   # weight of the prototypical refinement loss (FR-Head 0.1, PCAN 0.2)
+    tau: float = 0.125   # temperature of the cosine scores (FR-Head)
+    rho: float = 0.9     # EMA momentum of the prototypes (FR-Head)
+    # `a` in the FN/FP calibration terms: a number (FR-Head: 0.125), or "tau" to tie it to tau
+    # as the paper's eq. 9 reads; a search space can search it like any other number
+    calibration: float | Literal["tau"] = 0.125
+    features: Literal["unit", "raw"] = "unit"      # what the class means average (raw: FR-Head)
+    probs_grad: Literal["keep", "detach"] = "keep"  # p = softmax(logits): PCAN keeps, FR-Head detaches
+    calibrate: Literal["all", "tp"] = "all"         # every sample of class y (FR-Head), or TP anchors (eq. 7-8)
 
     def validate(self) -> None:
         check(self.alpha >= 0, "alpha", "a number >= 0", self.alpha)
         check(self.tau > 0, "tau", "a number > 0", self.tau)
         check(0 <= self.rho < 1, "rho", "a number in [0, 1)", self.rho)
-        check(self.calibration >= 0, "calibration", "a number >= 0", self.calibration)
+        check(self.calibration == "tau" or self.calibration >= 0, "calibration", "a number >= 0 or 'tau'",
+              self.calibration)
 
 
 @dataclass

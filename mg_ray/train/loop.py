@@ -226,8 +226,10 @@ def build_model_and_loss(cfg: ExperimentConfig, spec: dict[str, Any], device: to
     model = build_from_spec(spec)
     if cfg.model.rgb_init or cfg.model.pose_init:
         model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, tracking_uri))
+    loss = cfg.loss
     criterion = TwoStreamCriterion(
-        spec["num_classes"], model.embed_dim, alpha=cfg.loss.alpha, tau=cfg.loss.tau, rho=cfg.loss.rho,
+        spec["num_classes"], model.embed_dim, alpha=loss.alpha, tau=loss.tau, rho=loss.rho, a=loss.calibration,
+        features=loss.features, probs_grad=loss.probs_grad, calibrate=loss.calibrate,
         refinement=cfg.model.refinement, stream_weights=tuple(cfg.model.stream_weights),
         streams=modality_streams(cfg.model.modality),
     ).to(device)
@@ -437,10 +439,19 @@ def seed_everything(seed: int) -> None:
 
 
 def load_stream_init(cfg, model, merge, tracking_uri) -> dict[str, torch.Tensor]:
-    """The two-stream initialisation from an RGB-only and a pose-only model file (paper recipe)."""
-    states = {}
+    """The two-stream initialisation from an RGB-only and a pose-only model file (paper recipe),
+    or from one two-stream model file named as both (an imported mmaction2 RGBPoseConv3D)."""
+    from mg_ray.models import load_two_stream_state
+
+    contents = {}
     for stream, location in (("rgb", cfg.model.rgb_init), ("pose", cfg.model.pose_init)):
         if location:
-            content = safe_load(resolve_model_file(location, tracking_uri))
-            states[stream] = content["model"]
-    return merge(states.get("rgb", {}), states.get("pose", {}), model)
+            contents[stream] = safe_load(resolve_model_file(location, tracking_uri))
+    whole = [s for s, c in contents.items() if c["spec"]["kwargs"].get("modality") == "rgbpose"]
+    if whole:
+        if cfg.model.rgb_init != cfg.model.pose_init:
+            location = getattr(cfg.model, f"{whole[0]}_init")
+            raise ValueError(f"model.{whole[0]}_init: {location} is a two-stream model file; name it as both "
+                             f"model.rgb_init and model.pose_init to start the whole model from it")
+        return load_two_stream_state(contents["rgb"]["model"], model)
+    return merge(contents.get("rgb", {}).get("model", {}), contents.get("pose", {}).get("model", {}), model)

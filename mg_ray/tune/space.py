@@ -146,6 +146,13 @@ class SearchSpace:
             points.append(point)
         return points
 
+    def frame_pairs(self) -> list[tuple[int, int]]:
+        """Every (rgb_frames, pose_frames) pair `sample` can propose: the searched or fixed
+        values, less the pairs `check_frame_counts` refuses (which `sample` never draws)."""
+        rgb = _values(self.parameters.get(RGB_FRAMES), self.fixed_value(RGB_FRAMES))
+        pose = _values(self.parameters.get(POSE_FRAMES), self.fixed_value(POSE_FRAMES))
+        return [(int(r), int(p)) for r in rgb for p in pose if _frames_ok(r, p)]
+
     def fixed_value(self, key: str) -> Any:
         """The value every trial has for `key` when it is not searched: a fixed parameter, a
         fixed override, else the base config's."""

@@ -1,10 +1,13 @@
 """MicroGestureNet: shapes, frame-count rules, gradients, the fusion-off baseline, the
 checkpoint merge, probability fusion and the paper preset's size."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from mg_ray.models import (
+    CrossModalFusion,
     MicroGestureNet,
     TwoStreamCriterion,
     build_model,
@@ -15,6 +18,9 @@ from mg_ray.models import (
     paper,
     small,
 )
+from mg_ray.models.fusion import project_max
+from mg_ray.models.net import StreamHead
+from mg_ray.models.rgbpose import RGBToPoseLateral, lateral_kernel, pose_to_rgb_lateral
 
 torch.set_num_threads(2)
 K = 6
@@ -39,7 +45,6 @@ def test_small_shapes_for_frame_count_pairs(rgb_frames, pose_frames):
         "rgb_logits": (2, K), "pose_logits": (2, K), "rgb_embedding": (2, 64), "pose_embedding": (2, 64),
     }
     assert all(torch.isfinite(v).all() for v in out.values())
-    torch.testing.assert_close(out["rgb_embedding"].norm(dim=1), torch.ones(2))
 
 
 def test_features_keep_frame_counts_and_reach_stride_32():
@@ -205,3 +210,114 @@ def test_paper_preset_sizes_and_one_training_step():
     criterion(out, torch.tensor([3]))["loss"].backward()
     assert all(torch.isfinite(v).all() for v in out.values())
     assert model.backbone.rgb.stem[0].weight.grad is not None
+
+
+def test_pose_stem_ends_in_mmaction2s_stride_1_max_pool():
+    """mmaction2's RGBPoseConv3D forward applies `pose_path.maxpool` ((1,3,3), stride 1, pad 1)
+    after the pose stem's conv; the RGB stem's pool strides 2."""
+    backbone = small(K).backbone
+    pose_pool, rgb_pool = backbone.pose.stem[-1], backbone.rgb.stem[-1]
+    assert isinstance(pose_pool, torch.nn.MaxPool3d) and isinstance(rgb_pool, torch.nn.MaxPool3d)
+    assert (pose_pool.kernel_size, pose_pool.stride, pose_pool.padding) == ((1, 3, 3), (1, 1, 1), (0, 1, 1))
+    assert (rgb_pool.kernel_size, rgb_pool.stride, rgb_pool.padding) == ((1, 3, 3), (1, 2, 2), (0, 1, 1))
+    x = torch.rand(1, 17, 4, 16, 16)
+    conv_bn_relu = backbone.pose.stem[:-1].eval()
+    expected = torch.nn.functional.max_pool3d(conv_bn_relu(x), (1, 3, 3), (1, 1, 1), (0, 1, 1))
+    torch.testing.assert_close(backbone.pose.stem.eval()(x), expected)
+
+
+def _shipped_frame_pairs():
+    from mg_ray.tune.space import Pipeline, load_space
+
+    root = Path(__file__).resolve().parents[2] / "search_spaces"
+    pairs = set()
+    for path in sorted(root.glob("*.yaml")):
+        space = load_space(path)
+        spaces = [space.stage_space(name) for name in space.stages] if isinstance(space, Pipeline) else [space]
+        pairs |= {pair for stage in spaces for pair in stage.frame_pairs()}
+    return sorted(pairs)
+
+
+SHIPPED_PAIRS = _shipped_frame_pairs()
+
+
+def test_shipped_spaces_propose_the_expected_ratios():
+    ratios = {pose // rgb for rgb, pose in SHIPPED_PAIRS}
+    assert {1, 2, 4, 8} <= ratios  # quick.yaml's 8/8, 8/16, 4/16 and paper.yaml's 8/64
+    assert [lateral_kernel(r) for r in (1, 2, 4, 5, 6, 8)] == [7, 7, 7, 9, 11, 15]  # mmaction2's 7 while it suffices
+
+
+@pytest.mark.parametrize("rgb_frames,pose_frames", SHIPPED_PAIRS)
+def test_every_proposed_frame_pair_reads_and_writes_every_pose_frame(rgb_frames, pose_frames):
+    """One impulse per frame through each temporal link between the pathways: every pose frame
+    reaches some RGB step (pose -> RGB lateral, fusion projection) and is written by some RGB
+    step (RGB -> pose lateral, fusion back-projection)."""
+    r = check_frame_counts(rgb_frames, pose_frames)
+    pose_impulses = torch.eye(pose_frames).reshape(pose_frames, 1, pose_frames, 1, 1)
+    rgb_impulses = torch.eye(rgb_frames).reshape(rgb_frames, 1, rgb_frames, 1, 1)
+    readers = [pose_to_rgb_lateral(1, 1, r), CrossModalFusion(8, 8, 8, speed_ratio=r, num_heads=1).pose_proj]
+    writers = [RGBToPoseLateral(1, 1, r).conv, CrossModalFusion(8, 8, 8, speed_ratio=r, num_heads=1).pose_back]
+    with torch.no_grad():
+        for conv in readers:
+            weight = torch.ones(1, 1, *conv.kernel_size)
+            out = torch.nn.functional.conv3d(pose_impulses, weight, stride=conv.stride, padding=conv.padding)
+            assert out.shape[2] == rgb_frames
+            unread = [j for j in range(pose_frames) if not out[j].any()]
+            assert not unread, f"{type(conv).__name__} k={conv.kernel_size[0]} r={r}: pose frames {unread} never read"
+        for conv in writers:
+            weight = torch.ones(1, 1, *conv.kernel_size)
+            out = torch.nn.functional.conv_transpose3d(rgb_impulses, weight, stride=conv.stride, padding=conv.padding,
+                                                       output_padding=conv.output_padding)
+            assert out.shape[2] == pose_frames
+            unwritten = [j for j in range(pose_frames) if not out[:, 0, j].any()]
+            assert not unwritten, f"k={conv.kernel_size[0]} r={r}: pose frames {unwritten} never written"
+    model = small(K, rgb_frames=rgb_frames, pose_frames=pose_frames)
+    out = model(*inputs(rgb_frames=rgb_frames, pose_frames=pose_frames))
+    assert tuple(out["pose_logits"].shape) == (2, K)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_project_max_equals_the_naive_form_in_values_and_gradients(r):
+    g = torch.Generator().manual_seed(r)
+    conv = torch.nn.Conv3d(6, 5, (r, 1, 1), stride=(r, 1, 1))
+    x = torch.randn(2, 6, 3 * r, 4, 5, generator=g)
+    upstream = torch.randn(2, 3, 5, generator=g)
+    x_fast, x_naive = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast = project_max(x_fast, conv)
+    (fast * upstream).sum().backward()
+    grads_fast = [x_fast.grad] + [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    naive = conv(x_naive).amax(dim=(3, 4)).transpose(1, 2)  # [N, T, K]
+    (naive * upstream).sum().backward()
+    grads_naive = [x_naive.grad] + [p.grad for p in conv.parameters()]
+    torch.testing.assert_close(fast, naive)
+    for a, b in zip(grads_fast, grads_naive):
+        torch.testing.assert_close(a, b)
+
+
+def test_each_streams_fusion_gate_depends_on_the_other_streams_input():
+    torch.manual_seed(0)
+    fusion = CrossModalFusion(16, 8, 16, speed_ratio=2, num_heads=2, dropout=0.0).eval()  # gates not zeroed
+    rgb, pose = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 6, 4, 4)
+    rgb_out, pose_out = fusion(rgb, pose)
+    rgb_other, _ = fusion(rgb, pose + torch.randn_like(pose))   # same RGB, other pose
+    _, pose_other = fusion(rgb + torch.randn_like(rgb), pose)   # same pose, other RGB
+    assert (rgb_out - rgb_other).abs().max() > 1e-3
+    assert (pose_out - pose_other).abs().max() > 1e-3
+    # and through autograd: d(rgb output)/d(pose input) and d(pose output)/d(rgb input) are not zero
+    rgb, pose = rgb.requires_grad_(), pose.requires_grad_()
+    a, b = fusion(rgb, pose)
+    assert torch.autograd.grad(a.sum(), pose, retain_graph=True)[0].abs().sum() > 0
+    assert torch.autograd.grad(b.sum(), rgb)[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_stream_head_pools_the_embedding_as_configured(pool):
+    head = StreamHead(8, K, 4, dropout=0.0, embed_pool=pool).eval()
+    feature = torch.randn(2, 8, 3, 2, 2)
+    logits, embedding = head(feature)
+    pooled = feature.amax(dim=(2, 3, 4)) if pool == "max" else feature.mean(dim=(2, 3, 4))
+    torch.testing.assert_close(embedding, head.embed(pooled))  # unnormalised: the loss normalises
+    torch.testing.assert_close(logits, head.fc(feature.mean(dim=(2, 3, 4))))  # the classifier averages
+    with pytest.raises(ValueError, match="embed_pool: expected 'max' or 'avg'"):
+        StreamHead(8, K, 4, dropout=0.0, embed_pool="sum")
