@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mg_ray.data.synth", "write the synthetic micro-gesture dataset"),
     "prepare": ("mg_ray.data.prepare", "re-encode clips for cheap random access"),
     "convert-openpose": ("mg_ray.data.openpose", "build a dataset from OpenPose JSON output"),
+    "convert-imigue": ("mg_ray.data.imigue", "build a dataset from the organisers' raw iMiGUE release"),
+    "check-data": ("mg_ray.data.check", "validate a dataset folder and print its summary"),
     "import-mmaction2": ("mg_ray.import_mmaction2", "turn an mmaction2 checkpoint into an mg-ray model file"),
     "train": ("mg_ray.train.job", "train one model on a Ray cluster"),
     "tune": ("mg_ray.tune.job", "run a hyperparameter study"),
@@ -51,6 +53,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.cluster import ResourceError
     from mg_ray.config import ConfigError
     from mg_ray.data.annotations import AnnotationError
+    from mg_ray.data.dataset import SkeletonError
+    from mg_ray.data.imigue import ImigueError
     from mg_ray.data.openpose import ConvertError
     from mg_ray.data.prepare import PrepareError
     from mg_ray.data.video import VideoError
@@ -60,7 +64,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.registry import ModelNotFoundError
     from mg_ray.tune.results import NoTrialsError
 
-    return (ConfigError, AnnotationError, ConvertError, PrepareError, VideoError, DatasetWriteError,
+    return (ConfigError, AnnotationError, SkeletonError, ImigueError, ConvertError, PrepareError, VideoError, DatasetWriteError,
             ResourceError, StorageError, ModelNotFoundError, CheckpointImportError, NoTrialsError, FileNotFoundError,
             ConnectionError)
 

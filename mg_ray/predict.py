@@ -3,12 +3,16 @@
     mg-ray predict --model models:/mg-ray-fused@champion clip1.mp4 clip2.mp4
     mg-ray predict --model runs:/<run id>/model clip.mp4 --skeleton clip.npz
     mg-ray predict --model models:/mg-ray-fused@champion --data ~/.mg-ray/datasets/synth s09_c00_0003
+    mg-ray predict --model models:/mg-ray-fused@champion --data DIR --split test --submission OUT.zip
 
 Each clip needs its skeleton: `--skeleton` files in clip order, or a file next to the clip with
 the same stem and `.npz` / `.json` suffix (format: `mg_ray.data.load_skeleton`). With `--data`,
 the clips are entries of a dataset folder (their `frame_dir`, or their video path) and the
 skeletons come from its annotation file; the true label is printed beside the prediction. Prints the top-5
-classes with names and probabilities. The model is an MLflow pyfunc model (see
+classes with names and probabilities. `--split NAME` predicts every clip of a split (labeled or
+not), and `--submission OUT.zip` writes the MiGA submission: `Submission.csv` (one
+`clip_name,class_id` line per clip, no header) zipped as OUT.zip, and beside it OUT.top5.csv with
+each clip's five best classes and probabilities. The model is an MLflow pyfunc model (see
 `mg_ray.tune.promote`), so `mlflow.pyfunc.load_model` of the same URI works too.
 """
 
@@ -23,8 +27,10 @@ import numpy as np
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model")
-    parser.add_argument("clips", nargs="+", type=Path, help="video files (.mp4), or clip names with --data")
+    parser.add_argument("clips", nargs="*", type=Path, help="video files (.mp4), or clip names with --data")
     parser.add_argument("--data", type=Path, help="a dataset folder holding the clips and their skeletons")
+    parser.add_argument("--split", help="with --data: every clip of this split (instead of naming clips)")
+    parser.add_argument("--submission", type=Path, help="write the MiGA submission zip here (must not exist)")
     parser.add_argument("--skeleton", action="append", type=Path, default=[],
                         help="skeleton file per clip, in order (default: <clip stem>.npz/.json beside it)")
     parser.add_argument("--top", type=int, default=5)
@@ -73,39 +79,90 @@ def classify(model, inner, clips: list[tuple[Path, Any]], num_clips: int | None 
     averaged per video (default: the model's `test_clips`). A skeleton is a file for
     `load_skeleton` or an already loaded (keypoint, score, img_shape) tuple."""
     from mg_ray.data import clip_inputs, load_skeleton
+    from mg_ray.data.dataset import SkeletonError
+    from mg_ray.data.layouts import get_layout, layout_for_joints
 
     params = pipeline_params(inner.data)
     num_clips = num_clips or inner.data.get("test_clips", 1)
+    layout = get_layout(inner.data["layout"])
+    reads_rgb = inner.model.modality != "pose"
     rows = []
     for video, skeleton in clips:
         keypoint, score, img_shape = skeleton if isinstance(skeleton, tuple) else load_skeleton(skeleton)
-        inputs = clip_inputs(video, keypoint, score, img_shape, params, mode="test", num_clips=num_clips)
+        if keypoint.shape[2] != layout.num_joints:
+            other = layout_for_joints(keypoint.shape[2])
+            raise SkeletonError(
+                f"{skeleton if not isinstance(skeleton, tuple) else video}: {keypoint.shape[2]} joints per person "
+                f"({'layout ' + other.name if other else 'no known layout'}), but the model was trained on layout "
+                f"{layout.name} ({layout.num_joints} joints)")
+        inputs = clip_inputs(video, keypoint, score, img_shape, params, mode="test", num_clips=num_clips, rgb=reads_rgb)
+        pose = inputs.pose.numpy()
+        # a pose-only model reads no video: its rgb input is zeros of the signature's shape
+        rgb = inputs.rgb.numpy() if reads_rgb else np.zeros(
+            (len(pose), 3, params.rgb_frames, params.rgb_size, params.rgb_size), np.float32)
         # the video's `num_clips` views as a batch; the video's prediction is their mean
-        probs = model.predict({"rgb": inputs.rgb.numpy(), "pose": inputs.pose.numpy()})
+        probs = model.predict({"rgb": rgb, "pose": pose})
         rows.append(probs.mean(axis=0, keepdims=True))
     return np.concatenate(rows)
 
 
-def dataset_clips(root: Path, names: list[Path]) -> list[tuple[Path, tuple, str]]:
-    """(video path, (keypoint, score, img_shape), true class name) for named clips of a dataset."""
+def dataset_clips(root: Path, names: list[Path], split: str | None = None) -> list[tuple[Path, tuple, str | None]]:
+    """(video path, (keypoint, score, img_shape), true class name or None) for named clips of a
+    dataset, or for every clip of `split`."""
     from mg_ray.data import load_index
+    from mg_ray.data.annotations import UNLABELED
 
     index = load_index(root)
-    entries = {a.frame_dir: a for split in index.splits.values() for a in split}
-    found = []
-    for name in names:
-        key = name.stem if name.suffix == index.video_ext else str(name)
-        if key not in entries:
-            raise FileNotFoundError(f"{name}: no clip of that name in {root} ({len(entries)} clips, e.g. {next(iter(entries))})")
-        a = entries[key]
-        found.append((index.video_path(key), (a.keypoint, a.keypoint_score, a.img_shape), index.class_names[a.label]))
-    return found
+    if split is not None:
+        chosen = index.split(split)
+    else:
+        entries = {a.frame_dir: a for part in index.splits.values() for a in part}
+        chosen = []
+        for name in names:
+            key = name.stem if name.suffix == index.video_ext else str(name)
+            if key not in entries:
+                raise FileNotFoundError(f"{name}: no clip of that name in {root} ({len(entries)} clips, e.g. "
+                                        f"{next(iter(entries))})")
+            chosen.append(entries[key])
+    return [(index.video_path(a.frame_dir), (a.keypoint, a.keypoint_score, a.img_shape),
+             None if a.label == UNLABELED else index.class_names[a.label]) for a in chosen]
+
+
+def write_submission(path: Path, names: list[str], probs: np.ndarray, class_names: list[str]) -> Path:
+    """The MiGA submission: `Submission.csv` (`clip_name,class_id`, no header) zipped at `path`,
+    and `<path stem>.top5.csv` beside it (clip, then five class_id,name,probability triples).
+    Returns the top-5 file's path."""
+    import csv
+    import io
+    import zipfile
+
+    top5 = path.with_name(f"{path.stem}.top5.csv")
+    lines = "".join(f"{name},{int(p.argmax())}\n" for name, p in zip(names, probs))
+    with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("Submission.csv", lines)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["clip_name"] + [f"{kind}{i}" for i in range(1, 6) for kind in ("class_id_", "class_", "prob_")])
+    for name, p in zip(names, probs):
+        best = np.argsort(-p)[:5]
+        writer.writerow([name] + [v for k in best for v in (int(k), class_names[k], f"{p[k]:.6f}")])
+    top5.write_text(buffer.getvalue())
+    return top5
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.split and not args.data:
+        raise SystemExit("error: --split needs --data (the dataset folder the split belongs to)")
+    if not args.clips and not args.split:
+        raise SystemExit("error: name clips, or give --data DIR --split NAME")
+    if args.submission is not None:
+        if args.submission.exists() or args.submission.with_name(f"{args.submission.stem}.top5.csv").exists():
+            raise SystemExit(f"error: --submission {args.submission}: it (or its .top5.csv) exists; nothing is overwritten")
+        if not args.submission.parent.is_dir():
+            raise SystemExit(f"error: --submission {args.submission}: folder {args.submission.parent} does not exist")
     model, inner = load_classifier(args.model, args.tracking_uri)  # a missing model fails first
     if args.data:
-        clips = dataset_clips(args.data, list(args.clips))
+        clips = dataset_clips(args.data, list(args.clips), args.split)
     else:
         if args.skeleton and len(args.skeleton) != len(args.clips):
             raise SystemExit(f"error: {len(args.skeleton)} --skeleton files for {len(args.clips)} clips; give one per clip or none")
@@ -115,6 +172,11 @@ def run(args: argparse.Namespace) -> int:
         skeleton_files = args.skeleton or [find_skeleton(c) for c in args.clips]
         clips = [(c, s, None) for c, s in zip(args.clips, skeleton_files)]
     probs = classify(model, inner, [(c, s) for c, s, _ in clips], args.clips_per_video)
+    if args.submission is not None:
+        names = [Path(c).stem for c, _, _ in clips]
+        top5 = write_submission(args.submission, names, probs, inner.class_names)
+        print(f"{args.submission}: Submission.csv with {len(names)} clips; top-5 classes in {top5}")
+        return 0
     for (clip, _, truth), p in zip(clips, probs):
         print(f"{clip}:" + (f"  (true class: {truth})" if truth else ""))
         for k in np.argsort(-p)[: args.top]:

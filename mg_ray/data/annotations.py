@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mg_ray.data.layouts import COCO17, KeypointLayout, get_layout
+from mg_ray.data.layouts import COCO17, LAYOUTS, KeypointLayout, get_layout, layout_for_joints
 
 
 class AnnotationError(ValueError):
@@ -92,14 +92,61 @@ def _builtin_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+class _NdarrayClass:
+    """Stands for `numpy.ndarray` in a pickle: accepted only as the class argument of
+    `_reconstruct`, so a pickle cannot call `ndarray(shape)` to allocate what it likes."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("numpy.ndarray called directly; an array pickle only passes it to _reconstruct")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only an allow-list of globals (containers, numbers, strings,
-    numpy arrays); anything else raises `AnnotationError` before it can be called."""
+    numpy arrays); anything else raises `AnnotationError` before it can be called.
 
-    def __init__(self, file: io.BufferedIOBase, source: str = "<pickle>") -> None:
+    Nothing it admits can allocate far more than the file holds: `bytes(n)` / `bytearray(n)` and
+    an array reconstructed with a non-empty shape are refused beyond `max_alloc` bytes (default:
+    64 MiB plus 16 times the file's size), and `numpy.ndarray` cannot be called at all (array
+    pickles only pass it to `_reconstruct`, whose data then comes from the file)."""
+
+    def __init__(self, file: io.BufferedIOBase, source: str = "<pickle>", max_alloc: int | None = None) -> None:
         super().__init__(file)
         self.source = source
+        if max_alloc is None:
+            try:
+                max_alloc = 64 * 2**20 + 16 * Path(source).stat().st_size
+            except OSError:
+                max_alloc = 64 * 2**20
+        self.max_alloc = max_alloc
         self.allowed = {**_builtin_globals(), **_numpy_globals()}
+        for module in ("builtins", "__builtin__"):
+            self.allowed[(module, "bytes")] = self._sized(bytes)
+            self.allowed[(module, "bytearray")] = self._sized(bytearray)
+        self.allowed[("numpy", "ndarray")] = _NdarrayClass
+        for key, value in list(self.allowed.items()):
+            if key[1] == "_reconstruct":
+                self.allowed[key] = self._reconstruct(value)
+
+    def _refuse(self, what: str, size: int) -> AnnotationError:
+        return AnnotationError(f"{self.source}: the pickle asks for {what} of {size:,} bytes, more than a file of "
+                               f"this size can hold (limit {self.max_alloc:,}); refused")
+
+    def _sized(self, kind: type) -> Any:
+        def make(*args: Any) -> Any:
+            if args and isinstance(args[0], int) and not isinstance(args[0], bool) and args[0] > self.max_alloc:
+                raise self._refuse(f"{kind.__name__}({args[0]})", args[0])
+            return kind(*args)
+        return make
+
+    def _reconstruct(self, original: Any) -> Any:
+        def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+            if subtype is not _NdarrayClass:
+                raise AnnotationError(f"{self.source}: _reconstruct of {subtype!r}: only numpy arrays are admitted")
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if size > self.max_alloc:
+                raise self._refuse(f"an array of shape {tuple(shape)}", size)
+            return original(np.ndarray, shape, dtype)
+        return reconstruct
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -130,6 +177,7 @@ def safe_load_pickle(path: str | Path) -> Any:
 # validation
 
 
+UNLABELED = -1  # the label of a clip released without one (a challenge's test split)
 REQUIRED_KEYS = ("frame_dir", "label", "img_shape", "total_frames", "keypoint", "keypoint_score")
 
 
@@ -164,16 +212,22 @@ def validate_entry(
         return AnnotationError(f"{where}: {key}: {message}")
 
     for key in REQUIRED_KEYS:
-        if key not in entry:
+        if key not in entry and key != "label":
             raise fail(key, "missing key")
     if not isinstance(frame_dir, str) or not frame_dir:
         raise fail("frame_dir", f"expected a non-empty string, got {frame_dir!r}")
+    parts = frame_dir.replace("\\", "/").split("/")
+    if frame_dir.startswith(("/", "\\")) or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+        raise fail("frame_dir", f"expected a relative name inside the dataset (no '..', no absolute path), "
+                                f"got {frame_dir!r}")
 
-    label = entry["label"]
+    label = entry.get("label", UNLABELED)  # a test split released without labels (MiGA)
+    label = UNLABELED if label is None else label
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
         raise fail("label", f"expected an integer, got {label!r}")
-    if not 0 <= int(label) < num_classes:
-        raise fail("label", f"expected a class id in [0, {num_classes}) (classes.txt), got {int(label)}")
+    if int(label) != UNLABELED and not 0 <= int(label) < num_classes:
+        raise fail("label", f"expected a class id in [0, {num_classes}) (classes.txt), or -1 / none for an "
+                            f"unlabeled clip, got {int(label)}")
 
     img_shape = entry["img_shape"]
     if (not isinstance(img_shape, (tuple, list, np.ndarray)) or len(img_shape) != 2
@@ -240,6 +294,18 @@ class DatasetIndex:
     def video_path(self, frame_dir: str) -> Path:
         return self.video_root / f"{frame_dir}{self.video_ext}"
 
+    def labeled(self, name: str) -> list[Annotation]:
+        """Split `name`, which training and evaluation need fully labeled: an error names the
+        first unlabeled clip otherwise."""
+        clips = self.split(name)
+        unlabeled = [a.frame_dir for a in clips if a.label == UNLABELED]
+        if unlabeled:
+            raise AnnotationError(
+                f"{self.root}: split {name!r}: {len(unlabeled)} of {len(clips)} clips carry no label (e.g. clip "
+                f"{unlabeled[0]!r}); an unlabeled split can be predicted (mg-ray predict --split), not trained "
+                f"or evaluated on")
+        return clips
+
     def split(self, name: str) -> list[Annotation]:
         try:
             return self.splits[name]
@@ -270,8 +336,11 @@ def load_index(
 ) -> DatasetIndex:
     """Load and validate the dataset folder `root`.
 
-    `layout`: keypoint layout name; None takes dataset.json's "layout", else coco17.
-    Does not open any video (that happens per item, in the loader's workers).
+    The annotations are `annotation_file` or, when the folder has none, one pickle per split
+    (`train.pkl`, `val.pkl`, `test.pkl`, ...: the MiGA releases), each with its own `split` dict.
+    `layout`: keypoint layout name; None takes dataset.json's "layout", else the one layout with
+    the annotations' joint count (`layouts.layout_for_joints`). Does not open any video (that
+    happens per item, in the loader's workers).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -285,43 +354,41 @@ def load_index(
             raise AnnotationError(f"{meta_path}: not valid JSON: {err}") from None
         if not isinstance(metadata, dict):
             raise AnnotationError(f"{meta_path}: expected a JSON object")
-    layout_name = layout or metadata.get("layout")
+    named, named_by = (layout, "layout") if layout else (metadata.get("layout"), f"{meta_path}: layout")
     try:
-        kp_layout = get_layout(layout_name) if layout_name else COCO17
+        named_layout = get_layout(named) if named else None
     except ValueError as err:
-        raise AnnotationError(f"{meta_path if not layout else 'layout'}: {err}") from None
+        raise AnnotationError(f"{named_by}: {err}") from None
 
     class_names = read_class_names(root / "classes.txt")
-    ann_path = root / annotation_file
-    data = safe_load_pickle(ann_path)
-    source = str(ann_path)
-    if not isinstance(data, dict) or "annotations" not in data or "split" not in data:
-        raise AnnotationError(f"{source}: expected a dict with keys 'split' and 'annotations'")
-    raw, split_map = data["annotations"], data["split"]
-    if not isinstance(raw, list):
-        raise AnnotationError(f"{source}: annotations: expected a list of dicts")
-    if not isinstance(split_map, dict):
-        raise AnnotationError(f"{source}: split: expected a dict of name -> list of frame_dirs")
+    files = annotation_files(root, annotation_file)
+    loaded = [(str(path), *read_annotation_file(path)) for path in files]
+    kp_layout = resolve_layout(named_layout, named_by, loaded)
 
     by_name: dict[str, Annotation] = {}
-    for i, entry in enumerate(raw):
-        ann = validate_entry(entry, len(class_names), kp_layout.num_joints, source, i)
-        if ann.frame_dir in by_name:
-            raise AnnotationError(f"{source}: clip {ann.frame_dir!r}: frame_dir: duplicated entry")
-        by_name[ann.frame_dir] = ann
-
+    where: dict[str, str] = {}
     splits: dict[str, list[Annotation]] = {}
-    for name, members in split_map.items():
-        if not isinstance(members, (list, tuple)):
-            raise AnnotationError(f"{source}: split {name!r}: expected a list of frame_dirs")
-        unknown = [m for m in members if m not in by_name]
-        if unknown:
-            raise AnnotationError(
-                f"{source}: split {name!r}: {len(unknown)} frame_dir(s) without an annotation "
-                f"entry, e.g. clip {unknown[0]!r}"
-            )
-        splits[str(name)] = [by_name[m] for m in members]
+    for source, raw, split_map in loaded:
+        for i, entry in enumerate(raw):
+            ann = validate_entry(entry, len(class_names), kp_layout.num_joints, source, i)
+            if ann.frame_dir in by_name:
+                also = "" if where[ann.frame_dir] == source else f" (also in {where[ann.frame_dir]})"
+                raise AnnotationError(f"{source}: clip {ann.frame_dir!r}: frame_dir: duplicated entry{also}")
+            by_name[ann.frame_dir], where[ann.frame_dir] = ann, source
+        for name, members in split_map.items():
+            if not isinstance(members, (list, tuple)):
+                raise AnnotationError(f"{source}: split {name!r}: expected a list of frame_dirs")
+            unknown = [m for m in members if m not in by_name or where[m] != source]
+            if unknown:
+                raise AnnotationError(
+                    f"{source}: split {name!r}: {len(unknown)} frame_dir(s) without an annotation "
+                    f"entry in this file, e.g. clip {unknown[0]!r}"
+                )
+            if str(name) in splits:
+                raise AnnotationError(f"{source}: split {name!r}: also defined by another annotation file")
+            splits[str(name)] = [by_name[m] for m in members]
 
+    check_confined(root / video_dir, by_name, where)
     return DatasetIndex(
         root=root,
         class_names=class_names,
@@ -332,3 +399,69 @@ def load_index(
         fingerprint=metadata.get("fingerprint"),
         metadata=metadata,
     )
+
+
+def check_confined(video_root: Path, clips: dict[str, Annotation], where: dict[str, str]) -> None:
+    """Every clip's folder (`frame_dir` may hold subfolders) resolves inside `video_root`: a
+    symlinked folder cannot lead reads (or `mg-ray prepare`'s writes) out of the dataset. The
+    clip file itself may be a symlink: `mg-ray convert-openpose` links the user's videos."""
+    if not video_root.is_dir():
+        return
+    base = video_root.resolve()
+    for frame_dir in {name.rsplit("/", 1)[0] for name in clips if "/" in name}:
+        folder = (video_root / frame_dir).resolve()
+        if not folder.is_relative_to(base):
+            raise AnnotationError(f"{where[next(n for n in clips if n.startswith(frame_dir + '/'))]}: clip folder "
+                                  f"{frame_dir!r}: resolves to {folder}, outside {base}")
+
+
+def annotation_files(root: Path, annotation_file: str = "annotations.pkl") -> list[Path]:
+    """`annotation_file`, or else every `<split>.pkl` of the folder (one pickle per split)."""
+    single = root / annotation_file
+    if single.is_file():
+        return [single]
+    per_split = sorted(p for p in root.glob("*.pkl") if p.is_file())
+    if not per_split:
+        raise AnnotationError(f"{single}: annotation file not found (nor any per-split <split>.pkl in {root})")
+    return per_split
+
+
+def read_annotation_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """(entries, split map) of one annotation pickle, read through the restricted unpickler."""
+    data = safe_load_pickle(path)
+    if not isinstance(data, dict) or "annotations" not in data or "split" not in data:
+        raise AnnotationError(f"{path}: expected a dict with keys 'split' and 'annotations'")
+    raw, split_map = data["annotations"], data["split"]
+    if not isinstance(raw, list):
+        raise AnnotationError(f"{path}: annotations: expected a list of dicts")
+    if not isinstance(split_map, dict):
+        raise AnnotationError(f"{path}: split: expected a dict of name -> list of frame_dirs")
+    return raw, split_map
+
+
+def resolve_layout(named: KeypointLayout | None, named_by: str,
+                   loaded: list[tuple[str, list[Any], dict[str, Any]]]) -> KeypointLayout:
+    """The named layout, checked against the annotations' joint count V, or the layout V
+    identifies. A mismatch names both."""
+    found = next(((source, entry["keypoint"].shape[2]) for source, raw, _ in loaded for entry in raw
+                  if isinstance(entry, dict) and isinstance(entry.get("keypoint"), np.ndarray)
+                  and entry["keypoint"].ndim == 4), None)
+    if named is not None:
+        if found is not None and found[1] != named.num_joints:
+            raise AnnotationError(
+                f"{found[0]}: keypoint: expected V = {named.num_joints} joints (layout {named.name}, from "
+                f"{named_by}), got {found[1]}" + _layout_hint(found[1]))
+        return named
+    if found is None:
+        return COCO17
+    by_count = layout_for_joints(found[1])
+    if by_count is None:
+        raise AnnotationError(f"{found[0]}: keypoint: V = {found[1]} joints matches no known layout "
+                              f"({', '.join(f'{l.name} {l.num_joints}' for l in LAYOUTS.values())}); "
+                              f"name one in dataset.json's 'layout'")
+    return by_count
+
+
+def _layout_hint(num_joints: int) -> str:
+    other = layout_for_joints(num_joints)
+    return f" (which is layout {other.name})" if other else ""

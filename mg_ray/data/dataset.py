@@ -319,6 +319,10 @@ def build_dataset(
 # one clip's skeleton file (for predict)
 
 
+class SkeletonError(ValueError):
+    """A clip's skeleton file is unreadable or does not fit; the message names the file."""
+
+
 def load_skeleton(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
     """Read one clip's skeleton (`.npz` or `.json`, format in the module docstring).
 
@@ -334,31 +338,31 @@ def load_skeleton(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, 
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
+            raise SkeletonError(f"{path}: not valid JSON: {err}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object with a 'keypoint' key")
+            raise SkeletonError(f"{path}: expected a JSON object with a 'keypoint' key")
     else:
-        raise ValueError(f"{path}: expected a .npz or .json skeleton file")
+        raise SkeletonError(f"{path}: expected a .npz or .json skeleton file")
     if "keypoint" not in raw:
-        raise ValueError(f"{path}: keypoint: missing key")
+        raise SkeletonError(f"{path}: keypoint: missing key")
     try:
         kp = np.asarray(raw["keypoint"], dtype=np.float32)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: keypoint: expected numbers of shape [M, T, V, 2]") from None
+        raise SkeletonError(f"{path}: keypoint: expected numbers of shape [M, T, V, 2]") from None
     if kp.ndim == 3:
         kp = kp[None]
     if kp.ndim != 4 or kp.shape[-1] != 2:
-        raise ValueError(f"{path}: keypoint: expected shape [M, T, V, 2] or [T, V, 2], got {list(kp.shape)}")
+        raise SkeletonError(f"{path}: keypoint: expected shape [M, T, V, 2] or [T, V, 2], got {list(kp.shape)}")
     score = np.asarray(raw.get("keypoint_score", np.ones(kp.shape[:3])), dtype=np.float32)
     if score.ndim == 2:
         score = score[None]
     if score.shape != kp.shape[:3]:
-        raise ValueError(f"{path}: keypoint_score: expected shape {list(kp.shape[:3])}, got {list(score.shape)}")
+        raise SkeletonError(f"{path}: keypoint_score: expected shape {list(kp.shape[:3])}, got {list(score.shape)}")
     if not (np.isfinite(kp).all() and np.isfinite(score).all()):
-        raise ValueError(f"{path}: keypoint: contains NaN/inf")
+        raise SkeletonError(f"{path}: keypoint: contains NaN/inf")
     img_shape = raw.get("img_shape")
     if img_shape is not None:
         img_shape = tuple(int(v) for v in np.asarray(img_shape).tolist())
         if len(img_shape) != 2 or min(img_shape) <= 0:
-            raise ValueError(f"{path}: img_shape: expected (height, width), got {img_shape}")
+            raise SkeletonError(f"{path}: img_shape: expected (height, width), got {img_shape}")
     return kp, score, img_shape

@@ -9,8 +9,9 @@ Definition (the peer's GeneratePoseTarget, reproduced exactly):
   touches column / row 0.
 - Limb (a, b): value min(s_a, s_b) (skipped below 1e-4); the window is the endpoints' bounding
   box grown by 3 sigma with the same rule; d is the distance to the segment [a, b]. A limb
-  shorter than 1 pixel (|ab|^2 < 1) is drawn as a joint at a (with value min(s_a, s_b); the peer
-  uses s_a there, which we consider a slip).
+  shorter than 1 pixel (|ab|^2 < 1) is drawn as a joint at a with value s_a, as mmaction2's
+  `generate_a_limb_heatmap` does (the skip test still uses min(s_a, s_b)): models trained with
+  mmaction2 or pyskl saw exactly that.
 - Persons merge by element-wise maximum; windows of one person never overlap within one
   channel and frame.
 
@@ -215,6 +216,10 @@ def limb_heatmaps(
     # Items ordered (frame, limb) within a person; persons merge by element-wise maximum.
     a, b = kp[:, :, ends[:, 0]], kp[:, :, ends[:, 1]]   # [M, T, L, 2]
     value = np.minimum(sc[:, :, ends[:, 0]], sc[:, :, ends[:, 1]])
+    # a limb shorter than a pixel is a point at a with a's score, once min(s_a, s_b) passes EPS
+    ab = b - a
+    short = np.einsum("...i,...i->...", ab, ab) < 1
+    value = np.where(short & (value >= EPS), sc[:, :, ends[:, 0]], value)
     plane = ((np.arange(n_limbs) * t + np.arange(t)[:, None]) * (h * w)).ravel()
     for person in range(m):
         _draw_segments(out.reshape(-1), size, a[person].reshape(-1, 2), b[person].reshape(-1, 2),

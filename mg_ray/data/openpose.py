@@ -3,15 +3,17 @@
 Input, as OpenPose writes it with `--write_json` (one folder per clip, one JSON per frame):
 
     <openpose-dir>/<clip>/<clip>_000000000000_keypoints.json
-        {"people": [{"pose_keypoints_2d": [x, y, c, ...],          # BODY_25: 25 x 3 values
+        {"people": [{"pose_keypoints_2d": [x, y, c, ...],          # BODY_25: 25 x 3, COCO: 18 x 3
                      "hand_left_keypoints_2d": [...],               # 21 x 3 (with --hand)
                      "hand_right_keypoints_2d": [...]}, ...]}
+        (OpenPose 1.0 / 1.1 name them pose_keypoints, hand_left_keypoints, hand_right_keypoints;
+        both spellings are read, and a person with neither is an error, never a zero skeleton)
     <videos>/<clip>.mp4
     labels CSV with a header: clip,label[,subject,split]   (label: class id or class name)
     classes file: one class name per line, in id order
 
-Output: the mg-ray dataset format (see `mg_ray.data.video_io`) with the `body25` or
-`body25_hands` layout (`mg_ray.data.layouts`); face keypoints are dropped. Per frame the people are
+Output: the mg-ray dataset format (see `mg_ray.data.video_io`) with the `body25`,
+`body25_hands` or `coco18` (OpenPose's COCO model) layout (`mg_ray.data.layouts`); face keypoints are dropped. Per frame the people are
 ranked by summed confidence and the first `max_people` kept (OpenPose does not track identities;
 interview clips show one person). A frame without people, or a person without hands, gives zeros
 with score 0, as undetected joints have in OpenPose itself. Videos are symlinked into `videos/`
@@ -37,9 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from mg_ray.data import video_io
-from mg_ray.data.layouts import BODY25, BODY25_HANDS, KeypointLayout
+from mg_ray.data.layouts import BODY25, BODY25_HANDS, COCO18, KeypointLayout
 
-LAYOUTS = {"body25": BODY25, "body25_hands": BODY25_HANDS}
+LAYOUTS = {"body25": BODY25, "body25_hands": BODY25_HANDS, "coco18": COCO18}
+BODY_JOINTS = {"body25": 25, "body25_hands": 25, "coco18": 18}  # points in the pose_keypoints list
+# each part's key from OpenPose 1.2 on, then the 1.0 / 1.1 spelling
+BODY_KEYS = ("pose_keypoints_2d", "pose_keypoints")
+HAND_KEYS = {"left": ("hand_left_keypoints_2d", "hand_left_keypoints"),
+             "right": ("hand_right_keypoints_2d", "hand_right_keypoints")}
 HAND_JOINTS = 21
 FRAME_FILE = re.compile(r"_(\d+)_keypoints\.json$")
 
@@ -78,11 +85,14 @@ def parse_frame(frame: object, layout: KeypointLayout, max_people: int, where: s
     for p, person in enumerate(frame["people"]):
         if not isinstance(person, dict):
             raise ConvertError(f"{where}: people[{p}]: expected an object")
-        parts = [
-            _triples(person.get("pose_keypoints_2d"), 25, f"{where}: people[{p}].pose_keypoints_2d")
-        ]
+        body = next((key for key in BODY_KEYS if key in person), None)
+        if body is None:
+            raise ConvertError(f"{where}: people[{p}]: none of the keys {' / '.join(BODY_KEYS)} (OpenPose 1.2+ / "
+                               f"1.0-1.1); its keys: {sorted(person)[:6]}")
+        parts = [_triples(person[body], BODY_JOINTS[layout.name], f"{where}: people[{p}].{body}")]
         if layout is BODY25_HANDS:
-            for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"):
+            for side in ("left", "right"):
+                key = next((k for k in HAND_KEYS[side] if k in person), HAND_KEYS[side][0])
                 parts.append(_triples(person.get(key), HAND_JOINTS, f"{where}: people[{p}].{key}"))
         people.append(np.concatenate(parts))
     people.sort(key=lambda joints: -float(joints[:, 2].sum()))
@@ -264,7 +274,7 @@ def convert(
         if not (videos / f"{row.clip}.mp4").is_file():
             raise ConvertError(f"clip {row.clip!r}: video not found: {videos / f'{row.clip}.mp4'}")
 
-    annotations, gaps, trimmed = [], [], []
+    annotations, gaps, trimmed, normalised = [], [], [], []
     start = time.perf_counter()
     with video_io.staged_output(Path(out), force) as stage:
         (stage / video_io.VIDEOS).mkdir()
@@ -274,6 +284,9 @@ def convert(
             clip, missing_files = read_clip(openpose_dir / row.clip, kp_layout, max_people)
             if missing_files:
                 gaps.append(row.clip)
+            detected = clip[..., 2] > 0
+            if detected.any() and clip[..., :2][detected].max() <= 1.0:
+                normalised.append(row.clip)
             if video_frames and clip.shape[1] > video_frames:
                 # Keep `total_frames` within the video so every annotated frame can be decoded.
                 trimmed.append(f"{row.clip} ({clip.shape[1]} -> {video_frames})")
@@ -317,6 +330,9 @@ def convert(
         log(
             f"  note: {len(gaps)} clip(s) lack some frame files (filled with score 0), e.g. {gaps[0]}"
         )
+    if normalised:
+        log(f"  warning: {len(normalised)} clip(s) have every coordinate in [0, 1], e.g. {normalised[0]}: "
+            f"OpenPose wrote them normalised (--keypoint_scale 3 or 4?); mg-ray expects pixels of the video")
     if trimmed:
         log(
             f"  note: {len(trimmed)} clip(s) have more keypoint frames than video frames and were "

@@ -19,12 +19,12 @@ from mg_ray.models.rgbpose import RGBPoseBackbone, check_frame_counts, check_inp
 class StreamHead(nn.Module):
     """Feature [N, C, T, H, W] -> global average pool -> dropout -> linear: logits [N, K], as
     mmaction2's head; and global `embed_pool` pool -> linear: embedding [N, D] for the prototype
-    loss (max, as the paper and PCAN pool before their embedding; "avg" shares the classifier's
-    pooling). The embedding is taken before dropout, whose noise the loss's cosine scores should
+    loss ("avg", the default, shares the classifier's pooling; "max" is what the paper and PCAN
+    pool before their embedding: `ModelConfig.embed_pool` says why the default differs). The embedding is taken before dropout, whose noise the loss's cosine scores should
     not see, and left unnormalised: the loss normalises it (`PrototypeRefinementLoss`)."""
 
     def __init__(self, in_channels: int, num_classes: int, embed_dim: int, dropout: float,
-                 embed_pool: str = "max") -> None:
+                 embed_pool: str = "avg") -> None:
         super().__init__()
         if embed_pool not in ("max", "avg"):
             raise ValueError(f"embed_pool: expected 'max' or 'avg', got {embed_pool!r}")
@@ -58,7 +58,7 @@ class MicroGestureNet(nn.Module):
         fusion: bool = True,
         embed_dim: int = 256,
         dropout: float = 0.5,
-        embed_pool: str = "max",
+        embed_pool: str = "avg",
         stream_weights: tuple[float, float] = (1.0, 1.0),
         rgb_base_channels: int = 64,
         rgb_blocks: tuple[int, int, int, int] = (3, 4, 6, 3),

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume and not train_run_exists(storage, name):
         raise SystemExit(f"error: --resume: no Train run called {name!r} in {storage}")
-    ensure_dataset(cfg.data)
+    ensure_dataset(cfg.data, rgb=cfg.model.modality != "pose")
     tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
     res = cfg.resources
     request = dict(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker, use_gpu=res.use_gpu,

@@ -83,7 +83,7 @@ def preflight(space: SearchSpace, *, study_name: str, data_root: str | None, add
     if data_root is not None:
         base = apply_overrides(base, {"data.root": str(data_root)})
     probe = from_mapping(ExperimentConfig, apply_overrides(base, trial_overrides(space, {})))
-    ensure_dataset(probe.data)
+    ensure_dataset(probe.data, rgb=probe.model.modality != "pose")
     tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
     tracking.check_store(tracking_uri)
     res = probe.resources

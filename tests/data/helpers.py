@@ -49,8 +49,8 @@ def ref_limb(arr: np.ndarray, a: np.ndarray, b: np.ndarray, sa: float, sb: float
     if not (len(x) and len(y)):
         return
     d2_ab = float((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2)
-    if d2_ab < 1:
-        ref_point(arr, a[0], a[1], value, sigma)
+    if d2_ab < 1:  # mmaction2's GeneratePoseTarget: a point at the start, with the start's score
+        ref_point(arr, a[0], a[1], sa, sigma)
         return
     y = y[:, None]
     d2_a = (x - a[0]) ** 2 + (y - a[1]) ** 2

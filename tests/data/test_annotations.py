@@ -93,7 +93,7 @@ def test_code_payload_is_refused_and_never_runs(root, tmp_path):
     (lambda e: e["keypoint"].__setitem__((0, 3, 4, 0), np.nan), "keypoint", "NaN/inf"),
     (lambda e: e["keypoint"].__setitem__((0, 3, 4, 1), np.inf), "keypoint", "NaN/inf"),
     (lambda e: e.__setitem__("label", 3), "label", r"\[0, 3\)"),
-    (lambda e: e.__setitem__("label", -1), "label", r"\[0, 3\)"),
+    (lambda e: e.__setitem__("label", -2), "label", r"\[0, 3\) .*or -1 / none for an unlabeled clip"),
     (lambda e: e.__setitem__("img_shape", (720,)), "img_shape", "height, width"),
     (lambda e: e.__setitem__("keypoint", e["keypoint"].tolist()), "keypoint", "numpy array"),
 ])

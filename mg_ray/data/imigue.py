@@ -1,0 +1,263 @@
+"""`mg-ray convert-imigue`: the organisers' raw iMiGUE release as an mg-ray dataset.
+
+Input (REFERENCE.md section 1, as the organisers' ST-GCN baseline reads it):
+
+    <src>/<id>/<id>_light_hand.csv   no header; one row per frame of the long interview video:
+                                     a frame column, then 35 joints x (x, y, confidence)
+    <src>/<id>/<id>_label.csv        no header; rows gestureID,start,end (frames of the long video)
+    <videos>/<id>.mp4                optional: the long RGB video
+    split file                       CSV video_id,split[,subject] (a header row is allowed)
+
+Output: one clip per labelled gesture, named `<id>_<k>` (k = the gesture's row in the label file,
+from 0: the name every later release and the MiGA submission use), with the skeleton rows
+start..end (both included; the rows are 0-based frame numbers, which the organisers' reader turns
+1-based by adding 1 to both) and, with `--videos`, the same frames cut from the long video with
+PyAV. Labels follow the organisers' rule: 99 (non-MG) becomes 32, then every id minus 1, so the
+classes are 0..31 (`resources/imigue_classes.txt` holds their names, `--classes` another list).
+Joints: the 22 the organisers' ST-GCN and the MiGA pickles use (layout `imigue22`), or all 35
+(`--layout imigue35`). Without `--videos` the dataset is skeleton-only: pose-only models train on
+it, RGB ones refuse it before they start.
+
+Every problem is an error naming the file and line before anything is written; the output goes to
+a staged folder moved into place at the end, and an existing folder is replaced only with
+`--force` (and only if it is an mg-ray dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from mg_ray.data import video_io
+from mg_ray.data.layouts import IMIGUE22_FROM_35, LAYOUTS
+
+JOINTS = 35
+COLUMNS = 1 + 3 * JOINTS  # the frame column, then x, y, confidence per joint
+NON_MG_RAW, NON_MG = 99, 32  # the organisers' mapping of the non-MG id, before the minus 1
+IMG_SHAPE = (1080, 1920)  # the release's frame size (the MiGA pickles' img_shape)
+
+
+class ImigueError(ValueError):
+    """The raw release, the split file or a video cannot be converted; names the file and line."""
+
+
+@dataclass(frozen=True)
+class Gesture:
+    video: str
+    index: int
+    label: int
+    start: int
+    end: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.video}_{self.index}"
+
+
+def read_skeleton_csv(path: Path) -> np.ndarray:
+    """`<id>_light_hand.csv` -> float32 [frames, 35, 3] (x, y, confidence)."""
+    rows = []
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            if not row:
+                continue
+            if len(row) != COLUMNS:
+                raise ImigueError(f"{path}:{line}: expected {COLUMNS} values (a frame column, then {JOINTS} joints x "
+                                  f"(x, y, confidence)), got {len(row)}")
+            try:
+                rows.append([float(v) for v in row[1:]])
+            except ValueError:
+                raise ImigueError(f"{path}:{line}: expected numbers") from None
+    if not rows:
+        raise ImigueError(f"{path}: no frames")
+    values = np.asarray(rows, np.float32).reshape(len(rows), JOINTS, 3)
+    if not np.isfinite(values).all():
+        line = int(np.argwhere(~np.isfinite(values))[0][0]) + 1
+        raise ImigueError(f"{path}:{line}: NaN or infinite values")
+    return values
+
+
+def read_label_csv(path: Path, video: str, frames: int) -> list[Gesture]:
+    """`<id>_label.csv` -> the video's gestures, labels mapped to 0..31."""
+    gestures = []
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip():
+                continue
+            try:
+                raw, start, end = (int(float(v)) for v in row[:3])
+            except ValueError:
+                raise ImigueError(f"{path}:{line}: expected gestureID,start,end integers, got {row}") from None
+            label = (NON_MG if raw == NON_MG_RAW else raw) - 1
+            if not 0 <= label < NON_MG:
+                raise ImigueError(f"{path}:{line}: gestureID {raw}: expected 1..31 or 99")
+            if not 0 <= start <= end < frames:
+                raise ImigueError(f"{path}:{line}: frames {start}..{end}: expected 0 <= start <= end < {frames} "
+                                  f"(the skeleton file's frame count)")
+            gestures.append(Gesture(video, len(gestures), label, start, end))
+    if not gestures:
+        raise ImigueError(f"{path}: no gestures")
+    return gestures
+
+
+def read_split_file(path: Path) -> dict[str, tuple[str, str]]:
+    """video id -> (split, subject); the subject defaults to the video id."""
+    if not path.is_file():
+        raise ImigueError(f"{path}: split file not found")
+    out: dict[str, tuple[str, str]] = {}
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            row = [v.strip() for v in row]
+            if not row or not row[0] or (line == 1 and row[0].lower() in ("video", "video_id", "id")):
+                continue
+            if len(row) < 2 or not row[1]:
+                raise ImigueError(f"{path}:{line}: expected video_id,split[,subject], got {row}")
+            if row[0] in out:
+                raise ImigueError(f"{path}:{line}: video {row[0]!r} listed twice")
+            out[row[0]] = (row[1], row[2] if len(row) > 2 and row[2] else row[0])
+    return out
+
+
+def default_classes() -> list[str]:
+    text = resources.files("mg_ray.data").joinpath("resources/imigue_classes.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def cut_video(source: Path, gestures: list[Gesture], folder: Path) -> tuple[int, int]:
+    """Write each gesture's frames of the long video `source` as `<folder>/<name>.mp4`, decoding it
+    once; returns the video's (height, width)."""
+    import av
+
+    try:
+        container = av.open(str(source))
+    except av.FFmpegError as err:
+        raise ImigueError(f"{source}: not a readable video ({err})") from None
+    writers: dict[str, video_io.H264Writer] = {}
+    last = max(g.end for g in gestures)
+    size = None
+    try:
+        stream = container.streams.video[0]
+        fps = round(float(stream.average_rate or 25))
+        for index, frame in enumerate(container.decode(stream)):
+            if index > last:
+                break
+            image = frame.to_ndarray(format="rgb24")
+            h, w = image.shape[:2]
+            size = (h, w)
+            image = image[: h - h % 2, : w - w % 2]
+            for g in gestures:
+                if g.start <= index <= g.end:
+                    if g.name not in writers:
+                        writers[g.name] = video_io.H264Writer(folder / f"{g.name}.mp4", image.shape[1], image.shape[0],
+                                                              fps=fps)
+                    writers[g.name].write(image)
+                elif index > g.end and g.name in writers:
+                    writers.pop(g.name).close()
+    finally:
+        for writer in writers.values():
+            writer.close()
+        container.close()
+    short = [g.name for g in gestures if not (folder / f"{g.name}.mp4").is_file()]
+    if short or size is None:
+        raise ImigueError(f"{source}: the video ends before gesture(s) {short[:3]} (frames beyond its length)")
+    return size
+
+
+def convert(src: Path, out: Path, split_file: Path, *, videos: Path | None = None, layout: str = "imigue22",
+            classes: Path | None = None, force: bool = False, log=print) -> Path:
+    """Build the dataset at `out` from the raw release at `src`; returns its path."""
+    if layout not in ("imigue22", "imigue35"):
+        raise ImigueError(f"--layout: expected imigue22 or imigue35, got {layout!r}")
+    src = Path(src).expanduser().absolute()
+    if not src.is_dir():
+        raise ImigueError(f"{src}: raw release folder not found")
+    if videos is not None and not Path(videos).is_dir():
+        raise ImigueError(f"--videos {videos}: folder not found")
+    class_names = default_classes()
+    if classes is not None:
+        try:
+            class_names = video_io.read_classes(Path(classes))
+        except (FileNotFoundError, ValueError) as err:
+            raise ImigueError(str(err)) from None
+        if len(class_names) != NON_MG:
+            raise ImigueError(f"--classes {classes}: expected {NON_MG} class names (ids 0..31), got {len(class_names)}")
+    splits = read_split_file(Path(split_file))
+    folders = sorted(p for p in src.iterdir() if p.is_dir() and (p / f"{p.name}_label.csv").is_file())
+    if not folders:
+        raise ImigueError(f"{src}: no video folders (<id>/<id>_light_hand.csv + <id>_label.csv)")
+    missing = [p.name for p in folders if p.name not in splits]
+    if missing:
+        raise ImigueError(f"{split_file}: no split for video(s) {missing[:5]}")
+    keep = list(IMIGUE22_FROM_35) if layout == "imigue22" else list(range(JOINTS))
+
+    # read and check everything before writing
+    per_video = []
+    for folder in folders:
+        skeleton_path = folder / f"{folder.name}_light_hand.csv"
+        if not skeleton_path.is_file():
+            raise ImigueError(f"{skeleton_path}: skeleton file not found")
+        skeleton = read_skeleton_csv(skeleton_path)
+        gestures = read_label_csv(folder / f"{folder.name}_label.csv", folder.name, len(skeleton))
+        video = Path(videos) / f"{folder.name}.mp4" if videos is not None else None
+        if video is not None and not video.is_file():
+            raise ImigueError(f"{video}: video not found (--videos holds <id>.mp4 per video)")
+        per_video.append((folder.name, skeleton[:, keep], gestures, video))
+
+    annotations, split_lists = [], {}
+    total = sum(len(g) for _, _, g, _ in per_video)
+    done = 0
+    with video_io.staged_output(Path(out), force) as stage:
+        if videos is not None:
+            (stage / video_io.VIDEOS).mkdir()
+        for vid, skeleton, gestures, video in per_video:
+            img_shape = cut_video(video, gestures, stage / video_io.VIDEOS) if video is not None else IMG_SHAPE
+            split, subject = splits[vid]
+            for g in gestures:
+                part = skeleton[g.start: g.end + 1]                    # [T, V, 3]
+                score = part[..., 2].copy()
+                xy = part[..., :2].copy()
+                xy[score <= 0] = 0.0                                   # undetected: (0, 0), score 0
+                score[score < 0] = 0.0
+                annotations.append({
+                    "frame_dir": g.name, "label": g.label, "img_shape": img_shape, "original_shape": img_shape,
+                    "total_frames": len(part), "keypoint": np.ascontiguousarray(xy[None]),
+                    "keypoint_score": np.ascontiguousarray(score[None]), "subject": subject,
+                })
+                split_lists.setdefault(split, []).append(g.name)
+            done += len(gestures)
+            bar = "#" * int(30 * done / total)
+            print(f"\r  [{bar:<30}] {done}/{total} gestures ({vid})", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        video_io.write_annotations(stage, split_lists, annotations)
+        video_io.write_classes(stage, class_names)
+        video_io.write_metadata(stage, name=Path(out).name, layout=LAYOUTS[layout].name, num_classes=len(class_names),
+                                converter={"module": __name__, "src": str(src), "videos": str(videos) if videos else None,
+                                           "split_file": str(Path(split_file).absolute()), "joints_kept": keep})
+    log(f"  {len(annotations)} clips from {len(per_video)} videos; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in split_lists.items()) + ("" if videos else "; skeleton-only (no --videos)"))
+    return Path(out).expanduser().absolute()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, required=True, help="the raw release: one folder per video")
+    parser.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
+    parser.add_argument("--split-file", type=Path, required=True, help="CSV video_id,split[,subject]")
+    parser.add_argument("--videos", type=Path, help="folder of the long videos <id>.mp4 (default: skeleton only)")
+    parser.add_argument("--layout", choices=("imigue22", "imigue35"), default="imigue22",
+                        help="22 joints as the organisers' ST-GCN and MiGA (default), or all 35")
+    parser.add_argument("--classes", type=Path, help="32 class names, one a line (default: iMiGUE's)")
+    parser.add_argument("--force", action="store_true", help="replace an existing mg-ray dataset at --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = convert(args.src, args.out, args.split_file, videos=args.videos, layout=args.layout,
+                  classes=args.classes, force=args.force)
+    print(f"dataset written to {out} (check it with: mg-ray check-data {out})")
+    return 0
+
