@@ -195,6 +195,13 @@ class Annotation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def frame_dir_is_confined(frame_dir: str) -> bool:
+    """True when `frame_dir` names a path inside the folder it is joined to: relative, with no
+    '..', '.' or empty part (either slash), no drive."""
+    parts = frame_dir.replace("\\", "/").split("/")
+    return not (frame_dir.startswith(("/", "\\")) or ":" in parts[0] or any(p in ("", ".", "..") for p in parts))
+
+
 def validate_entry(
     entry: Any, num_classes: int, num_joints: int, source: str, position: int
 ) -> Annotation:
@@ -216,8 +223,7 @@ def validate_entry(
             raise fail(key, "missing key")
     if not isinstance(frame_dir, str) or not frame_dir:
         raise fail("frame_dir", f"expected a non-empty string, got {frame_dir!r}")
-    parts = frame_dir.replace("\\", "/").split("/")
-    if frame_dir.startswith(("/", "\\")) or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+    if not frame_dir_is_confined(frame_dir):
         raise fail("frame_dir", f"expected a relative name inside the dataset (no '..', no absolute path), "
                                 f"got {frame_dir!r}")
 

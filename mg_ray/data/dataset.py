@@ -332,8 +332,11 @@ def load_skeleton(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: skeleton file not found")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            raw = {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                raw = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:  # not a zip, truncated, or object arrays (refused)
+            raise SkeletonError(f"{path}: not a readable .npz skeleton ({str(err).splitlines()[0]})") from None
     elif path.suffix == ".json":
         try:
             raw = json.loads(path.read_text())

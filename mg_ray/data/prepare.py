@@ -105,6 +105,7 @@ def prepare(
 ) -> Path:
     """Write a prepared copy of dataset `src` to `out`; returns `out`. See the module docstring."""
     from mg_ray.data.annotations import (
+        frame_dir_is_confined,
         safe_load_pickle,  # the restricted loader: never plain pickle
     )
 
@@ -138,6 +139,9 @@ def prepare(
         for key in ("frame_dir", "img_shape", "keypoint"):
             if key not in ann:
                 raise PrepareError(f"{where}: missing key {key!r}")
+        if not isinstance(ann["frame_dir"], str) or not frame_dir_is_confined(ann["frame_dir"]):
+            raise PrepareError(f"{where}: frame_dir: expected a relative name inside the dataset (no '..', no "
+                               f"absolute path), got {ann['frame_dir']!r}; nothing is written outside --out")
         video = src / video_io.VIDEOS / f"{ann['frame_dir']}.mp4"
         if not video.is_file():
             raise PrepareError(f"clip {ann['frame_dir']!r}: video not found: {video}")
