@@ -1,7 +1,7 @@
 """`mg-ray predict`: classify clips with a registered (or any MLflow) model.
 
     mg-ray predict --model models:/mg-ray-fused@champion clip1.mp4 clip2.mp4
-    mg-ray predict --model runs:/<run id>/model clip.mp4 --skeleton clip.npz
+    mg-ray predict --model models:/<logged model id> clip.mp4 --skeleton clip.npz
     mg-ray predict --model models:/mg-ray-fused@champion --data ~/.mg-ray/datasets/synth s09_c00_0003
     mg-ray predict --model models:/mg-ray-fused@champion --data DIR --split test --submission OUT.zip
 
@@ -26,7 +26,7 @@ import numpy as np
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model")
+    parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or models:/<logged model id>")
     parser.add_argument("clips", nargs="*", type=Path, help="video files (.mp4), or clip names with --data")
     parser.add_argument("--data", type=Path, help="a dataset folder holding the clips and their skeletons")
     parser.add_argument("--split", help="with --data: every clip of this split (instead of naming clips)")

@@ -2,9 +2,9 @@
 
 Used by a study's promotion of its best trial and by `mg-ray promote` (`mg_ray.tune.promote`).
 
-The run's `best_model/model.pt` is wrapped as a pyfunc model (signature: `rgb` and `pose` float32
-tensors in, fused class probabilities out; an input example), logged into the run under `model/`
-and registered. Tags on the version: its lineage (study, trial, run, git commit, the runs a fused
+The run's `best_model/model.pt` is wrapped as a pyfunc model from code (`mg_ray.serving`; signature:
+`rgb` and `pose` float32 tensors in, fused class probabilities out; an input example), logged as the
+run's MLflow 3 logged model (`log_best_model`, when the run ends) and registered from it. Tags on the version: its lineage (study, trial, run, git commit, the runs a fused
 model was initialised from), the data it was scored on (dataset fingerprint and root, validation
 split), its validation score and its multi-clip test top-1 (reported, never used to decide).
 
@@ -21,8 +21,6 @@ trial that ASHA stopped keeps its KILLED status.
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,50 +33,13 @@ from mg_ray.train.checkpoint import MODEL_FILE
 CANDIDATE, CHAMPION = "candidate", "champion"
 
 
-class MicroGestureClassifier:
-    """The pyfunc model: loads `model.pt` (weights-only) and returns fused class probabilities.
-
-    Input: {"rgb": float32 [N, 3, T, H, W], "pose": float32 [N, C, T', h, w]}
-    Output: float32 [N, K] fused probabilities. Several clips of one video: predict them as a
-    batch and average the rows (as `mg-ray predict` does).
-    """
-
-    # Defined lazily as a PythonModel subclass (mlflow import is heavy); see `_pyfunc_class()`.
-
-
-def _pyfunc_class():
-    import mlflow.pyfunc
-
-    class _MicroGestureClassifier(mlflow.pyfunc.PythonModel):
-        __doc__ = MicroGestureClassifier.__doc__
-
-        def load_context(self, context):
-            from mg_ray.train.checkpoint import load_model_file
-
-            self.model, content = load_model_file(context.artifacts["model_file"])
-            self.class_names = content["class_names"]
-            self.data = content["data"]
-            self.stream_weights = tuple(content["spec"]["kwargs"].get("stream_weights", (1.0, 1.0)))
-
-        def predict(self, context, model_input, params=None):
-            import torch
-
-            from mg_ray.models import fuse_probabilities
-
-            rgb = torch.as_tensor(np.asarray(model_input["rgb"], dtype=np.float32))
-            pose = torch.as_tensor(np.asarray(model_input["pose"], dtype=np.float32))
-            with torch.no_grad():
-                return fuse_probabilities(self.model(rgb, pose), self.stream_weights).numpy()
-
-    return _MicroGestureClassifier
-
-
 def save_pyfunc(model_file: Path, out: Path) -> None:
     """Write an MLflow pyfunc model folder for `model_file` (with signature and input example)."""
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from mg_ray.serving.pyfunc import CODE_FILE
     from mg_ray.train.checkpoint import safe_load
 
     content = safe_load(model_file)
@@ -97,7 +58,7 @@ def save_pyfunc(model_file: Path, out: Path) -> None:
 
     mlflow.pyfunc.save_model(
         str(out),
-        python_model=_pyfunc_class()(),
+        python_model=str(CODE_FILE),  # models-from-code: the artifacts are data (mg_ray.serving.pyfunc)
         artifacts={"model_file": str(model_file)},
         signature=signature,
         input_example=example,
@@ -105,6 +66,57 @@ def save_pyfunc(model_file: Path, out: Path) -> None:
         pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "mlflow", "mg-ray"],
         metadata={"class_names": list(content["class_names"])},
     )
+
+
+LOGGED_MODEL = "model"  # the name of a training run's MLflow logged model
+
+
+def run_logged_model(client, run_id: str):
+    """The logged model of training run `run_id` (its best model), or None."""
+    run = client.get_run(run_id)
+    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                        max_results=10)
+    ready = [m for m in found if m.name == LOGGED_MODEL and str(m.status).endswith("READY")]
+    return ready[0] if ready else None
+
+
+def log_best_model(client, run_id: str, tracking_uri: str) -> str:
+    """Make training run `run_id`'s best model (its `best_model/model.pt` artifact) an MLflow 3
+    logged model of the run: a pyfunc from code with signature and input example, at the best
+    epoch's step, with the epoch's validation metrics linked to it. Returns its model id; a run
+    that has one already keeps it."""
+    import mlflow.artifacts
+    from mlflow.entities import LoggedModelOutput
+
+    existing = run_logged_model(client, run_id)
+    if existing is not None:
+        return existing.model_id
+    run = client.get_run(run_id)
+    with tempfile.TemporaryDirectory() as folder:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
+        )
+        from mg_ray.train.checkpoint import safe_load
+
+        metrics = safe_load(local).get("metrics", {})
+        step = int(metrics.get("epoch", 0))
+        model = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL, source_run_id=run_id,
+                                           model_type="mg-ray", params={"preset": run.data.params.get("model.preset", "")})
+        try:
+            model_dir = Path(folder) / "model"
+            save_pyfunc(Path(local), model_dir)
+            client.log_model_artifacts(model.model_id, str(model_dir))
+        except BaseException:
+            client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    history = {key: client.get_metric_history(run_id, key) for key in run.data.metrics if key.startswith("val_")}
+    for key, points in history.items():  # the best epoch's validation metrics, linked to the model
+        at_best = [m for m in points if m.step == step]
+        if at_best:
+            client.log_metric(run_id, key, at_best[-1].value, step=step, model_id=model.model_id)
+    return model.model_id
 
 
 def promote_run(
@@ -118,7 +130,7 @@ def promote_run(
     force_champion: bool = False,
 ) -> dict[str, Any]:
     """Register `run_id`'s best model as a new version of `name`; returns what happened."""
-    import mlflow
+    from mlflow.exceptions import MlflowException
 
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.client(tracking_uri)
@@ -135,19 +147,13 @@ def promote_run(
         # rule below applies to it.
         return _apply_champion_rule(client, name, existing, score, metric, mode, force_champion, new=False,
                                     tracking_uri=tracking_uri)
-    with tempfile.TemporaryDirectory() as folder:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
-        )
-        model_dir = Path(folder) / "model"
-        save_pyfunc(Path(local), model_dir)
-        client.log_artifacts(run_id, str(model_dir), "model")
+    model_id = log_best_model(client, run_id, tracking_uri)  # usually logged when the run ended
     params = run.data.params
     tags = {
         "run_id": run_id,
         "study": run.data.tags.get(tracking.STUDY_TAG, ""),
         "trial": run.data.tags.get(tracking.TRIAL_TAG, ""),
-        "git_commit": git_commit(),
+        "git_commit": tracking.git_commit(),
         "dataset_fingerprint": dataset_fingerprint(params.get("data.root")),
         "dataset_root": params.get("data.root", ""),
         "val_split": params.get("data.val_split", ""),
@@ -155,9 +161,17 @@ def promote_run(
         **({"test_top1": str(run.data.metrics["test_top1"])} if "test_top1" in run.data.metrics else {}),
         **{k: str(v) for k, v in (lineage or {}).items()},
     }
-    mlflow.set_tracking_uri(tracking_uri)
+    # the version is made from the run's logged model: both point at each other in MLflow
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)  # MLflow resolves a models:/ source with the global store
     mlflow.set_registry_uri(tracking_uri)
-    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+                                          model_id=model_id)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return _apply_champion_rule(client, name, client.get_model_version(name, version.version), score, metric,
                                 mode, force_champion, new=True, tracking_uri=tracking_uri)
@@ -169,13 +183,19 @@ class ModelNotFoundError(LookupError):
 
 def check_model_uri(uri: str, tracking_uri: str) -> None:
     """Raise ModelNotFoundError, naming what is missing and what exists, unless `uri`
-    (`models:/<name>@<alias>`, `models:/<name>/<version>`, `runs:/<run id>/<path>` or a local
+    (`models:/<name>@<alias>`, `models:/<name>/<version>`, `models:/<logged model id>`,
+    `runs:/<run id>/<path>` or a local
     folder) resolves to a model. Cheap: run it before loading anything."""
     from mlflow.exceptions import MlflowException
 
     client = tracking.client(tracking_uri)
     where = f"in the tracking store {tracking_uri}"
-    if uri.startswith("models:/"):
+    if uri.startswith("models:/m-") and "/" not in uri[len("models:/"):] and "@" not in uri:
+        try:
+            client.get_logged_model(uri[len("models:/"):])
+        except MlflowException:
+            raise ModelNotFoundError(f"{uri}: no logged model with that id {where}") from None
+    elif uri.startswith("models:/"):
         name, sep, ref = uri[len("models:/"):].partition("@")
         version = None
         if not sep:
@@ -315,18 +335,6 @@ def existing_version_state(out: dict[str, Any]) -> str:
     if out["champion"]:
         return "nothing new registered, it is champion"
     return f"nothing new registered, champion stays version {out['previous_champion']}"
-
-
-def git_commit() -> str:
-    """The commit the code runs from (MG_RAY_GIT_COMMIT wins: a `ray job submit` upload has no .git)."""
-    if os.environ.get("MG_RAY_GIT_COMMIT"):
-        return os.environ["MG_RAY_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def dataset_fingerprint(root: str | None) -> str:

@@ -14,7 +14,9 @@ Ray's processes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import os
 import tempfile
@@ -83,7 +85,15 @@ def check_tracking_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
     )
 
 
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless the experiment says it is a
+# model-training one (shared/STACK.md); links carry the view too, for experiments made elsewhere.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+UI_VIEW = "workflowType=machine_learning"
+
+
 def get_or_create_experiment(mlflow_client, name: str) -> str:
+    """The id of experiment `name`, created if missing (artifacts under $MG_RAY_HOME for a sqlite
+    store) and tagged as a model-training experiment."""
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -91,14 +101,103 @@ def get_or_create_experiment(mlflow_client, name: str) -> str:
                 f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
                 f"or choose another tracking.experiment"
             )
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     artifact_location = None
     if mlflow_client.tracking_uri.startswith("sqlite:"):
         artifact_location = paths.mlflow_artifact_root().as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location,
+                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except Exception:  # noqa: BLE001 (created concurrently by another process: any store's error)
         return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (or of one run) in the model-training view."""
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base_url.rstrip('/')}/#/{page}?{UI_VIEW}"
+
+
+def source_tags(entry_point: str | None = None) -> dict[str, str]:
+    """MLflow's source tags for a run this process creates: the entry point, and the git commit of
+    the working folder, or `MG_RAY_GIT_COMMIT` where there is no git checkout (a `ray job submit`
+    upload carries no .git: set it when submitting)."""
+    import sys
+
+    if entry_point is None:
+        argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+        entry_point = " ".join(["mg-ray", *sys.argv[1:2]]) if argv0.name in ("mg-ray", "cli.py", "-m") \
+            else (argv0.as_posix() if not argv0.is_absolute() else argv0.name)
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str | None, *, enabled: bool = True, interval_s: float = 10.0):
+    """Log MLflow's system metrics of this node into `run_id` while the block runs (its public
+    `SystemMetricsMonitor`; needs psutil, and pynvml for GPUs). A no-op when disabled or without
+    a run."""
+    if not enabled or run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The commit the code runs from (MG_RAY_GIT_COMMIT wins: a `ray job submit` upload has no .git)."""
+    import subprocess
+
+    if os.environ.get("MG_RAY_GIT_COMMIT"):
+        return os.environ["MG_RAY_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_training_data(mlflow_client, run_id: str, data_cfg) -> None:
+    """The dataset a training run reads (a `DataConfig`) as its dataset inputs: training,
+    validation and test splits."""
+    from mg_ray.registry import dataset_fingerprint
+
+    log_dataset(mlflow_client, run_id, data_cfg.root, dataset_fingerprint(data_cfg.root),
+                {"training": data_cfg.train_split, "validation": data_cfg.val_split, "test": data_cfg.test_split})
+
+
+def log_dataset(mlflow_client, run_id: str, root: str | Path, fingerprint: str | None,
+                splits: Mapping[str, str | None]) -> None:
+    """The dataset as the run's MLflow dataset inputs, one per split it uses: name (the folder's),
+    digest (the dataset fingerprint), source (the folder) and context (`splits`: context -> split,
+    e.g. {"train": "train", "validation": "val"})."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    root = Path(root)
+    digest = (fingerprint or "unknown")[:36]
+    inputs = [
+        DatasetInput(Dataset(name=f"{root.name}:{split}", digest=digest, source_type="local",
+                             source=json.dumps({"uri": str(root)})),
+                     tags=[InputTag(key="mlflow.data.context", value=context)])
+        for context, split in splits.items() if split
+    ]
+    if inputs:
+        mlflow_client.log_inputs(run_id, datasets=inputs)
 
 
 def find_run(mlflow_client, experiment_id: str, run_key: str):
@@ -125,7 +224,7 @@ def start_or_resume_run(
     if run is not None:
         mlflow_client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, True
-    all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+    all_tags = {RUN_KEY_TAG: run_key, **source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -196,6 +196,7 @@ local stack up:
   Ray job API / dashboard  $RAY_DASHBOARD_URL   (token auth; token file $RAY_TOKEN_FILE)
   Ray GCS                  127.0.0.1:$RAY_PORT
   MLflow UI + API          $MLFLOW_URL$([[ "$MLFLOW_AUTH" == 1 ]] && echo "   (basic-auth)")
+  MLflow runs of a study   $MLFLOW_URL/#/experiments/<id>?workflowType=machine_learning  (the study prints its link)
   logs                     $STACK_DIR/{mlflow.log,ray-head.log,ray-logs/}
 next:
   source infra/local/env.sh

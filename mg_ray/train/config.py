@@ -119,6 +119,10 @@ class TrackingConfig:
     tracking_uri: str | None = None
     experiment: str = "mg-ray"
     run_name: str | None = None
+    # MLflow system metrics (CPU, memory, disk, network; GPU where present) of the node that runs
+    # the training's driver or the trial, every `system_metrics_interval_s` seconds.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

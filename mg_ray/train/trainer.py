@@ -103,15 +103,22 @@ def train(cfg: ExperimentConfig, *, name: str, storage_path: str | Path,
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = tracking.client(tracking_uri)
-    run_id, _ = tracking.start_or_resume_run(
+    run_id, resumed = tracking.start_or_resume_run(
         client, tracking.get_or_create_experiment(client, cfg.tracking.experiment), name,
         run_name=cfg.tracking.run_name or name,
         tags={"mg_ray.train_run": name, "mg_ray.storage_path": str(storage_path), **(tags or {})},
         params=flatten(to_dict(cfg)),
     )
+    if not resumed:
+        tracking.log_training_data(client, run_id, cfg.data)
     status = "FAILED"
     try:
-        outcome = fit(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_key=name)
+        with tracking.system_metrics(tracking_uri, run_id, enabled=cfg.tracking.system_metrics,
+                                     interval_s=cfg.tracking.system_metrics_interval_s):
+            outcome = fit(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_key=name)
+        from mg_ray.tune.trial_state import log_model
+
+        log_model(client, run_id, tracking_uri)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

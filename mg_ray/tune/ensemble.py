@@ -122,6 +122,29 @@ def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment:
     return {"run_id": run_id, "weights": weights.tolist(), "metrics": metrics}
 
 
+def ensemble_submission(run_ids: list[str], weights: list[float], data: Path, split: str, out: Path,
+                        tracking_uri: str) -> Path:
+    """The MiGA submission of the weighted ensemble for every clip of `split` of dataset `data`
+    (labeled or not): each member's logged model classifies the clips, the fused probabilities
+    are weighted as the ensemble's, and `mg_ray.predict.write_submission` writes `out` (and its
+    top-5 CSV). Returns `out`."""
+    from mg_ray.predict import classify, dataset_clips, load_classifier, write_submission
+    from mg_ray.registry import log_best_model
+
+    client = tracking.client(tracking_uri)
+    clips = dataset_clips(Path(data), [], split)
+    total, class_names = None, None
+    for run_id, weight in zip(run_ids, weights):
+        model, inner = load_classifier(f"models:/{log_best_model(client, run_id, tracking_uri)}", tracking_uri)
+        if class_names is not None and list(inner.class_names) != list(class_names):
+            raise ValueError(f"run {run_id}: its classes differ from the first member's")
+        class_names = inner.class_names
+        probs = weight * classify(model, inner, [(c, s) for c, s, _ in clips])
+        total = probs if total is None else total + probs
+    write_submission(Path(out), [Path(c).stem for c, _, _ in clips], total, class_names)
+    return Path(out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", nargs="+", help="MLflow run ids to ensemble")
     parser.add_argument("--study", help="ensemble the best --top completed trials of this study instead")
@@ -129,6 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default="mg-ray")
     parser.add_argument("--name", help="run name of the ensemble run")
     parser.add_argument("--tracking-uri")
+    parser.add_argument("--submission", type=Path,
+                        help="also write the ensemble's MiGA submission zip for --data DIR --split NAME (must not exist)")
+    parser.add_argument("--data", type=Path, help="with --submission: the dataset folder")
+    parser.add_argument("--split", default="test", help="with --submission: the split to predict (default test)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +169,16 @@ def run(args: argparse.Namespace) -> int:
         args.study, experiment=args.experiment, metric="val_top1", mode="max", tracking_uri=uri, top=args.top)]
     if len(run_ids) < 2:
         raise SystemExit(f"error: an ensemble needs at least 2 runs, got {len(run_ids)}")
+    if args.submission is not None:
+        if args.data is None:
+            raise SystemExit("error: --submission needs --data DIR (and --split, default test)")
+        top5 = args.submission.with_name(f"{args.submission.stem}.top5.csv")
+        if args.submission.exists() or top5.exists():
+            raise SystemExit(f"error: --submission {args.submission}: it (or its .top5.csv) exists; nothing is overwritten")
     out = ensemble(run_ids, tracking_uri=uri, experiment=args.experiment, name=args.name)
     print(f"ensemble run {out['run_id']}: weights {np.round(out['weights'], 3).tolist()} | "
           + " | ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items()))
+    if args.submission is not None:
+        ensemble_submission(run_ids, out["weights"], args.data, args.split, args.submission, uri)
+        print(f"{args.submission}: the ensemble's Submission.csv for split {args.split!r} of {args.data}")
     return 0

@@ -101,12 +101,18 @@ def print_promotion(summary: dict) -> None:
           f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
 
 
-def print_mlflow_ui(study: str) -> None:
+def print_mlflow_ui(study: str, experiment: str = "mg-ray") -> None:
+    """How to look at the study in MLflow: the command for a sqlite store, and the link that opens
+    the experiment's runs (the model-training view) with the study run among them."""
     from mg_ray import tracking
 
     uri = tracking.resolve_tracking_uri(None)
+    client = tracking.client(uri)
+    found = client.get_experiment_by_name(experiment)
     if uri.startswith("sqlite:"):
-        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "
-              f"then open http://127.0.0.1:5000 (experiment 'mg-ray', run '{study}')")
+        base = "http://127.0.0.1:5000"
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:
-        print(f"MLflow UI: {uri} (experiment 'mg-ray', run '{study}')")
+        base = uri
+    if found is not None:
+        print(f"  then open {tracking.ui_link(base, found.experiment_id)}  (experiment {experiment!r}, run {study!r})")

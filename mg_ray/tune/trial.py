@@ -60,16 +60,24 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mg_ray import ray_env
+    from mg_ray import ray_env, tracking
     from mg_ray.train.trainer import fit
 
     ray_env.apply_defaults(ray_env.TRIAL)
     trial_id = tune.get_context().get_trial_id()
-    fit(
-        trial_config(ctx, params),
-        name=train_run_name(ctx, trial_id),
-        storage_path=ctx.train_storage,
-        tracking_uri=ctx.tracking_uri,
-        run_key=run_key(ctx, trial_id),
-        callbacks=[TuneReportCallback()],
-    )
+    cfg = trial_config(ctx, params)
+    run = None
+    if cfg.tracking.system_metrics:  # the run the study driver opened for this trial
+        client = tracking.client(ctx.tracking_uri)
+        run = tracking.find_run(client, client.get_experiment_by_name(ctx.experiment).experiment_id,
+                                run_key(ctx, trial_id))
+    with tracking.system_metrics(ctx.tracking_uri, run.info.run_id if run else None,
+                                 enabled=cfg.tracking.system_metrics, interval_s=cfg.tracking.system_metrics_interval_s):
+        fit(
+            cfg,
+            name=train_run_name(ctx, trial_id),
+            storage_path=ctx.train_storage,
+            tracking_uri=ctx.tracking_uri,
+            run_key=run_key(ctx, trial_id),
+            callbacks=[TuneReportCallback()],
+        )

@@ -98,6 +98,8 @@ class TrialRuns(Callback):
         )
         if resumed:  # how it ended before no longer holds
             client.set_tag(run_id, tracking.STATE_TAG, "running")
+        else:
+            tracking.log_training_data(client, run_id, cfg.data)
         self.session.open[trial.trial_id] = run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -136,7 +138,44 @@ def close(session: Session, trial_id: str, state: str, epochs: int, reason: str 
         tags[tracking.STOP_REASON_TAG] = reason
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+    if state in ("completed", "stopped"):
+        log_model(client, run_id, session.ctx.tracking_uri)
     tracking.terminate_run(client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
+    if state in ("completed", "stopped"):
+        log_study_progress(client, session.ctx)
+
+
+def log_model(client, run_id: str, tracking_uri: str) -> None:
+    """The trial's best model as the run's MLflow logged model (`registry.log_best_model`); a trial
+    that saved none (stopped before its first validation) has none, and a failure here is a
+    warning: the study goes on, and promotion logs the model again if it must."""
+    from mlflow.exceptions import MlflowException
+
+    from mg_ray.registry import log_best_model
+    from mg_ray.train.checkpoint import MODEL_FILE
+
+    if not any(f.path == f"best_model/{MODEL_FILE}" for f in client.list_artifacts(run_id, "best_model")):
+        return
+    try:
+        log_best_model(client, run_id, tracking_uri)
+    except (MlflowException, OSError, ValueError) as err:
+        print(f"warning: run {run_id}: its best model could not be logged as an MLflow model ({err})")
+
+
+def log_study_progress(client, ctx: StudyContext) -> None:
+    """The study run's `best_so_far_<metric>`: the best value of the trials finished so far (completed or
+    stopped), at step = how many there are; in MLflow a chart of the search's progress. Read back
+    from the trial runs, so a resumed study goes on from the same history."""
+    metric, mode = ctx.space.study.metric, ctx.space.study.mode
+    experiment = client.get_experiment_by_name(ctx.experiment).experiment_id
+    finished = [r for r in client.search_runs(
+        [experiment], f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{tracking.ROLE_TAG}` = 'trial'",
+        max_results=10_000)
+        if r.data.tags.get(tracking.STATE_TAG) in ("completed", "stopped") and metric in r.data.metrics]
+    if finished:
+        values = [r.data.metrics[metric] for r in finished]
+        client.log_metric(ctx.parent_run_id, f"best_so_far_{metric}", max(values) if mode == "max" else min(values),
+                          step=len(finished))
 
 
 def epochs_seen(trial: Any) -> int:

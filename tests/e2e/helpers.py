@@ -106,3 +106,9 @@ def no_train_workers_left(home: Path, timeout_s: float = 30) -> bool:
     while ray_processes_of(home) and time.monotonic() < deadline:
         time.sleep(0.5)
     return not ray_processes_of(home)
+
+
+def epochs_logged(client, run_id: str, key: str = "val_top1") -> int:
+    """The epochs a run logged `key` for: distinct steps (the run's logged model links the best
+    epoch's validation metrics to itself by logging them once more, at the same step)."""
+    return len({m.step for m in client.get_metric_history(run_id, key)})

@@ -60,6 +60,12 @@ def test_raw_release_and_miga_pickles_train_and_an_unlabeled_split_gets_a_submis
     top5 = (tmp_path / "Submission.top5.csv").read_text().splitlines()
     assert len(top5) == 1 + 5 and top5[0].startswith("clip_name,class_id_1,class_1,prob_1")
 
+    # the ensemble writes the same from its fused scores (here a degenerate one: the model twice)
+    ens = tmp_path / "Ensemble.zip"
+    run(home, "ensemble", "--runs", trained.info.run_id, trained.info.run_id, "--data", str(miga), "--split", "test",
+        "--submission", str(ens))
+    assert zipfile.ZipFile(ens).read("Submission.csv").decode().splitlines() == lines
+
     # a skeleton of another layout: one line naming both
     skeleton = tmp_path / "clip.npz"
     np.savez(skeleton, keypoint=rng.uniform(0, 60, (1, 30, 17, 2)).astype(np.float32),

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ import pytest
 
 from tests.e2e.helpers import (
     artifact_paths,
+    epochs_logged,
     mlflow_client,
     no_train_workers_left,
     run,
@@ -78,7 +83,7 @@ def check_children(client, children: list, epochs: int) -> None:
     nothing into a run the study driver has ended, though a report racing that end can add one."""
     assert len({c.data.tags["mg_ray.trial_id"] for c in children}) == len(children)
     for child in children:
-        ran = len(client.get_metric_history(child.info.run_id, "val_top1"))
+        ran = epochs_logged(client, child.info.run_id)
         state, seen = child.data.tags["mg_ray.trial_state"], int(child.data.tags["mg_ray.trial_epochs"])
         assert child.info.status != "RUNNING" and child.info.end_time
         if state == "completed":
@@ -99,6 +104,8 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
 
     client = mlflow_client(home)
     parent, children = study_runs(client, "s1")
+    check_mlflow_view(home, client, done.stdout, parent, children)
+    check_optuna_dashboard(home, "s1", num_trials=2)
     assert parent.info.status == "FINISHED" and len(children) == 2
     check_children(client, children, epochs=1)
     assert {c.data.tags["mg_ray.study"] for c in children} == {"s1"}
@@ -193,3 +200,102 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     # The paper's last step: an ensemble of the study's runs, logged as a run.
     out = run(home, "ensemble", "--study", "s1", "--top", "2")
     assert runs(client, "tags.`mg_ray.role` = 'ensemble'"), out.stdout
+
+
+def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None:
+    """The study as MLflow's users see it: what every trial run carries (dataset input, source
+    tags, a logged model, system metrics), the study run's progress chart, and the printed link
+    loaded in headless Chromium from `mlflow ui` on 127.0.0.1: the model-training runs view, the
+    study run listed with its trials nested under it."""
+    import re
+
+    for child in children:
+        run_ = client.get_run(child.info.run_id)
+        contexts = {i.tags[0].value for i in run_.inputs.dataset_inputs}
+        assert contexts == {"training", "validation", "test"}, contexts
+        assert run_.data.tags["mlflow.source.name"] and "mlflow.source.git.commit" in run_.data.tags
+        assert [o.model_id for o in run_.outputs.model_outputs], child.info.run_id
+        assert any(k.startswith("system/cpu_utilization") for k in run_.data.metrics), sorted(run_.data.metrics)
+    v1 = client.get_model_version("tiny-model", "1")
+    best = client.get_run(v1.run_id)
+    assert v1.source == f"models:/{best.outputs.model_outputs[0].model_id}"  # the version is the run's logged model
+    history = client.get_metric_history(parent.info.run_id, "best_so_far_val_top1")
+    assert [m.step for m in history] == [1, 2] and history[1].value >= history[0].value
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    link = re.search(r"then open (http://127\.0\.0\.1:5000/\S+)", stdout)
+    assert link, stdout[-2000:]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium not installed (.ci/run installs Debian's chromium)")
+    port = free_port()
+    url = link.group(1).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    assert "workflowType=machine_learning" in url
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+                               f"sqlite:///{home / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90)
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={home / 'chromium'}", "--virtual-time-budget=20000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=180, check=False).stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert 'col-id="attributes.`Run Name`"' in dom, dom[:2000]  # the runs table, not the traces view
+    row = dom[:dom.index(f'href="#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"')]
+    assert "runnamecellrenderer" in row[-3000:]  # the study run's row has the expander of its nested trials
+    for child in children:  # nested, so not listed at the top level
+        assert f"runs/{child.info.run_id}\"" not in dom
+
+
+def check_optuna_dashboard(home: Path, study: str, num_trials: int) -> None:
+    """optuna-dashboard (the `dashboard` extra) serves the study's Optuna storage: its HTTP API on
+    127.0.0.1 lists the study and its trials."""
+    import threading
+    import urllib.request
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    import optuna_dashboard
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = make_server("127.0.0.1", 0, optuna_dashboard.wsgi(f"sqlite:///{home / 'optuna.db'}"), handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_port}"
+        studies = json.loads(urllib.request.urlopen(f"{base}/api/studies", timeout=30).read())["study_summaries"]
+        [found] = [x for x in studies if x["study_name"] == study]
+        detail = json.loads(urllib.request.urlopen(f"{base}/api/studies/{found['study_id']}?after=0", timeout=30).read())
+        assert len(detail["trials"]) == num_trials, detail.keys()
+    finally:
+        httpd.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
