@@ -104,7 +104,7 @@ def test_unwritable_home_and_store_are_refused_before_ray_starts(tmp_path, tiny_
 def test_a_split_the_dataset_lacks_and_a_relative_path_are_refused_before_ray_starts(tmp_path, tiny_dataset):
     space = space_file(tmp_path, "loss.alpha: {type: float, low: 0.1, high: 0.5}", fixed="data.val_split: dev")
     done = tune(tmp_path, "--space", str(space), "--data", str(tiny_dataset))
-    no_ray_one_line_error(done, "data.val_split: no split 'dev'", "the file has test, train, val")
+    no_ray_one_line_error(done, "data.val_split: no split 'dev'", "the annotations have test, train, val")
     done = tune(tmp_path, "--space", "search_spaces/quick.yaml", "--data", "relative/data")
     no_ray_one_line_error(done, "data.root: relative/data is a relative path")
 
