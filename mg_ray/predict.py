@@ -128,6 +128,20 @@ def dataset_clips(root: Path, names: list[Path], split: str | None = None) -> li
              None if a.label == UNLABELED else index.class_names[a.label]) for a in chosen]
 
 
+def top5_path(submission: Path) -> Path:
+    """The top-5 CSV written beside a submission zip."""
+    return submission.with_name(f"{submission.stem}.top5.csv")
+
+
+def check_submission_target(submission: Path) -> None:
+    """Refuse (SystemExit) a submission path that exists, whose top-5 CSV exists, or whose folder
+    does not: checked before any model is loaded, nothing is overwritten."""
+    if submission.exists() or top5_path(submission).exists():
+        raise SystemExit(f"error: --submission {submission}: it (or its .top5.csv) exists; nothing is overwritten")
+    if not submission.parent.is_dir():
+        raise SystemExit(f"error: --submission {submission}: folder {submission.parent} does not exist")
+
+
 def write_submission(path: Path, names: list[str], probs: np.ndarray, class_names: list[str]) -> Path:
     """The MiGA submission: `Submission.csv` (`clip_name,class_id`, no header) zipped at `path`,
     and `<path stem>.top5.csv` beside it (clip, then five class_id,name,probability triples).
@@ -136,7 +150,7 @@ def write_submission(path: Path, names: list[str], probs: np.ndarray, class_name
     import io
     import zipfile
 
-    top5 = path.with_name(f"{path.stem}.top5.csv")
+    top5 = top5_path(path)
     lines = "".join(f"{name},{int(p.argmax())}\n" for name, p in zip(names, probs))
     with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("Submission.csv", lines)
@@ -156,10 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.clips and not args.split:
         raise SystemExit("error: name clips, or give --data DIR --split NAME")
     if args.submission is not None:
-        if args.submission.exists() or args.submission.with_name(f"{args.submission.stem}.top5.csv").exists():
-            raise SystemExit(f"error: --submission {args.submission}: it (or its .top5.csv) exists; nothing is overwritten")
-        if not args.submission.parent.is_dir():
-            raise SystemExit(f"error: --submission {args.submission}: folder {args.submission.parent} does not exist")
+        check_submission_target(args.submission)
     model, inner = load_classifier(args.model, args.tracking_uri)  # a missing model fails first
     if args.data:
         clips = dataset_clips(args.data, list(args.clips), args.split)

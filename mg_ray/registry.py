@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mg_ray import tracking
-from mg_ray.train.checkpoint import MODEL_FILE
+from mg_ray.train.checkpoint import MODEL_FILE, safe_load
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 
@@ -40,7 +40,6 @@ def save_pyfunc(model_file: Path, out: Path) -> None:
     from mlflow.types import Schema, TensorSpec
 
     from mg_ray.serving.pyfunc import CODE_FILE
-    from mg_ray.train.checkpoint import safe_load
 
     content = safe_load(model_file)
     kwargs, data = content["spec"]["kwargs"], content["data"]
@@ -96,8 +95,6 @@ def log_best_model(client, run_id: str, tracking_uri: str) -> str:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
         )
-        from mg_ray.train.checkpoint import safe_load
-
         metrics = safe_load(local).get("metrics", {})
         step = int(metrics.get("epoch", 0))
         model = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL, source_run_id=run_id,
@@ -117,6 +114,20 @@ def log_best_model(client, run_id: str, tracking_uri: str) -> str:
         if at_best:
             client.log_metric(run_id, key, at_best[-1].value, step=step, model_id=model.model_id)
     return model.model_id
+
+
+def log_run_model(client, run_id: str, tracking_uri: str) -> None:
+    """When a training run ends: its best model as its logged model (`log_best_model`). A run that
+    saved none (stopped before its first validation) has none, and a failure is a warning: the
+    study goes on, and promotion logs the model again if it must."""
+    from mlflow.exceptions import MlflowException
+
+    if not any(f.path == f"best_model/{MODEL_FILE}" for f in client.list_artifacts(run_id, "best_model")):
+        return
+    try:
+        log_best_model(client, run_id, tracking_uri)
+    except (MlflowException, OSError, ValueError) as err:
+        print(f"warning: run {run_id}: its best model could not be logged as an MLflow model ({err})")
 
 
 def promote_run(

@@ -116,9 +116,9 @@ def train(cfg: ExperimentConfig, *, name: str, storage_path: str | Path,
         with tracking.system_metrics(tracking_uri, run_id, enabled=cfg.tracking.system_metrics,
                                      interval_s=cfg.tracking.system_metrics_interval_s):
             outcome = fit(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_key=name)
-        from mg_ray.tune.trial_state import log_model
+        from mg_ray.registry import log_run_model
 
-        log_model(client, run_id, tracking_uri)
+        log_run_model(client, run_id, tracking_uri)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

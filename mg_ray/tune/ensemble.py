@@ -172,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
     if args.submission is not None:
         if args.data is None:
             raise SystemExit("error: --submission needs --data DIR (and --split, default test)")
-        top5 = args.submission.with_name(f"{args.submission.stem}.top5.csv")
-        if args.submission.exists() or top5.exists():
-            raise SystemExit(f"error: --submission {args.submission}: it (or its .top5.csv) exists; nothing is overwritten")
+        from mg_ray.predict import check_submission_target
+
+        check_submission_target(args.submission)
     out = ensemble(run_ids, tracking_uri=uri, experiment=args.experiment, name=args.name)
     print(f"ensemble run {out['run_id']}: weights {np.round(out['weights'], 3).tolist()} | "
           + " | ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items()))

@@ -31,6 +31,7 @@ from ray.tune import Callback
 
 from mg_ray import tracking
 from mg_ray.config import flatten, to_dict
+from mg_ray.registry import log_run_model
 from mg_ray.tune.trial import StudyContext, run_key, train_run_name, trial_config
 
 TIME_ATTR = "epochs_completed"  # the epochs a trial completed, as its Train run reports them
@@ -139,27 +140,10 @@ def close(session: Session, trial_id: str, state: str, epochs: int, reason: str 
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     if state in ("completed", "stopped"):
-        log_model(client, run_id, session.ctx.tracking_uri)
+        log_run_model(client, run_id, session.ctx.tracking_uri)
     tracking.terminate_run(client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
     if state in ("completed", "stopped"):
         log_study_progress(client, session.ctx)
-
-
-def log_model(client, run_id: str, tracking_uri: str) -> None:
-    """The trial's best model as the run's MLflow logged model (`registry.log_best_model`); a trial
-    that saved none (stopped before its first validation) has none, and a failure here is a
-    warning: the study goes on, and promotion logs the model again if it must."""
-    from mlflow.exceptions import MlflowException
-
-    from mg_ray.registry import log_best_model
-    from mg_ray.train.checkpoint import MODEL_FILE
-
-    if not any(f.path == f"best_model/{MODEL_FILE}" for f in client.list_artifacts(run_id, "best_model")):
-        return
-    try:
-        log_best_model(client, run_id, tracking_uri)
-    except (MlflowException, OSError, ValueError) as err:
-        print(f"warning: run {run_id}: its best model could not be logged as an MLflow model ({err})")
 
 
 def log_study_progress(client, ctx: StudyContext) -> None:
