@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -171,11 +172,13 @@ def test_ray_processes_of_a_finished_study_are_gone(tmp_path):
     from tests.e2e.helpers import ray_processes_of
 
     home = tmp_path / "home"
-    proc = subprocess.Popen(["python", "-c", "import time; time.sleep(30)  # RayTrainWorker"],
+    # This interpreter itself, not "python" from PATH: a pyenv shim's helper processes carry the
+    # same command line for a moment.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # RayTrainWorker"],
                             env={**os.environ, "MG_RAY_HOME": str(home)})
     try:
         deadline = time.monotonic() + 10
-        while not ray_processes_of(home) and time.monotonic() < deadline:
+        while [p.pid for p in ray_processes_of(home)] != [proc.pid] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert [p.pid for p in ray_processes_of(home)] == [proc.pid]
         assert ray_processes_of(tmp_path / "other") == []
