@@ -19,12 +19,8 @@ $(VENV)/.installed: pyproject.toml
 study: setup
 	$(PY) jobs/tune.py --space search_spaces/quick.yaml
 
-# Two test processes: the end-to-end tests wait on Ray's process start-up about a third of the
-# time, so a second one fills those gaps (`make test TEST_WORKERS=0` runs them one by one).
-TEST_WORKERS ?= 2
-
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest tests
 
 clean-venv:
 	rm -rf $(VENV)

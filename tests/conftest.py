@@ -28,12 +28,6 @@ TINY_SETTINGS = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first, in their files' order: under `make test` (two xdist workers) the fast
-    tests then fill the gaps while the last slow ones run, instead of a slow test starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("mg_ray_home")

@@ -190,6 +190,7 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     from mg_ray.train.config import load_config
 
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")  # whatever an earlier test set
     model = mlflow.pyfunc.load_model("models:/tiny-model@champion")
 
     cfg = load_config(client.download_artifacts(v1.run_id, "config/resolved_config.yaml", str(tmp_path)), {})
