@@ -7,7 +7,9 @@ monitor sampling into a run and without it.
 
 Prints the median time of a round without the monitor, with it at the trial default interval
 (`tracking.system_metrics_interval_s`, 10 s) and with it at `--interval` seconds, the ratios,
-and what the monitor's start and finish take (once per run, outside the timed steps). Rounds are interleaved (off, on, fast, off, ...) so load drifts on a shared machine hit
+what the monitor's start and finish take (once per run, outside the timed steps), and the CPU
+time the monitor itself uses in an otherwise idle process over `--idle-s` seconds (its cost to
+the other processes of a node: a trial's monitor runs in the trial's actor, beside the workers). Rounds are interleaved (off, on, fast, off, ...) so load drifts on a shared machine hit
 all three alike. What runs is `mg_ray.tracking.system_metrics`, the context every trial's
 function and `mg-ray train` wrap their work in, logging into a real sqlite MLflow store.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import statistics
 import tempfile
 import time
@@ -49,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="training steps per round")
     parser.add_argument("--interval", type=float, default=1.0, help="the fast monitor's interval (s)")
+    parser.add_argument("--idle-s", type=float, default=60.0, help="seconds of idle monitoring measured")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -76,6 +80,7 @@ def main() -> None:
                     ended = time.perf_counter()
                 if interval:
                     start_stop.append((started - entered) + (time.perf_counter() - ended))
+        idle_cpu = {interval: monitor_cpu_s(uri, run_id, interval, args.idle_s) for interval in (10.0, args.interval)}
         samples = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -85,6 +90,21 @@ def main() -> None:
     for name, value in medians.items():
         print(f"  {name:>12}: {value:7.2f} s  (ratio to off {value / off:.3f})")
     print(f"  the monitor's start + finish: median {statistics.median(start_stop):.2f} s (once per run)")
+    for interval, used in idle_cpu.items():
+        print(f"  the monitor's own CPU at {interval:g} s: {used:.3f} CPU-s in {args.idle_s:g} s "
+              f"({100 * used / args.idle_s:.2f} % of a core)")
+
+
+def monitor_cpu_s(uri: str, run_id: str, interval: float, seconds: float) -> float:
+    """CPU seconds this process uses while it only runs the monitor for `seconds`."""
+    def used() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    before = used()
+    with tracking.system_metrics(uri, run_id, interval_s=interval):
+        time.sleep(seconds)
+    return used() - before
 
 
 if __name__ == "__main__":
