@@ -1,5 +1,5 @@
 """What MLflow's system metrics cost a training process: the same CPU-bound work (small-preset
-training steps, one thread per process as a trial's worker has), timed side by side with the
+training steps from bench_model.py, one thread per process as a trial's worker has), timed side by side with the
 monitor sampling into a run and without it.
 
     python benchmarks/bench_system_metrics.py                  # 5 rounds of each, interleaved
@@ -9,8 +9,9 @@ Prints the median time of a round without the monitor, with it at the trial defa
 (`tracking.system_metrics_interval_s`, 10 s) and with it at `--interval` seconds, the ratios,
 what the monitor's start and finish take (once per run, outside the timed steps), and the CPU
 time the monitor itself uses in an otherwise idle process over `--idle-s` seconds (its cost to
-the other processes of a node: a trial's monitor runs in the trial's actor, beside the workers). Rounds are interleaved (off, on, fast, off, ...) so load drifts on a shared machine hit
-all three alike. What runs is `mg_ray.tracking.system_metrics`, the context every trial's
+the other processes of a node: a trial's monitor runs in the trial's actor, beside the
+workers). Rounds are interleaved (off, on, fast, off, ...) so load drifts on a shared machine
+hit all three alike. What runs is `mg_ray.tracking.system_metrics`, the context every trial's
 function and `mg-ray train` wrap their work in, logging into a real sqlite MLflow store.
 """
 
@@ -25,26 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_model import make_step  # this folder is on sys.path when a benchmark runs
 
 from mg_ray import tracking
-from mg_ray.models import TwoStreamCriterion, small
-
-
-def make_step(batch: int = 8, num_classes: int = 10):
-    """One small-preset training step at its own input sizes (8 RGB frames of 64 px, 16 pose
-    frames of 16 px heatmaps)."""
-    model = small(num_classes, pose_frames=16).train()
-    criterion = TwoStreamCriterion(num_classes, model.embed_dim).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    rgb, pose = torch.randn(batch, 3, 8, 64, 64), torch.rand(batch, 17, 16, 16, 16)
-    labels = torch.randint(0, num_classes, (batch,))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        criterion(model(rgb, pose), labels)["loss"].backward()
-        optimizer.step()
-
-    return step
+from mg_ray.models import small
 
 
 def main() -> None:
@@ -60,7 +45,9 @@ def main() -> None:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         client = tracking.client(uri)
         run_id = client.create_run(client.create_experiment("bench")).info.run_id
-        step = make_step()
+        # bench_model's small-preset step (forward + loss + backward) at batch 8
+        step, _ = make_step(small, fusion=True, refinement=True, batch=8, rgb_size=64, num_classes=10,
+                            device="cpu", amp=False)
         for _ in range(3):
             step()  # warm-up
 
