@@ -1,6 +1,6 @@
 """Per-trial orchestration overhead of a study, side by side with a bare Ray Train trial.
 
-    python benchmarks/bench_trial_overhead.py                 # quick.yaml, 4 trials of 2 epochs
+    python benchmarks/bench_trial_overhead.py                 # quick.yaml's fused stage, 4 trials of 2 epochs
     python benchmarks/bench_trial_overhead.py --trials 6 --standby 0
 
 Runs, on one local Ray cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic
@@ -38,6 +38,8 @@ def mean(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="search_spaces/quick.yaml")
+    parser.add_argument("--stage", help="of a pipeline file, the stage whose study is run (default: the stage "
+                                        "it registers); its `init` is dropped: the trials train from scratch")
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2,
                         help="epochs per trial (with 1, the controller's start of MLflow at the first "
@@ -55,12 +57,14 @@ def main() -> None:
 
     from mg_ray.cluster import init_ray
     from mg_ray.data.synth import generate
-    from mg_ray.tune.space import load_space
+    from mg_ray.tune.space import Pipeline, load_space
     from mg_ray.tune.study import max_concurrent_trials, run_study
 
     if not dataset.exists():
         generate(dataset)
     space = load_space(args.space)
+    if isinstance(space, Pipeline):
+        space = space.stage_space(args.stage or space.register_stage)
     space.fixed.update({"optim.epochs": args.epochs, "optim.milestones": [args.epochs], "optim.warmup_epochs": 0,
                         "data.root": str(dataset)})
     space.study.asha.grace_period = args.epochs  # no early stopping: every trial runs to the end
