@@ -1,6 +1,6 @@
 """Per-trial orchestration overhead of a study, side by side with a bare Ray Train trial.
 
-    python benchmarks/bench_trial_overhead.py                 # quick.yaml's fused stage, 4 trials of 2 epochs
+    python benchmarks/bench_trial_overhead.py                 # quick.yaml's fused stage, 4 trials x 2 epochs
     python benchmarks/bench_trial_overhead.py --trials 6 --standby 0
 
 Runs, on one local Ray cluster, with sqlite MLflow in a temporary MG_RAY_HOME (the synthetic
@@ -60,11 +60,16 @@ def main() -> None:
     from mg_ray.tune.space import Pipeline, load_space
     from mg_ray.tune.study import max_concurrent_trials, run_study
 
-    if not dataset.exists():
-        generate(dataset)
     space = load_space(args.space)
     if isinstance(space, Pipeline):
-        space = space.stage_space(args.stage or space.register_stage)
+        stage = args.stage or space.register_stage
+        if stage not in space.stages:
+            parser.error(f"--stage {stage}: {args.space} has the stages {', '.join(space.stages)}")
+        space = space.stage_space(stage)
+    elif args.stage:
+        parser.error(f"--stage: {args.space} is a single study, not a pipeline of stages")
+    if not dataset.exists():  # after the arguments are checked: generating it takes minutes
+        generate(dataset)
     space.fixed.update({"optim.epochs": args.epochs, "optim.milestones": [args.epochs], "optim.warmup_epochs": 0,
                         "data.root": str(dataset)})
     space.study.asha.grace_period = args.epochs  # no early stopping: every trial runs to the end
