@@ -138,7 +138,7 @@ def bare_trial(config: dict, space) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mg_ray.config import apply_overrides, from_mapping, to_dict
+    from mg_ray.config import apply_overrides, from_mapping
     from mg_ray.train.config import ExperimentConfig
     from mg_ray.train.loop import train_loop_per_worker
     from mg_ray.tune.space import base_config_dict, trial_overrides
@@ -147,7 +147,7 @@ def bare_trial(config: dict, space) -> None:
     cfg = from_mapping(ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, params)))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "tracking_uri": ""},
+        train_loop_config={"experiment": cfg, "tracking_uri": ""},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.num_workers,
                                                resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),

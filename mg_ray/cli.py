@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe bad input (a file, field, value or unreachable service) in full."""
+    """Errors that describe bad input (a file, field, value or unreachable service) in full.
+    Imported only when an error is raised: several of these modules are heavy (MLflow, Ray)."""
     from mg_ray.cluster import ResourceError
     from mg_ray.config import ConfigError
     from mg_ray.data.annotations import AnnotationError
@@ -61,7 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.data.video_io import DatasetWriteError
     from mg_ray.models.mmaction2 import CheckpointImportError
     from mg_ray.paths import StorageError
-    from mg_ray.registry import ModelNotFoundError
+    from mg_ray.tracking.models import ModelNotFoundError
     from mg_ray.tune.results import NoTrialsError
 
     return (ConfigError, AnnotationError, SkeletonError, ImigueError, ConvertError, PrepareError, VideoError, DatasetWriteError,

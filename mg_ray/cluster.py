@@ -29,7 +29,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     serves the State API) listens on loopback only. (Ray 2.60 binds its internal ports to the
     node's address whatever it is given; `infra/local/start.sh` has the same limit.)
     """
-    import ray
+    import ray  # heavy: the checks of this module run before Ray is needed, without it
 
     if ray.is_initialized():
         return

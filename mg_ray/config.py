@@ -14,6 +14,8 @@ values.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -106,6 +108,22 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """Parse YAML `text` (from `where`: a file or preset name, for the error); {} when empty."""
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of a config dataclass's content (its `source` field left out): what a study or a
+    pipeline was started with, so that a changed definition can be refused."""
+    payload = to_dict(obj)
+    payload = payload | {"source": None} if isinstance(payload, dict) else payload
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def dump_yaml(obj: Any) -> str:

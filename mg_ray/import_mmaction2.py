@@ -2,7 +2,7 @@
 
 An RGBPoseConv3D checkpoint becomes a two-stream (`rgbpose`) model file, a PoseConv3D one a
 pose-only file, both at the paper preset's widths (mmaction2's). The file is the same kind the
-training job writes (`mg_ray.train.checkpoint.save_model_file`), so it can start a study's fused
+training job writes (`mg_ray.model_file.save_model_file`), so it can start a study's fused
 stage (a two-stream file given as both `model.rgb_init` and `model.pose_init`: the whole backbone,
 laterals included), initialise one stream (`--pose-init FILE` from a PoseConv3D import), or be
 promoted and used to predict. The mapping and its checks are in `mg_ray.models.mmaction2`.
@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from mg_ray.config import to_dict
+from mg_ray.data.layouts import get_layout
+from mg_ray.model_file import build_from_spec, model_spec, save_model_file
 from mg_ray.models.mmaction2 import (
     POSEC3D,
     CheckpointImportError,
@@ -27,6 +30,7 @@ from mg_ray.models.mmaction2 import (
     head_shape,
     map_mmaction2_state,
 )
+from mg_ray.train.config import load_config
 
 
 def import_checkpoint(
@@ -43,11 +47,6 @@ def import_checkpoint(
 ) -> dict:
     """Write the model file `out` from the mmaction2 checkpoint `source`; returns a summary
     (kind, number of tensors imported, classes). Refuses to overwrite `out`."""
-    from mg_ray.config import to_dict
-    from mg_ray.data.layouts import get_layout
-    from mg_ray.train.checkpoint import build_from_spec, model_spec, save_model_file
-    from mg_ray.train.config import load_config
-
     source, out = Path(source), Path(out)
     if out.exists():
         raise CheckpointImportError(f"--out {out}: exists; choose a new path (nothing is overwritten)")

@@ -19,10 +19,20 @@ each clip's five best classes and probabilities. The model is an MLflow pyfunc m
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mg_ray.config import from_mapping
+from mg_ray.data import DataConfig, PipelineParams, clip_inputs, load_index, load_skeleton
+from mg_ray.data.annotations import UNLABELED
+from mg_ray.data.dataset import SkeletonError
+from mg_ray.data.layouts import get_layout, layout_for_joints
+from mg_ray.tracking.models import load_pyfunc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,40 +58,20 @@ def find_skeleton(clip: Path) -> Path:
 
 def load_classifier(model_uri: str, tracking_uri: str | None = None):
     """(pyfunc model, the wrapped MicroGestureClassifier with class names and data settings)."""
-    import mlflow
-
-    from mg_ray import tracking
-    from mg_ray.registry import check_model_uri
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_store(uri)
-    check_model_uri(model_uri, uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    return model, model.unwrap_python_model()
+    return load_pyfunc(model_uri, tracking_uri)
 
 
-def pipeline_params(data: dict):
-    """The test-mode pipeline a model was trained with, from the data settings in its model file."""
-    from mg_ray.data import PipelineParams
-    from mg_ray.data.layouts import get_layout
-
-    limbs = list(get_layout(data["layout"]).limbs) if data.get("heatmap") == "limbs" else None
-    return PipelineParams(
-        rgb_frames=data["rgb_frames"], pose_frames=data["pose_frames"], rgb_size=data["rgb_size"],
-        heatmap_size=data["heatmap_size"], sigma=data["sigma"], limbs=limbs, flip_permutation=None,
-    )
+def pipeline_params(data: dict[str, Any]) -> PipelineParams:
+    """The pipeline a model was trained with, from the data settings saved in its model file
+    (all of them, through the one function that builds the training's pipeline)."""
+    cfg = from_mapping(DataConfig, data, "data")
+    return PipelineParams.from_config(cfg, get_layout(cfg.layout))
 
 
 def classify(model, inner, clips: list[tuple[Path, Any]], num_clips: int | None = None) -> np.ndarray:
     """Fused probabilities [len(clips), K] for (video, skeleton) pairs, `num_clips` test clips
     averaged per video (default: the model's `test_clips`). A skeleton is a file for
     `load_skeleton` or an already loaded (keypoint, score, img_shape) tuple."""
-    from mg_ray.data import clip_inputs, load_skeleton
-    from mg_ray.data.dataset import SkeletonError
-    from mg_ray.data.layouts import get_layout, layout_for_joints
-
     params = pipeline_params(inner.data)
     num_clips = num_clips or inner.data.get("test_clips", 1)
     layout = get_layout(inner.data["layout"])
@@ -109,9 +99,6 @@ def classify(model, inner, clips: list[tuple[Path, Any]], num_clips: int | None 
 def dataset_clips(root: Path, names: list[Path], split: str | None = None) -> list[tuple[Path, tuple, str | None]]:
     """(video path, (keypoint, score, img_shape), true class name or None) for named clips of a
     dataset, or for every clip of `split`."""
-    from mg_ray.data import load_index
-    from mg_ray.data.annotations import UNLABELED
-
     index = load_index(root)
     if split is not None:
         chosen = index.split(split)
@@ -146,10 +133,6 @@ def write_submission(path: Path, names: list[str], probs: np.ndarray, class_name
     """The MiGA submission: `Submission.csv` (`clip_name,class_id`, no header) zipped at `path`,
     and `<path stem>.top5.csv` beside it (clip, then five class_id,name,probability triples).
     Returns the top-5 file's path."""
-    import csv
-    import io
-    import zipfile
-
     top5 = top5_path(path)
     lines = "".join(f"{name},{int(p.argmax())}\n" for name, p in zip(names, probs))
     with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_DEFLATED) as archive:

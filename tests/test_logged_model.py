@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mg_ray import tracking
-from mg_ray.registry import LOGGED_MODEL, log_best_model, promote_run, run_logged_model
-from mg_ray.train.checkpoint import MODEL_FILE, model_spec, save_model_file
+from mg_ray.model_file import MODEL_FILE, model_spec, save_model_file
+from mg_ray.registry import promote_run
+from mg_ray.tracking.models import LOGGED_MODEL, log_best_model, run_logged_model
 from mg_ray.train.config import load_config
 
 
@@ -28,7 +29,7 @@ def store(tmp_path, monkeypatch):
 def model_file(folder: Path) -> Path:
     cfg = load_config("small", {"model.modality": "pose"})
     spec = model_spec(cfg.model, cfg.data, 4, 17)
-    from mg_ray.train.checkpoint import build_from_spec
+    from mg_ray.model_file import build_from_spec
 
     model = build_from_spec(spec)
     return save_model_file(folder / MODEL_FILE, spec=spec, model_state=model.state_dict(), criterion_state={},

@@ -31,6 +31,8 @@ range, split names listing unknown frame_dirs.
 
 from __future__ import annotations
 
+import codecs
+import collections
 import io
 import json
 import pickle
@@ -79,9 +81,6 @@ _BUILTINS = {
 
 
 def _builtin_globals() -> dict[tuple[str, str], Any]:
-    import codecs
-    import collections
-
     allowed = {}
     for module in ("builtins", "__builtin__"):  # "__builtin__": protocol 0-2 pickles from Python 2
         for name, obj in _BUILTINS.items():

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from mg_ray import paths
+from mg_ray.data.annotations import UNLABELED, AnnotationError, load_index
 from mg_ray.data.config import DataConfig
+from mg_ray.data.synth import generate
 
 
 def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
@@ -22,16 +24,12 @@ def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
     has the splits it names, labeled for training and validation (the test split too, unless it is
     null), and, when the model reads RGB (`rgb`), a video folder. Raises FileNotFoundError or
     AnnotationError naming the problem."""
-    from mg_ray.data.annotations import AnnotationError, load_index
-
     root = Path(cfg.root).expanduser()
     if not root.is_absolute():
         raise FileNotFoundError(
             f"data.root: {cfg.root} is a relative path; give an absolute one (Ray's workers run in "
             f"other folders, and `ray job submit` runs the job in a temporary copy of the project)")
     if not root.exists() and root.resolve() == paths.synthetic_dataset().resolve():
-        from mg_ray.data.synth import generate
-
         print(f"synthetic dataset not found; generating it in {root}")
         generate(root)
     if not root.exists():
@@ -58,8 +56,6 @@ def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
 def report(root: Path) -> tuple[list[str], list[str]]:
     """(summary lines, problems) for the dataset folder `root`, reading no video but checking
     that each clip's file exists. No problems: the folder is usable."""
-    from mg_ray.data.annotations import UNLABELED, AnnotationError, load_index
-
     root = Path(root).expanduser()
     try:
         index = load_index(root)

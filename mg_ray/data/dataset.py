@@ -65,6 +65,7 @@ from torch.utils.data import Dataset, get_worker_info
 from mg_ray.data.annotations import Annotation, DatasetIndex, load_index
 from mg_ray.data.config import DataConfig, pose_channels
 from mg_ray.data.heatmaps import pose_heatmaps
+from mg_ray.data.layouts import KeypointLayout
 from mg_ray.data.sampling import sample_frames
 from mg_ray.data.transforms import (
     compact_box,
@@ -96,7 +97,9 @@ class ClipInputs:
 
 @dataclass
 class PipelineParams:
-    """Plain values of the per-clip pipeline (unpacked from DataConfig where it enters)."""
+    """Plain values of the per-clip pipeline. `from_config` is the one place a `DataConfig` (or
+    the data settings saved in a model file) becomes these: training, evaluation and prediction
+    all build their pipeline through it."""
 
     rgb_frames: int = 8
     pose_frames: int = 32
@@ -109,6 +112,22 @@ class PipelineParams:
     flip_prob: float = 0.5
     rrc_area: tuple[float, float] = (0.56, 1.0)
     rrc_ratio: tuple[float, float] = (0.75, 4 / 3)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, layout: KeypointLayout) -> PipelineParams:
+        """The pipeline `cfg` describes for clips of keypoint layout `layout`."""
+        return cls(
+            rgb_frames=cfg.rgb_frames, pose_frames=cfg.pose_frames, rgb_size=cfg.rgb_size,
+            heatmap_size=cfg.heatmap_size, sigma=cfg.sigma,
+            limbs=list(layout.limbs) if cfg.heatmap == "limbs" else None,
+            flip_permutation=layout.flip_permutation(),
+            crop_padding=cfg.crop_padding, flip_prob=cfg.flip_prob,
+            rrc_area=tuple(cfg.rrc_area), rrc_ratio=tuple(cfg.rrc_ratio),
+        )
+
+    @property
+    def heatmap(self) -> str:
+        return "joints" if self.limbs is None else "limbs"
 
 
 def clip_inputs(
@@ -194,17 +213,8 @@ class MicroGestureDataset(Dataset):
         split: str,
         mode: str = "train",
         *,
+        params: PipelineParams,
         num_clips: int = 1,
-        rgb_frames: int = 8,
-        pose_frames: int = 32,
-        rgb_size: int = 224,
-        heatmap_size: int = 56,
-        sigma: float = 0.7,
-        heatmap: str = "joints",
-        crop_padding: float = 0.25,
-        flip_prob: float = 0.5,
-        rrc_area: tuple[float, float] = (0.56, 1.0),
-        rrc_ratio: tuple[float, float] = (0.75, 4 / 3),
         skip_bad: bool = False,
         rgb: bool = True,
     ) -> None:
@@ -216,14 +226,8 @@ class MicroGestureDataset(Dataset):
         self.mode = mode
         self.num_clips = 1 if mode == "train" else num_clips
         self.layout = index.layout
-        self.pose_channels = pose_channels(index.layout, heatmap)
-        self.params = PipelineParams(
-            rgb_frames=rgb_frames, pose_frames=pose_frames, rgb_size=rgb_size,
-            heatmap_size=heatmap_size, sigma=sigma,
-            limbs=list(index.layout.limbs) if heatmap == "limbs" else None,
-            flip_permutation=index.layout.flip_permutation(),
-            crop_padding=crop_padding, flip_prob=flip_prob, rrc_area=rrc_area, rrc_ratio=rrc_ratio,
-        )
+        self.pose_channels = pose_channels(index.layout, params.heatmap)
+        self.params = params
         self.skip_bad = skip_bad and mode == "train"
         self.rgb = rgb  # False: items carry no "rgb" and no video is read (a pose-only model)
         # Shared counters: DataLoader workers are child processes; these add up across them.
@@ -306,12 +310,9 @@ def build_dataset(
     index = load_index(cfg.root, layout=cfg.layout, annotation_file=cfg.annotation_file,
                        video_dir=cfg.video_dir, video_ext=cfg.video_ext)
     return MicroGestureDataset(
-        index, split, mode,
+        index, split, mode, params=PipelineParams.from_config(cfg, index.layout),
         num_clips=num_clips if num_clips is not None else (cfg.test_clips if mode == "test" else 1),
-        rgb_frames=cfg.rgb_frames, pose_frames=cfg.pose_frames, rgb_size=cfg.rgb_size,
-        heatmap_size=cfg.heatmap_size, sigma=cfg.sigma, heatmap=cfg.heatmap,
-        crop_padding=cfg.crop_padding, flip_prob=cfg.flip_prob,
-        rrc_area=tuple(cfg.rrc_area), rrc_ratio=tuple(cfg.rrc_ratio), skip_bad=cfg.skip_bad, rgb=rgb,
+        skip_bad=cfg.skip_bad, rgb=rgb,
     )
 
 

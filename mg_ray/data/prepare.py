@@ -26,6 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from mg_ray.data import video_io
+from mg_ray.data.annotations import (
+    AnnotationError,
+    frame_dir_is_confined,
+    safe_load_pickle,  # the restricted loader: never plain pickle
+)
 
 
 class PrepareError(RuntimeError):
@@ -104,11 +109,6 @@ def prepare(
     log=print,
 ) -> Path:
     """Write a prepared copy of dataset `src` to `out`; returns `out`. See the module docstring."""
-    from mg_ray.data.annotations import (
-        frame_dir_is_confined,
-        safe_load_pickle,  # the restricted loader: never plain pickle
-    )
-
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
     if not 16 <= short_side <= 4096:
         raise ValueError(f"short_side: expected an integer in [16, 4096], got {short_side}")
@@ -228,8 +228,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mg_ray.data.annotations import AnnotationError
-
     start = time.perf_counter()
     try:
         out = prepare(

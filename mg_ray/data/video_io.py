@@ -159,10 +159,28 @@ def fingerprint(folder: Path) -> str:
     """
     digest = hashlib.sha256()
     for name in (ANNOTATIONS, CLASSES):
+        if name == CLASSES and not (folder / name).is_file():
+            continue  # a dataset whose class names are built in (its layout's)
         with open(folder / name, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def dataset_fingerprint(root: str | Path | None) -> str:
+    """The fingerprint of the dataset in folder `root`: the one its `dataset.json` records, else
+    `fingerprint(root)` computed now (a folder written by other tools); "unknown" without data."""
+    if not root:
+        return "unknown"
+    folder = Path(root).expanduser()
+    meta = folder / METADATA
+    if meta.is_file():
+        recorded = json.loads(meta.read_text()).get("fingerprint")
+        if recorded:
+            return str(recorded)
+    if (folder / ANNOTATIONS).is_file():
+        return fingerprint(folder)
+    return "unknown"
 
 
 def write_metadata(folder: Path, **fields: Any) -> dict:

@@ -18,30 +18,27 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import torch
+
+from mg_ray.model_file import load_model_file
+from mg_ray.models import fuse_probabilities
 
 CODE_FILE = Path(__file__).with_name("classifier.py")
-
 
 
 class MicroGestureClassifier(mlflow.pyfunc.PythonModel):
     __doc__ = __doc__
 
     def load_context(self, context):
-        from mg_ray.train.checkpoint import load_model_file
-
         self.model, content = load_model_file(context.artifacts["model_file"])
         self.class_names = content["class_names"]
         self.data = content["data"]
         self.stream_weights = tuple(content["spec"]["kwargs"].get("stream_weights", (1.0, 1.0)))
 
     # The hint is np.ndarray, one of the types MLflow infers no schema from: the model has an
-    # explicit signature (two named tensors, `mg_ray.registry.save_pyfunc`) and gets them as a
+    # explicit signature (two named tensors, `mg_ray.tracking.models.save_pyfunc`) and gets them as a
     # dict; without a hint MLflow prints advice to add one every time the model loads.
     def predict(self, context, model_input: np.ndarray, params=None):
-        import torch
-
-        from mg_ray.models import fuse_probabilities
-
         rgb = torch.as_tensor(np.asarray(model_input["rgb"], dtype=np.float32))
         pose = torch.as_tensor(np.asarray(model_input["pose"], dtype=np.float32))
         with torch.no_grad():

@@ -1,14 +1,9 @@
-"""Model files and training checkpoints: what is saved, and the one safe way to load it.
+"""Training checkpoints: what a run saves every epoch, and how it resumes from one.
 
-Two kinds of file, both plain dicts of tensors, numbers and strings loaded with
-`torch.load(..., weights_only=True)` (a checkpoint cannot run code when loaded):
-
-- a training checkpoint (`checkpoint.pt`, reported to Ray Train every epoch): model, optimiser,
-  scheduler, prototypes (the criterion's buffers), epoch, the best state so far, the epoch's
-  metrics (`save_checkpoint` / `restore_checkpoint`);
-- a model file (`model.pt`, the best model logged to MLflow): the model's *spec* (builder name and
-  keyword arguments), its weights, its prototypes, the class names and the data settings a
-  predictor needs to turn a clip into tensors (`save_model_file` / `load_model_file`).
+A training checkpoint (`checkpoint.pt`, reported to Ray Train every epoch) is a plain dict of
+tensors, numbers and strings: model, optimiser, scheduler, prototypes (the criterion's buffers),
+epoch, the best state so far and the epoch's metrics. It is loaded like a model file
+(`mg_ray.model_file.safe_load`: weights only, so loading cannot run code).
 """
 
 from __future__ import annotations
@@ -16,59 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from mg_ray.model_file import safe_load
+
 CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FILE = "model.pt"
-
-
-def model_spec(model_cfg, data_cfg, num_classes: int, pose_channels: int) -> dict[str, Any]:
-    """Everything needed to rebuild the network: builder name + keyword arguments."""
-    kwargs: dict[str, Any] = {
-        "rgb_frames": data_cfg.rgb_frames,
-        "pose_frames": data_cfg.pose_frames,
-        "pose_channels": pose_channels,
-        "modality": model_cfg.modality,
-        "fusion": model_cfg.fusion,
-        "stream_weights": tuple(model_cfg.stream_weights),
-        "rgb_size": data_cfg.rgb_size,
-        "embed_pool": model_cfg.embed_pool,
-    }
-    if model_cfg.embed_dim is not None:
-        kwargs["embed_dim"] = model_cfg.embed_dim
-    if model_cfg.dropout is not None:
-        kwargs["dropout"] = model_cfg.dropout
-    return {"preset": model_cfg.preset, "num_classes": num_classes, "kwargs": kwargs}
-
-
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    from mg_ray.models import build_model
-
-    kwargs = dict(spec["kwargs"])
-    if "stream_weights" in kwargs:
-        kwargs["stream_weights"] = tuple(kwargs["stream_weights"])
-    return build_model(spec["preset"], spec["num_classes"], **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare module under a DistributedDataParallel wrapper."""
     return getattr(model, "module", model)
-
-
-def safe_load(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint or model file without executing code (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint or model file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (UnpicklingError for foreign objects, RuntimeError for corrupt zips, ...)
-        raise ValueError(
-            f"{path}: not a loadable mg-ray checkpoint (weights-only load refused it: {err})"
-        ) from None
 
 
 @dataclass
@@ -123,51 +77,3 @@ def restore_checkpoint(folder: Path, *, model, criterion, optimizer, scheduler) 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return Resumed(state["epoch"] + 1, Best(**state["best"]), state.get("metrics"))
-
-
-def save_model_file(
-    path: Path,
-    *,
-    spec: dict[str, Any],
-    model_state: dict[str, torch.Tensor],
-    criterion_state: dict[str, torch.Tensor],
-    class_names: list[str],
-    data: dict[str, Any],
-    metrics: dict[str, float],
-) -> Path:
-    torch.save(
-        {
-            "format": "mg-ray-model/1",
-            "spec": spec,
-            "model": model_state,
-            "prototypes": criterion_state,
-            "class_names": list(class_names),
-            "data": data,
-            "metrics": {k: float(v) for k, v in metrics.items()},
-        },
-        path,
-    )
-    return path
-
-
-def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from a model file; returns (model in eval mode, the file's dict)."""
-    content = safe_load(path)
-    if content.get("format") != "mg-ray-model/1":
-        raise ValueError(f"{path}: not an mg-ray model file (format {content.get('format')!r})")
-    model = build_from_spec(content["spec"])
-    model.load_state_dict(content["model"])
-    model.eval()
-    return model, content
-
-
-def resolve_model_file(location: str, tracking_uri: str | None = None) -> Path:
-    """A local path to a model file from a path or an MLflow `runs:/<run_id>[/artifact]` URI."""
-    if location.startswith("runs:/"):
-        import mlflow.artifacts
-
-        uri = location if location.rstrip("/").count("/") > 1 else f"{location.rstrip('/')}/best_model/{MODEL_FILE}"
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
-        local = Path(local)
-        return local / MODEL_FILE if local.is_dir() else local
-    return Path(location).expanduser()

@@ -11,9 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from mg_ray.config import ConfigError, apply_overrides, check, from_mapping
+from mg_ray.config import ConfigError, apply_overrides, check, from_mapping, read_yaml
 from mg_ray.data.config import DataConfig
 
 
@@ -156,10 +154,7 @@ def load_config(source: str, overrides: dict[str, Any]) -> ExperimentConfig:
         if not preset.is_file():
             raise ConfigError(f"--config: {source!r} is neither a YAML file nor a preset (small, paper)")
         text, where = preset.read_text(), f"preset {source}"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    data = read_yaml(text, where)
     try:
         return from_mapping(ExperimentConfig, apply_overrides(data, overrides))
     except ConfigError as err:

@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 from mg_ray import paths
+from mg_ray.cluster import check_local_resources, check_resources, init_ray
 from mg_ray.config import ConfigError
+from mg_ray.data.check import ensure_dataset
+from mg_ray.train.config import load_config
 
 STAGE_MODALITY = {"rgb": "rgb", "pose": "pose", "fused": "rgbpose"}
 
@@ -72,10 +75,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: Ray Train, torch and MLflow are heavy, and `--help` answers without them.
     from mg_ray import tracking
-    from mg_ray.cluster import check_local_resources, check_resources, init_ray
-    from mg_ray.data.check import ensure_dataset
-    from mg_ray.train.config import load_config
     from mg_ray.train.trainer import train, train_run_exists
 
     cfg = load_config(args.config, overrides_from_args(args))

@@ -23,38 +23,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from mg_ray.config import dump_yaml, from_mapping
-from mg_ray.train.checkpoint import (
-    MODEL_FILE,
-    Best,
-    Resumed,
-    build_from_spec,
-    model_spec,
-    resolve_model_file,
-    restore_checkpoint,
-    safe_load,
-    save_checkpoint,
-    save_model_file,
-    unwrap,
+from mg_ray.config import dump_yaml, to_dict
+from mg_ray.data import build_dataset
+from mg_ray.metrics import classification_metrics
+from mg_ray.model_file import MODEL_FILE, build_from_spec, model_spec, safe_load, save_model_file
+from mg_ray.models import (
+    TwoStreamCriterion,
+    fuse_probabilities,
+    load_two_stream_state,
+    merge_stream_checkpoints,
+    modality_streams,
 )
+from mg_ray.train.checkpoint import Best, Resumed, restore_checkpoint, save_checkpoint, unwrap
 from mg_ray.train.config import ExperimentConfig
-from mg_ray.train.metrics import classification_metrics
+from mg_ray.train.outbox import ArtifactOutbox
 
 STREAMS = ("rgb", "pose")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """loop_config: {"experiment": <ExperimentConfig as dict>, "tracking_uri": str}."""
+    """loop_config: {"experiment": ExperimentConfig, "tracking_uri": str}."""
     entered = time.perf_counter()
-    import ray.train
-    import ray.train.torch
-
-    cfg = from_mapping(ExperimentConfig, loop_config["experiment"])
+    cfg: ExperimentConfig = loop_config["experiment"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -157,11 +154,6 @@ class Data:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, rank: int, world: int, device: torch.device) -> Data:
-        import ray.train.torch
-
-        from mg_ray.data import build_dataset
-        from mg_ray.models import modality_streams
-
         decode = "rgb" in modality_streams(cfg.model.modality)  # a pose-only model: no video decoded
         train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
         val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
@@ -192,8 +184,6 @@ def resume(checkpoint, training: dict[str, Any], rank: int) -> Resumed:
 
 def open_outbox(cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[str], start_epoch: int):
     """Rank 0's outbox, with the run's configuration staged when the run starts."""
-    from mg_ray.train.outbox import ArtifactOutbox
-
     outbox = ArtifactOutbox()
     if start_epoch == 0:
         outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
@@ -204,8 +194,6 @@ def open_outbox(cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[s
 def report(metrics: dict[str, Any], outbox, write_checkpoint) -> None:
     """`ray.train.report` of one epoch: a barrier every rank calls. Rank 0 (the one with an
     outbox) writes the checkpoint and hands it the staged artifacts."""
-    import ray.train
-
     if outbox is None:
         ray.train.report(metrics)
         return
@@ -219,10 +207,6 @@ def build_model_and_loss(cfg: ExperimentConfig, spec: dict[str, Any], device: to
                          tracking_uri: str) -> tuple[nn.Module, nn.Module]:
     """The model (initialised from single-stream runs when the config names them), wrapped by Ray
     Train for DDP, and the two-stream criterion with its prototypes, on `device`."""
-    import ray.train.torch
-
-    from mg_ray.models import TwoStreamCriterion, merge_stream_checkpoints, modality_streams
-
     model = build_from_spec(spec)
     if cfg.model.rgb_init or cfg.model.pose_init:
         model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, tracking_uri))
@@ -303,8 +287,6 @@ def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
     Test-mode items may carry several clips ([B, clips, C, T, H, W]); their probabilities are
     averaged over the clips, as in the multi-clip test protocol.
     """
-    from mg_ray.models import fuse_probabilities
-
     model.eval()
     layout = input_layout(device)
     indices, labels, fused, streams = [], [], [], {}
@@ -350,9 +332,6 @@ def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Pr
 
 def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, outbox) -> dict[str, float]:
     """Multi-clip test evaluation of the best weights (then the current weights are restored)."""
-    from mg_ray.data import build_dataset
-    from mg_ray.models import modality_streams
-
     current = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     if best.model is not None:
         unwrap(model).load_state_dict(best.model)
@@ -377,8 +356,6 @@ def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, ou
 
 
 def log_best_model(outbox, best: Best, spec, class_names, cfg, layout: str) -> None:
-    from mg_ray.config import to_dict
-
     with tempfile.TemporaryDirectory() as folder:
         path = save_model_file(
             Path(folder) / MODEL_FILE,
@@ -441,7 +418,8 @@ def seed_everything(seed: int) -> None:
 def load_stream_init(cfg, model, merge, tracking_uri) -> dict[str, torch.Tensor]:
     """The two-stream initialisation from an RGB-only and a pose-only model file (paper recipe),
     or from one two-stream model file named as both (an imported mmaction2 RGBPoseConv3D)."""
-    from mg_ray.models import load_two_stream_state
+    # Imported here: mlflow is heavy, and a worker needs it only to fetch a runs:/ model.
+    from mg_ray.tracking.models import resolve_model_file
 
     contents = {}
     for stream, location in (("rgb", cfg.model.rgb_init), ("pose", cfg.model.pose_init)):

@@ -26,7 +26,7 @@ ARTIFACTS, REPORTS = "artifacts", "reports"
 
 
 class ArtifactOutbox:
-    """Rank 0's stand-in for `tracking.RunLogger`: the same logging calls, staged on disk.
+    """Rank 0's stand-in for `tracking.reports.RunLogger`: the same logging calls, staged on disk.
 
     Files wait in a private folder until `move_into(checkpoint_folder)` hands them over with the
     next report. Classification reports are staged as their arrays and rendered by the
@@ -71,7 +71,7 @@ class ArtifactOutbox:
 
 
 def replay(outbox: Path, logger) -> None:
-    """Log a checkpoint's staged files into the run of `logger` (a `tracking.RunLogger`)."""
+    """Log a checkpoint's staged files into the run of `logger` (a `tracking.reports.RunLogger`)."""
     if (outbox / ARTIFACTS).is_dir():  # one call, the staged folder tree as the artifact tree
         logger.client.log_artifacts(logger.run_id, str(outbox / ARTIFACTS))
     for report in sorted((outbox / REPORTS).glob("*.npz")) if (outbox / REPORTS).is_dir() else ():
@@ -82,18 +82,18 @@ def replay(outbox: Path, logger) -> None:
 
 
 class MLflowLoggingCallback(UserCallback):
-    """Logs rank 0's reported metrics (step = epoch) and the outbox of its checkpoint into the
-    MLflow run whose key is `run_key`, from the Train controller (a public `ray.train.UserCallback`).
+    """Logs rank 0's reported metrics (step = epoch) and the outbox of its checkpoint into MLflow
+    run `run_id`, from the Train controller (a public `ray.train.UserCallback`).
 
-    Created by the driver, it runs in the controller and opens MLflow at the first report (the
-    import and the store: a few CPU-seconds, while the workers train on). A report without a
-    checkpoint is the loop's replay of its final metrics after a resume (already logged): it is
-    skipped. Once the run's owner has ended it (a trial that Tune stopped, say, whose workers
-    train on until Tune's stop reaches them), nothing more is logged into it.
+    Created by the driver with the id of the run its owner opened, it runs in the controller and
+    opens MLflow at the first report (the import and the store, while the workers train on). A
+    report without a checkpoint is the loop's replay of its final metrics after a resume (already
+    logged): it is skipped. Once the run's owner has ended it (a trial that Tune stopped, say,
+    whose workers train on until Tune's stop reaches them), nothing more is logged into it.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_key: str) -> None:
-        self.tracking_uri, self.experiment, self.run_key = tracking_uri, experiment, run_key
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
         self.run_logger = None
 
     def __getstate__(self) -> dict:
@@ -102,10 +102,12 @@ class MLflowLoggingCallback(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if checkpoint is None:
             return
-        from mg_ray import tracking
-
         if self.run_logger is None:
-            self.run_logger = tracking.open_run_logger(self.tracking_uri, self.experiment, self.run_key)
+            # Imported here: mlflow and matplotlib are heavy, and only the controller needs them.
+            from mg_ray.tracking.reports import RunLogger, load_pyplot
+
+            load_pyplot()  # confusion matrices are drawn here, in the controller
+            self.run_logger = RunLogger(self.tracking_uri, self.run_id)
         if not self.run_logger.is_running():
             return
         reported = metrics[0]  # rank 0's

@@ -6,9 +6,10 @@ log the run into MLflow from the Train controller (`mg_ray.train.outbox`) plus t
 study's trial adds Ray's `TuneReportCallback`), and runs it. A Train run with the same `name`
 under `storage_path` is resumed from its latest checkpoint (Ray Train V2 does that by name).
 
-The MLflow run (found by `run_key`) belongs to the caller, which creates it before and ends it
-after: `fit()` neither opens nor closes it. `train()` is `fit()` with a run of its own (what
-`mg-ray train` does); a study's driver owns its trials' runs (`mg_ray.tune.trial_state`).
+The MLflow run (`run_id`) belongs to the caller, which creates it before and ends it after:
+`fit()` neither opens nor closes it, it hands the id to the Train controller's callback.
+`train()` is `fit()` with a run of its own (what `mg-ray train` does); a study's driver owns
+its trials' runs (`mg_ray.tune.trial_state`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mg_ray.config import to_dict
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from mg_ray import tracking
+from mg_ray.config import flatten, to_dict
+from mg_ray.tracking.models import log_run_model
+from mg_ray.tracking.tags import STORAGE_PATH, TRAIN_RUN
 from mg_ray.train.config import ExperimentConfig
+from mg_ray.train.loop import train_loop_per_worker
+from mg_ray.train.outbox import MLflowLoggingCallback
 
 
 @dataclass
@@ -35,25 +44,19 @@ def build_trainer(
     name: str,
     storage_path: str | Path,
     tracking_uri: str,
-    run_key: str,
+    run_id: str,
     callbacks: Sequence[Any] = (),
-    train_loop: Callable[[dict[str, Any]], None] | None = None,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
     checkpoint_config: Any = None,
-):
-    """Ray's `TorchTrainer` for `cfg` as Train run `name`, logging into the MLflow run whose key
-    is `run_key`. `train_loop` (default: `mg_ray.train.loop.train_loop_per_worker`) and
-    `checkpoint_config` (default: keep the best by val_top1, and the latest) are for tests."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from mg_ray.train.outbox import MLflowLoggingCallback
-
-    if train_loop is None:
-        from mg_ray.train.loop import train_loop_per_worker as train_loop
+) -> TorchTrainer:
+    """Ray's `TorchTrainer` for `cfg` as Train run `name`, logging into MLflow run `run_id`.
+    `train_loop` and `checkpoint_config` (default: keep the best by val_top1, and the latest)
+    are for tests."""
     resources = cfg.resources
     return TorchTrainer(
         train_loop,
-        train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking_uri},
+        # the config travels as the dataclass: the loop takes it as it is
+        train_loop_config={"experiment": cfg, "tracking_uri": tracking_uri},
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
@@ -70,7 +73,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             # MLflow first: an epoch is in the run before Tune (and ASHA) hears of it.
-            callbacks=[MLflowLoggingCallback(tracking_uri, cfg.tracking.experiment, run_key), *callbacks],
+            callbacks=[MLflowLoggingCallback(tracking_uri, run_id), *callbacks],
         ),
     )
 
@@ -81,13 +84,13 @@ def fit(
     name: str,
     storage_path: str | Path,
     tracking_uri: str,
-    run_key: str,
+    run_id: str,
     callbacks: Sequence[Any] = (),
 ) -> TrainOutcome:
-    """Train `cfg` on the connected Ray cluster as Train run `name`, logging into the MLflow run
-    whose key is `run_key` (it must exist). Raises what Ray Train raises when training fails."""
+    """Train `cfg` on the connected Ray cluster as Train run `name`, logging into MLflow run
+    `run_id` (its owner opened it). Raises what Ray Train raises when training fails."""
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri,
-                            run_key=run_key, callbacks=callbacks)
+                            run_id=run_id, callbacks=callbacks)
     result = trainer.fit()
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
     return TrainOutcome(metrics=dict(result.metrics or {}), checkpoint_path=best.path if best else None)
@@ -98,15 +101,12 @@ def train(cfg: ExperimentConfig, *, name: str, storage_path: str | Path,
     """`fit()` into an MLflow run of its own, keyed by the Train run's name: created (or found
     again, when the Train run resumes) before training, ended FINISHED / FAILED / KILLED
     however training ends."""
-    from mg_ray import tracking
-    from mg_ray.config import flatten
-
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = tracking.client(tracking_uri)
     run_id, resumed = tracking.start_or_resume_run(
         client, tracking.get_or_create_experiment(client, cfg.tracking.experiment), name,
         run_name=cfg.tracking.run_name or name,
-        tags={"mg_ray.train_run": name, "mg_ray.storage_path": str(storage_path), **(tags or {})},
+        tags={TRAIN_RUN: name, STORAGE_PATH: str(storage_path), **(tags or {})},
         params=flatten(to_dict(cfg)),
     )
     if not resumed:
@@ -115,9 +115,7 @@ def train(cfg: ExperimentConfig, *, name: str, storage_path: str | Path,
     try:
         with tracking.system_metrics(tracking_uri, run_id, enabled=cfg.tracking.system_metrics,
                                      interval_s=cfg.tracking.system_metrics_interval_s):
-            outcome = fit(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_key=name)
-        from mg_ray.registry import log_run_model
-
+            outcome = fit(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_id=run_id)
         log_run_model(client, run_id, tracking_uri)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -16,15 +16,25 @@ import json
 import tempfile
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 
 from mg_ray import tracking
-from mg_ray.train.metrics import topk_accuracy
+from mg_ray.metrics import topk_accuracy
+from mg_ray.predict import (
+    check_submission_target,
+    classify,
+    dataset_clips,
+    load_classifier,
+    write_submission,
+)
+from mg_ray.tracking.models import log_best_model
+from mg_ray.tracking.reports import RunLogger
+from mg_ray.tracking.tags import MEMBER_NAMES, MEMBERS, ROLE
+from mg_ray.tune.results import best_trials
 
 
 def load_predictions(run_id: str, split: str, tracking_uri: str, folder: Path) -> dict[str, np.ndarray]:
-    import mlflow.artifacts
-
     try:
         path = mlflow.artifacts.download_artifacts(
             artifact_uri=f"runs:/{run_id}/evaluation/{split}_predictions.npz",
@@ -105,10 +115,9 @@ def ensemble(run_ids: list[str], *, tracking_uri: str | None = None, experiment:
         run_id, _ = tracking.start_or_resume_run(
             mlflow_client, experiment_id, run_key or f"ensemble/{'+'.join(run_ids)}",
             run_name=name or f"ensemble-{len(run_ids)}", parent_run_id=parent_run_id,
-            tags={tracking.ROLE_TAG: "ensemble", "mg_ray.members": ",".join(run_ids),
-                  "mg_ray.member_names": ",".join(names), **(tags or {})})
+            tags={ROLE: "ensemble", MEMBERS: ",".join(run_ids), MEMBER_NAMES: ",".join(names), **(tags or {})})
         tracking.log_params(mlflow_client, run_id, {f"weight.{n}": f"{w:.4f}" for n, w in zip(names, weights)})
-        logger = tracking.RunLogger(uri, run_id)
+        logger = RunLogger(uri, run_id)
         logger.log_metrics(metrics, step=0)
         logger.log_text(json.dumps({"members": run_ids, "names": names, "weights": weights.tolist()}, indent=2),
                         "ensemble.json")
@@ -128,9 +137,6 @@ def ensemble_submission(run_ids: list[str], weights: list[float], data: Path, sp
     (labeled or not): each member's logged model classifies the clips, the fused probabilities
     are weighted as the ensemble's, and `mg_ray.predict.write_submission` writes `out` (and its
     top-5 CSV). Returns `out`."""
-    from mg_ray.predict import classify, dataset_clips, load_classifier, write_submission
-    from mg_ray.registry import log_best_model
-
     client = tracking.client(tracking_uri)
     clips = dataset_clips(Path(data), [], split)
     total, class_names = None, None
@@ -159,8 +165,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mg_ray.tune.results import best_trials
-
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri)
     if bool(args.runs) == bool(args.study):
@@ -172,8 +176,6 @@ def run(args: argparse.Namespace) -> int:
     if args.submission is not None:
         if args.data is None:
             raise SystemExit("error: --submission needs --data DIR (and --split, default test)")
-        from mg_ray.predict import check_submission_target
-
         check_submission_target(args.submission)
     out = ensemble(run_ids, tracking_uri=uri, experiment=args.experiment, name=args.name)
     print(f"ensemble run {out['run_id']}: weights {np.round(out['weights'], 3).tolist()} | "

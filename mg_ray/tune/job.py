@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
-from mg_ray import paths
+from mg_ray import paths, tracking
+from mg_ray.data import load_index
+from mg_ray.registry import existing_version_state
+from mg_ray.tune.space import Pipeline, load_space
 
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -31,18 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def example_clip(root: str) -> str:
     """A test clip's name in the dataset, for the printed `mg-ray predict` example."""
-    from mg_ray.data import load_index
-
     index = load_index(root)
     split = index.split("test") if "test" in index.splits else next(iter(index.splits.values()))
     return split[0].frame_dir
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
+    # Imported here: the Tune stack (Ray Tune, Optuna) is heavy, and `--help` or a bad space file
+    # answer without it.
     from mg_ray.tune.pipeline import run_pipeline
-    from mg_ray.tune.space import Pipeline, load_space
     from mg_ray.tune.study import StudyInterrupted, run_study
 
     space = load_space(args.space)  # validated before anything starts
@@ -93,8 +94,6 @@ def print_promotion(summary: dict) -> None:
         print(f"registered model {promotion['name']} version {promotion['version']} (alias {role}; "
               f"{promotion['decision']})")
     else:
-        from mg_ray.registry import existing_version_state
-
         print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
               f"{existing_version_state(promotion)}")
     print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
@@ -104,8 +103,6 @@ def print_promotion(summary: dict) -> None:
 def print_mlflow_ui(study: str, experiment: str = "mg-ray") -> None:
     """How to look at the study in MLflow: the command for a sqlite store, and the link that opens
     the experiment's runs (the model-training view) with the study run among them."""
-    from mg_ray import tracking
-
     uri = tracking.resolve_tracking_uri(None)
     client = tracking.client(uri)
     found = client.get_experiment_by_name(experiment)

@@ -14,6 +14,7 @@ import argparse
 
 from mg_ray import tracking
 from mg_ray.registry import CHAMPION, existing_version_state, promote_run
+from mg_ray.tune.results import best_trials
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mg_ray.tune.results import best_trials
-
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri)
     if args.study:

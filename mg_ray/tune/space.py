@@ -31,9 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from mg_ray.config import ConfigError, check, from_mapping
+from mg_ray.config import (
+    ConfigError,
+    apply_overrides,
+    check,
+    fingerprint,
+    from_mapping,
+    read_yaml,
+    to_dict,
+)
+from mg_ray.models import check_frame_counts
+from mg_ray.train.config import ExperimentConfig, load_config
 
 RGB_FRAMES, POSE_FRAMES = "data.rgb_frames", "data.pose_frames"
 
@@ -261,10 +269,7 @@ def load_space(path: str | Path) -> SearchSpace | Pipeline:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: search-space file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path.read_text(), str(path))
     try:
         if isinstance(data, dict) and "stages" in data:
             pipeline = from_mapping(Pipeline, {**data, "source": str(path)})
@@ -281,11 +286,14 @@ def load_space(path: str | Path) -> SearchSpace | Pipeline:
     return space
 
 
+def definition_fingerprint(space: SearchSpace | Pipeline) -> str:
+    """What a study (or pipeline) was started with: the same name with another fingerprint is
+    refused (`mg_ray.tracking.check_definition`)."""
+    return fingerprint(space)
+
+
 def base_config_dict(space: SearchSpace) -> dict[str, Any]:
     """The base training config as a nested dict, before fixed values and trial parameters."""
-    from mg_ray.config import to_dict
-    from mg_ray.train.config import load_config
-
     return to_dict(load_config(space.base, {}))
 
 
@@ -311,8 +319,6 @@ def _suggest(trial, name: str, p: Parameter) -> Any:
 
 
 def _frames_ok(rgb_frames: Any, pose_frames: Any) -> bool:
-    from mg_ray.models import check_frame_counts
-
     try:
         check_frame_counts(int(rgb_frames), int(pose_frames))
         return True
@@ -323,9 +329,6 @@ def _frames_ok(rgb_frames: Any, pose_frames: Any) -> bool:
 def _validate_against_config(space: SearchSpace) -> None:
     """Every searched/fixed key must be a real config key of the right type, and the frame-count
     constraint must leave at least one buildable pair for every rgb choice."""
-    from mg_ray.config import apply_overrides
-    from mg_ray.train.config import ExperimentConfig
-
     try:
         base = base_config_dict(space)
     except ConfigError as err:

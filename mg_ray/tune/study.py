@@ -19,21 +19,28 @@ Ctrl-C ends KILLED, registers nothing and raises `StudyInterrupted`; the same co
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
 from mg_ray import paths, ray_env, tracking
-from mg_ray.config import ConfigError, apply_overrides, from_mapping, to_dict
+from mg_ray.cluster import check_local_resources, check_resources, init_ray
+from mg_ray.config import apply_overrides, from_mapping, to_dict
+from mg_ray.data.check import ensure_dataset
+from mg_ray.registry import promote_run
+from mg_ray.tracking import tags
 from mg_ray.train.config import ExperimentConfig
 from mg_ray.tune import trial_state
-from mg_ray.tune.space import SearchSpace, base_config_dict, trial_overrides
+from mg_ray.tune.results import summarise
+from mg_ray.tune.scheduling import FinishingASHA
+from mg_ray.tune.space import SearchSpace, base_config_dict, definition_fingerprint, trial_overrides
 from mg_ray.tune.trial import StudyContext, run_trial
-
-SPACE_HASH_TAG = "mg_ray.space_sha256"
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -57,11 +64,6 @@ def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, total: dict
     return min(concurrent, study.max_concurrent) if study.max_concurrent else concurrent
 
 
-def space_fingerprint(space: SearchSpace) -> str:
-    payload = json.dumps(to_dict(space) | {"source": None}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 @dataclass
 class Checked:
     """What `preflight` established about a study before anything started."""
@@ -76,9 +78,6 @@ def preflight(space: SearchSpace, *, study_name: str, data_root: str | None, add
     """Every check that needs no cluster, before Ray starts: the config every trial starts from,
     the dataset (generated when it is the default synthetic one), the MLflow store, and on a
     local cluster the CPUs a trial needs."""
-    from mg_ray.cluster import check_local_resources
-    from mg_ray.data.check import ensure_dataset
-
     base = base_config_dict(space)
     if data_root is not None:
         base = apply_overrides(base, {"data.root": str(data_root)})
@@ -123,102 +122,45 @@ def run_study(
     starts. `address`: the Ray cluster to connect to (default: RAY_ADDRESS or a local one).
     `parent_run_id`, `tags`: the study's MLflow run is nested under that run, with those tags (a
     pipeline's stage)."""
-    import optuna
-    import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    from mg_ray.cluster import check_resources, init_ray
-    from mg_ray.tune.results import summarise
-    from mg_ray.tune.scheduling import FinishingASHA
-
+    # setup: checks, the cluster, the study's MLflow run
     if num_trials is not None:
         space.study.num_trials = num_trials
     checked = preflight(space, study_name=study_name, data_root=data_root, address=address)
-    base, probe, tracking_uri = checked.base, checked.probe, checked.tracking_uri
     storage, optuna_storage = check_storage(storage_path, optuna_storage)
     init_ray(address)
     check_resources(**checked.request)
-    concurrency = max_concurrent_trials(space, probe, ray.cluster_resources())
+    concurrency = max_concurrent_trials(space, checked.probe, ray.cluster_resources())
+    ctx = open_study(space, checked, study_name=study_name, storage=storage, optuna_storage=optuna_storage,
+                     concurrency=concurrency, parent_run_id=parent_run_id, extra_tags=tags)
+    client = tracking.client(ctx.tracking_uri)
 
-    experiment_path = storage / study_name
-    fingerprint = space_fingerprint(space)
-    mlflow_client = tracking.client(tracking_uri)
-    experiment_id = tracking.get_or_create_experiment(mlflow_client, probe.tracking.experiment)
-    existing = tracking.find_run(mlflow_client, experiment_id, f"study/{study_name}")
-    if existing is not None and existing.data.tags.get(SPACE_HASH_TAG) != fingerprint:
-        raise ConfigError(
-            f"study {study_name!r} already exists (MLflow run {existing.info.run_id}) with a different "
-            f"search space; resume it with the same space file, or choose another --study name"
-        )
-    study_run_id, _ = tracking.start_or_resume_run(
-        mlflow_client, experiment_id, f"study/{study_name}", run_name=study_name, parent_run_id=parent_run_id,
-        tags={tracking.STUDY_TAG: study_name, tracking.ROLE_TAG: "study", SPACE_HASH_TAG: fingerprint,
-              "mg_ray.space_file": space.source, **(tags or {})},
-        params={"study.name": study_name, "study.space": space.source,
-                **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
-                "study.max_concurrent_trials": concurrency},
-    )
-    ctx = StudyContext(
-        name=study_name, base=base, space=space, tracking_uri=tracking_uri,
-        experiment=probe.tracking.experiment, parent_run_id=study_run_id,
-        train_storage=str(storage / f"{study_name}_train"), optuna_storage=optuna_storage,
-        max_epochs=probe.optim.epochs,
-    )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"cpu": space.study.trial_driver_cpus})
-    ray_env.apply_defaults(ray_env.STUDY_DRIVER)
+    # the tuner: a new one, or the interrupted study's restored
+    tuner = build_tuner(space, ctx, checked.probe, storage=storage, concurrency=concurrency, verbose=verbose,
+                        callbacks=callbacks)
     session = trial_state.begin(ctx)
     status = "FAILED"
     try:
-        if tune.Tuner.can_restore(str(experiment_path)):
-            print(f"resuming study {study_name!r} from {experiment_path}")
-            tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
-        else:
-            searcher = OptunaSearch(
-                space.sample, metric=space.study.metric, mode=space.study.mode,
-                storage=optuna.storages.RDBStorage(optuna_storage), study_name=study_name,
-                seed=space.study.seed, points_to_evaluate=space.optuna_points() or None,
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=FinishingASHA(
-                        time_attr=trial_state.TIME_ATTR, metric=space.study.metric, mode=space.study.mode,
-                        max_t=probe.optim.epochs, grace_period=space.study.asha.grace_period,
-                        reduction_factor=space.study.asha.reduction_factor,
-                    ),
-                    num_samples=space.study.num_trials,
-                    max_concurrent_trials=concurrency,
-                    time_budget_s=space.study.time_budget_s,
-                ),
-                run_config=tune.RunConfig(
-                    name=study_name, storage_path=str(storage), verbose=verbose,
-                    callbacks=[trial_state.TrialRuns(study_name), *(callbacks or [])],
-                ),
-            )
+        # fit, then close every trial's run and the study's
         results = tuner.fit()
         epochs = {r.metrics["trial_id"]: int(r.metrics.get(trial_state.TIME_ATTR, 0))
                   for r in results if r.metrics and "trial_id" in r.metrics}
         for trial_id in trial_state.close_unfinished(session, epochs):
             print(f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}")
-        detach_orphans(mlflow_client, study_run_id)
+        detach_orphans(client, ctx.parent_run_id)
         if session.interrupted:
             status = "KILLED"
             raise StudyInterrupted(f"study {study_name!r} interrupted; run the same command to resume it")
-        summary = summarise(mlflow_client, study_run_id, experiment_id, study_name, metric=space.study.metric,
-                            mode=space.study.mode, searched=list(space.parameters),
-                            optuna_storage=optuna_storage, tracking_uri=tracking_uri)
-        summary["data_root"] = str(probe.data.root)
-        summary["study_run_id"] = study_run_id
+        summary = summarise(client, ctx.parent_run_id, client.get_run(ctx.parent_run_id).info.experiment_id,
+                            study_name, metric=space.study.metric, mode=space.study.mode,
+                            searched=list(space.parameters), optuna_storage=optuna_storage,
+                            tracking_uri=ctx.tracking_uri)
+        summary["data_root"] = str(checked.probe.data.root)
+        summary["study_run_id"] = ctx.parent_run_id
         if promote and summary.get("best_run_id"):
-            from mg_ray.registry import promote_run
-
             summary["promotion"] = promote_run(
-                summary["best_run_id"], space.study.register_as, tracking_uri=tracking_uri,
+                summary["best_run_id"], space.study.register_as, tracking_uri=ctx.tracking_uri,
                 metric=space.study.metric, mode=space.study.mode,
-                lineage={"study": study_name, "trial": summary["best_trial_id"]},
+                context={"study": study_name, "trial": summary["best_trial_id"]},
             )
         status = "FINISHED"
         return summary
@@ -230,7 +172,61 @@ def run_study(
         # Runs still open here: the study failed, or a second Ctrl-C came. Their trials end with
         # this process (a local cluster) or with its Ray job, so nothing is waited for.
         trial_state.close_unfinished(session, {}, wait=False)
-        tracking.terminate_run(mlflow_client, study_run_id, status)
+        tracking.terminate_run(client, ctx.parent_run_id, status)
+
+
+def open_study(space: SearchSpace, checked: Checked, *, study_name: str, storage: Path, optuna_storage: str,
+               concurrency: int, parent_run_id: str | None, extra_tags: dict[str, str] | None) -> StudyContext:
+    """The study's MLflow run, opened (or reopened, on resume: a changed space is refused), and
+    the context every trial gets."""
+    client = tracking.client(checked.tracking_uri)
+    experiment = checked.probe.tracking.experiment
+    experiment_id = tracking.get_or_create_experiment(client, experiment)
+    key, fingerprint = f"study/{study_name}", definition_fingerprint(space)
+    tracking.check_definition(client, experiment_id, key, fingerprint, f"study {study_name!r}")
+    study_run_id, _ = tracking.start_or_resume_run(
+        client, experiment_id, key, run_name=study_name, parent_run_id=parent_run_id,
+        tags={tags.STUDY: study_name, tags.ROLE: "study", tags.DEFINITION: fingerprint,
+              tags.SPACE_FILE: space.source, **(extra_tags or {})},
+        params={"study.name": study_name, "study.space": space.source,
+                **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
+                "study.max_concurrent_trials": concurrency},
+    )
+    return StudyContext(
+        name=study_name, base=checked.base, space=space, tracking_uri=checked.tracking_uri,
+        experiment=experiment, parent_run_id=study_run_id,
+        train_storage=str(storage / f"{study_name}_train"), optuna_storage=optuna_storage,
+        max_epochs=checked.probe.optim.epochs,
+    )
+
+
+def build_tuner(space: SearchSpace, ctx: StudyContext, probe: ExperimentConfig, *, storage: Path,
+                concurrency: int, verbose: int, callbacks: list | None) -> tune.Tuner:
+    """Ray Tune's `Tuner` of the study: OptunaSearch (TPE, its study in the RDB storage), ASHA on
+    the epochs a trial completed, `TrialRuns` for the trials' MLflow runs. An experiment that
+    exists under `storage` is restored instead (the same command resumes a study)."""
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": space.study.trial_driver_cpus})
+    ray_env.apply_defaults(ray_env.STUDY_DRIVER)
+    experiment_path = storage / ctx.name
+    if tune.Tuner.can_restore(str(experiment_path)):
+        print(f"resuming study {ctx.name!r} from {experiment_path}")
+        return tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+    study = space.study
+    searcher = OptunaSearch(
+        space.sample, metric=study.metric, mode=study.mode, storage=optuna.storages.RDBStorage(ctx.optuna_storage),
+        study_name=ctx.name, seed=study.seed, points_to_evaluate=space.optuna_points() or None,
+    )
+    scheduler = FinishingASHA(
+        time_attr=trial_state.TIME_ATTR, metric=study.metric, mode=study.mode, max_t=probe.optim.epochs,
+        grace_period=study.asha.grace_period, reduction_factor=study.asha.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_trials,
+                                    max_concurrent_trials=concurrency, time_budget_s=study.time_budget_s),
+        run_config=tune.RunConfig(name=ctx.name, storage_path=str(storage), verbose=verbose,
+                                  callbacks=[trial_state.TrialRuns(ctx.name), *(callbacks or [])]),
+    )
 
 
 def detach_orphans(mlflow_client, parent_run_id: str) -> None:
@@ -241,11 +237,11 @@ def detach_orphans(mlflow_client, parent_run_id: str) -> None:
     tree: tagged `orphaned`, ended KILLED, its parent link removed."""
     for run in mlflow_client.search_runs(
         [mlflow_client.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{tags.PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
         max_results=5000,
     ):
-        mlflow_client.set_tag(run.info.run_id, tracking.STATE_TAG, "orphaned")
-        mlflow_client.delete_tag(run.info.run_id, tracking.PARENT_TAG)
+        mlflow_client.set_tag(run.info.run_id, tags.STATE, "orphaned")
+        mlflow_client.delete_tag(run.info.run_id, tags.PARENT)
         tracking.terminate_run(mlflow_client, run.info.run_id, "KILLED")
-        print(f"MLflow run {run.info.run_id} (trial {run.data.tags.get(tracking.TRIAL_TAG)}) belongs to no "
+        print(f"MLflow run {run.info.run_id} (trial {run.data.tags.get(tags.TRIAL)}) belongs to no "
               f"trial of the resumed study: tagged orphaned and detached from the study run")

@@ -7,8 +7,10 @@ trial (ASHA, the time budget, the end of the study) it ends the trial's actor; t
 controller and workers it owns end with it, and Ray Train's placement-group cleaner frees their
 CPUs.
 
-The trial's MLflow run is opened and ended by the study driver (`mg_ray.tune.trial_state`); the
-Train controller logs into it, found by its key (`run_key`).
+What mg-ray adds: the trial's config is built here, once, from the study's base config and the
+trial's parameters, and passed on to the workers as the dataclass; the trial's MLflow run, which
+the study driver opened (`mg_ray.tune.trial_state`), is found here, once, and its id handed to
+the Train controller, which logs every epoch into it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mg_ray.config import apply_overrides, from_mapping
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mg_ray import ray_env, tracking
+from mg_ray.config import apply_overrides, flatten, from_mapping, to_dict
 from mg_ray.train.config import ExperimentConfig
+from mg_ray.train.trainer import fit
 from mg_ray.tune.space import SearchSpace, trial_overrides
 
 
@@ -57,27 +64,23 @@ def run_key(ctx: StudyContext, trial_id: str) -> str:
 
 def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     """The Tune function trainable: one Ray Train run with this trial's configuration."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mg_ray import ray_env, tracking
-    from mg_ray.train.trainer import fit
-
     ray_env.apply_defaults(ray_env.TRIAL)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, params)
-    run = None
-    if cfg.tracking.system_metrics:  # the run the study driver opened for this trial
-        client = tracking.client(ctx.tracking_uri)
-        run = tracking.find_run(client, client.get_experiment_by_name(ctx.experiment).experiment_id,
-                                run_key(ctx, trial_id))
-    with tracking.system_metrics(ctx.tracking_uri, run.info.run_id if run else None,
-                                 enabled=cfg.tracking.system_metrics, interval_s=cfg.tracking.system_metrics_interval_s):
-        fit(
-            cfg,
-            name=train_run_name(ctx, trial_id),
-            storage_path=ctx.train_storage,
-            tracking_uri=ctx.tracking_uri,
-            run_key=run_key(ctx, trial_id),
-            callbacks=[TuneReportCallback()],
-        )
+    client = tracking.client(ctx.tracking_uri)
+    run = tracking.require_run(client, ctx.experiment, run_key(ctx, trial_id))
+    if not run.data.params:  # the trial's first start (a resumed trial's run has them)
+        describe_run(client, run.info.run_id, cfg)
+    with tracking.system_metrics(ctx.tracking_uri, run.info.run_id, enabled=cfg.tracking.system_metrics,
+                                 interval_s=cfg.tracking.system_metrics_interval_s):
+        fit(cfg, name=train_run_name(ctx, trial_id), storage_path=ctx.train_storage,
+            tracking_uri=ctx.tracking_uri, run_id=run.info.run_id, callbacks=[TuneReportCallback()])
+
+
+def describe_run(client, run_id: str, cfg: ExperimentConfig) -> None:
+    """What a trial's run says of its training: the whole config as parameters, the dataset as
+    inputs, and the runs its streams were initialised from (lineage)."""
+    tracking.log_params(client, run_id, flatten(to_dict(cfg)))
+    tracking.log_training_data(client, run_id, cfg.data)
+    for key, value in tracking.lineage(cfg.model.rgb_init, cfg.model.pose_init).items():
+        client.set_tag(run_id, key, value)

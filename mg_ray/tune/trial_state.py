@@ -27,12 +27,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from ray.tune import Callback
+from ray.util.state import list_actors
 
 from mg_ray import tracking
-from mg_ray.config import flatten, to_dict
-from mg_ray.registry import log_run_model
-from mg_ray.tune.trial import StudyContext, run_key, train_run_name, trial_config
+from mg_ray.tracking import tags
+from mg_ray.tracking.models import log_run_model
+from mg_ray.tune.trial import StudyContext, run_key, train_run_name
 
 TIME_ATTR = "epochs_completed"  # the epochs a trial completed, as its Train run reports them
 TRAIN_ACTORS = ("TrainController", "RayTrainWorker")  # Ray Train's actors, as the State API names them
@@ -83,24 +85,17 @@ class TrialRuns(Callback):
         signal.signal(signal.SIGINT, on_sigint)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        """Open the trial's run before its function runs (the function fills in its config)."""
         ctx = self.session.ctx
         client = tracking.client(ctx.tracking_uri)
-        cfg = trial_config(ctx, trial.config)
-        lineage = {f"mg_ray.init.{stream}_run": location[len("runs:/"):].split("/")[0]
-                   for stream, location in (("rgb", cfg.model.rgb_init), ("pose", cfg.model.pose_init))
-                   if location and location.startswith("runs:/")}
         run_id, resumed = tracking.start_or_resume_run(
             client, client.get_experiment_by_name(ctx.experiment).experiment_id, run_key(ctx, trial.trial_id),
             run_name=f"{ctx.name}_{trial.trial_id}", parent_run_id=ctx.parent_run_id,
-            tags={tracking.STUDY_TAG: ctx.name, tracking.ROLE_TAG: "trial", tracking.TRIAL_TAG: trial.trial_id,
-                  "mg_ray.train_run": train_run_name(ctx, trial.trial_id), "mg_ray.storage_path": ctx.train_storage,
-                  **lineage},
-            params=flatten(to_dict(cfg)),
+            tags={tags.STUDY: ctx.name, tags.ROLE: "trial", tags.TRIAL: trial.trial_id,
+                  tags.TRAIN_RUN: train_run_name(ctx, trial.trial_id), tags.STORAGE_PATH: ctx.train_storage},
         )
         if resumed:  # how it ended before no longer holds
-            client.set_tag(run_id, tracking.STATE_TAG, "running")
-        else:
-            tracking.log_training_data(client, run_id, cfg.data)
+            client.set_tag(run_id, tags.STATE, "running")
         self.session.open[trial.trial_id] = run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -134,10 +129,10 @@ def close(session: Session, trial_id: str, state: str, epochs: int, reason: str 
     if run_id is None:
         return
     client = tracking.client(session.ctx.tracking_uri)
-    tags = {tracking.STATE_TAG: state, tracking.EPOCHS_TAG: str(epochs)}
+    ending = {tags.STATE: state, tags.EPOCHS: str(epochs)}
     if reason:
-        tags[tracking.STOP_REASON_TAG] = reason
-    for key, value in tags.items():
+        ending[tags.STOP_REASON] = reason
+    for key, value in ending.items():
         client.set_tag(run_id, key, value)
     if state in ("completed", "stopped"):
         log_run_model(client, run_id, session.ctx.tracking_uri)
@@ -147,19 +142,20 @@ def close(session: Session, trial_id: str, state: str, epochs: int, reason: str 
 
 
 def log_study_progress(client, ctx: StudyContext) -> None:
-    """The study run's `best_so_far_<metric>`: the best value of the trials finished so far (completed or
-    stopped), at step = how many there are; in MLflow a chart of the search's progress. Read back
-    from the trial runs, so a resumed study goes on from the same history."""
+    """The study run's `best_so_far_<metric>`: the best score (`tracking.run_score`) of the trials
+    finished so far (completed or stopped), at step = how many there are; in MLflow a chart of
+    the search's progress. Read back from the trial runs, so a resumed study goes on from the same
+    history."""
     metric, mode = ctx.space.study.metric, ctx.space.study.mode
     experiment = client.get_experiment_by_name(ctx.experiment).experiment_id
-    finished = [r for r in client.search_runs(
-        [experiment], f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{tracking.ROLE_TAG}` = 'trial'",
+    runs = client.search_runs(
+        [experiment], f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
         max_results=10_000)
-        if r.data.tags.get(tracking.STATE_TAG) in ("completed", "stopped") and metric in r.data.metrics]
-    if finished:
-        values = [r.data.metrics[metric] for r in finished]
-        client.log_metric(ctx.parent_run_id, f"best_so_far_{metric}", max(values) if mode == "max" else min(values),
-                          step=len(finished))
+    scores = [tracking.run_score(r, metric) for r in runs if r.data.tags.get(tags.STATE) in ("completed", "stopped")]
+    scores = [s for s in scores if s is not None]
+    if scores:
+        client.log_metric(ctx.parent_run_id, f"best_so_far_{metric}", max(scores) if mode == "max" else min(scores),
+                          step=len(scores))
 
 
 def epochs_seen(trial: Any) -> int:
@@ -172,9 +168,6 @@ def wait_for_train_actors_to_end(timeout_s: float = 60.0) -> None:
     actors, which own them: they end a moment later), through Ray's State API. When the State API
     does not answer (a Ctrl-C in the terminal of a local cluster reaches its dashboard too), there
     is nothing to wait for: the local cluster ends with this process."""
-    import ray
-    from ray.util.state import list_actors
-
     job_id = ray.get_runtime_context().get_job_id()
     deadline = time.monotonic() + timeout_s
     while True:

@@ -128,7 +128,7 @@ def test_clip_inputs_and_skeleton_files(root, tmp_path):
     params = PipelineParams(rgb_frames=4, pose_frames=8, rgb_size=64, heatmap_size=16)
     out = clip_inputs(index.video_path(ann.frame_dir), kp, score, shape, params, mode="test", num_clips=2)
     assert out.rgb.shape == (2, 3, 4, 64, 64) and out.pose.shape == (2, 17, 8, 16, 16)
-    ds = MicroGestureDataset(index, "test", "test", num_clips=2, **SMALL)
+    ds = MicroGestureDataset(index, "test", "test", num_clips=2, params=params)
     assert torch.equal(ds[0]["pose"], out.pose)
     (tmp_path / "bad.json").write_text(json.dumps({"keypoint": [[[1.0, float("nan")]]]}))
     with pytest.raises(ValueError, match="bad.json: keypoint: contains NaN"):

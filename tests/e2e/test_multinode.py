@@ -146,7 +146,7 @@ def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path
     assert client.get_model_version_by_alias("multinode-model", "champion")
 
     # A checkpoint in the shared storage loads into the model it was trained as.
-    from mg_ray.train.checkpoint import build_from_spec, safe_load
+    from mg_ray.model_file import build_from_spec, safe_load
 
     [checkpoint, *_] = sorted(shared.glob("mn_train/*/checkpoint_*/checkpoint.pt"))
     run_id = children[0].info.run_id

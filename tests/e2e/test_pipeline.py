@@ -117,7 +117,7 @@ def test_pipeline_killed_in_the_fused_stage_resumes_and_keeps_its_lineage(tiny_d
         assert trial.data.params["model.rgb_init"] == f"runs:/{rgb_run}"
     version = client.get_model_version_by_alias("pipeline-model", "champion")
     assert version.run_id in {t.info.run_id for t in fused}
-    assert version.tags["init_rgb_run"] == rgb_run and version.tags["init_pose_run"] == pose_run
+    assert version.tags["mg_ray.init.rgb_run"] == rgb_run and version.tags["mg_ray.init.pose_run"] == pose_run
     assert version.tags["pipeline"] == "recipe" and version.tags["study"] == "recipe.fused"
     assert float(version.tags["test_top1"]) >= 0 and version.tags["champion_decision"] == "no champion before"
 

@@ -60,7 +60,7 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     import shutil
 
     from mg_ray.data import build_dataset, load_index
-    from mg_ray.train.checkpoint import build_from_spec, load_model_file, safe_load
+    from mg_ray.model_file import build_from_spec, load_model_file, safe_load
     from mg_ray.train.config import load_config
 
     # One training clip is unreadable: it is skipped (replaced by another), and counted.

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from mg_ray.cli import main as cli
 from mg_ray.import_mmaction2 import import_checkpoint
+from mg_ray.model_file import load_model_file, safe_load
 from mg_ray.models import load_two_stream_state, merge_stream_checkpoints, small
 from mg_ray.models.mmaction2 import CheckpointImportError
-from mg_ray.train.checkpoint import load_model_file, safe_load
 
 torch.set_num_threads(2)
 PEER = Path(__file__).resolve().parents[3] / "shared" / "peer"

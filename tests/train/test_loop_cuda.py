@@ -5,9 +5,9 @@ none); run on a GPU machine with `pytest -m gpu`."""
 import pytest
 import torch
 
+from mg_ray.metrics import classification_metrics
 from mg_ray.models import TwoStreamCriterion, paper, small
 from mg_ray.train.loop import evaluate, input_layout, train_one_epoch
-from mg_ray.train.metrics import classification_metrics
 
 pytestmark = [
     pytest.mark.gpu,

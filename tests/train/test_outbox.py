@@ -1,6 +1,6 @@
 """Rank 0's artifacts reach MLflow through the checkpoint: staged by `ArtifactOutbox`, handed over
 with `move_into`, logged by `MLflowLoggingCallback` (a public Ray Train `UserCallback`) into a real
-sqlite store, in the run it finds by key; nothing once the run's owner has ended it."""
+sqlite store, in the run it is handed; nothing once the run's owner has ended it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
-    callback = MLflowLoggingCallback(uri, "t", "k")
+    callback = MLflowLoggingCallback(uri, tracking.require_run_id(client, "t", "k"))
 
     outbox = ArtifactOutbox()
     outbox.log_text("a: 1\n", "config/resolved_config.yaml")
@@ -61,7 +61,7 @@ def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
-    callback = pickle.loads(pickle.dumps(MLflowLoggingCallback(uri, "t", "k")))  # as Ray ships it
+    callback = pickle.loads(pickle.dumps(MLflowLoggingCallback(uri, run_id)))  # as Ray ships it
     callback.after_report(None, [{"epoch": 0, "val_top1": 0.5}], _empty_checkpoint(tmp_path))
     tracking.terminate_run(client, run_id, "KILLED")  # Tune stopped the trial, say
     callback.after_report(None, [{"epoch": 1, "val_top1": 0.75}], _empty_checkpoint(tmp_path))
@@ -69,7 +69,7 @@ def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_
     assert pickle.loads(pickle.dumps(callback)).run_logger is None  # an open client does not travel
 
     with pytest.raises(LookupError, match="no run with mg_ray.run_key='other'"):
-        MLflowLoggingCallback(uri, "t", "other").after_report(None, [{"epoch": 0}], _empty_checkpoint(tmp_path))
+        tracking.require_run_id(client, "t", "other")  # what a trial's function does, once
 
 
 def _empty_checkpoint(tmp_path):

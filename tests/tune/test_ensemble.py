@@ -1,6 +1,6 @@
 import numpy as np
 
-from mg_ray.train.metrics import topk_accuracy
+from mg_ray.metrics import topk_accuracy
 from mg_ray.tune.ensemble import search_weights
 
 

@@ -39,7 +39,7 @@ def _trial(config):
     cfg = load_config("small", {"resources.num_workers": 1, "resources.cpus_per_worker": 0.5,
                                 "tracking.experiment": "t"})
     build_trainer(cfg, name=f"t_{tune.get_context().get_trial_id()}", storage_path=config["storage"],
-                  tracking_uri=config["uri"], run_key="trial", callbacks=[TuneReportCallback()],
+                  tracking_uri=config["uri"], run_id=config["run_id"], callbacks=[TuneReportCallback()],
                   train_loop=_reports_three_checkpoints,
                   checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)).fit()
 
@@ -52,7 +52,7 @@ def test_get_all_reported_checkpoints_inside_a_trial_returns_every_epochs_checkp
     run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "trial")
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": 0.1}),
-        param_space={"storage": str(tmp_path / "train"), "uri": uri},
+        param_space={"storage": str(tmp_path / "train"), "uri": uri, "run_id": run_id},
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
     )
     [result] = tuner.fit()

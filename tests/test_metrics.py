@@ -1,6 +1,6 @@
 import numpy as np
 
-from mg_ray.train.metrics import (
+from mg_ray.metrics import (
     classification_metrics,
     confusion_matrix,
     mean_class_accuracy,

@@ -1,0 +1,46 @@
+"""MLflow, for the whole project: the one package that talks to it.
+
+    store.py    the tracking URI, a client, the experiment, UI links
+    tags.py     the tag vocabulary of runs and registered versions
+    runs.py     runs found by key, their lifecycle, source, dataset inputs, lineage, score rule
+    reports.py  `RunLogger`: metrics, classification reports, plots
+    models.py   a run's best model as a pyfunc and as its logged model; model URIs
+
+Registering versions and the champion rule sit above prediction, in `mg_ray.registry`.
+The names most callers need are here: `from mg_ray import tracking; tracking.client(uri)`.
+"""
+
+from mg_ray.tracking.runs import (
+    DefinitionChanged,
+    check_definition,
+    find_run,
+    git_commit,
+    lineage,
+    log_dataset,
+    log_params,
+    log_training_data,
+    require_run,
+    require_run_id,
+    run_score,
+    score_name,
+    source_tags,
+    start_or_resume_run,
+    system_metrics,
+    terminate_run,
+)
+from mg_ray.tracking.store import (
+    check_store,
+    check_tracking_server,
+    client,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+    ui_link,
+    use_store,
+)
+
+__all__ = [
+    "DefinitionChanged", "check_definition", "check_store", "check_tracking_server", "client", "find_run",
+    "get_or_create_experiment", "git_commit", "lineage", "log_dataset", "log_params", "log_training_data", "require_run", "require_run_id",
+    "resolve_tracking_uri", "run_score", "score_name", "source_tags", "start_or_resume_run", "system_metrics",
+    "terminate_run", "ui_link", "use_store",
+]
