@@ -20,7 +20,6 @@ from mg_ray.tracking.runs import (
     log_params,
     log_training_data,
     require_run,
-    require_run_id,
     run_score,
     score_name,
     source_tags,
@@ -40,7 +39,7 @@ from mg_ray.tracking.store import (
 
 __all__ = [
     "DefinitionChanged", "check_definition", "check_store", "check_tracking_server", "client", "find_run",
-    "get_or_create_experiment", "git_commit", "lineage", "log_dataset", "log_params", "log_training_data", "require_run", "require_run_id",
+    "get_or_create_experiment", "git_commit", "lineage", "log_dataset", "log_params", "log_training_data", "require_run",
     "resolve_tracking_uri", "run_score", "score_name", "source_tags", "start_or_resume_run", "system_metrics",
     "terminate_run", "ui_link", "use_store",
 ]

@@ -6,7 +6,7 @@ Who does what:
   key) and ends it (`terminate_run`): `mg-ray train` for its one run, the study driver for the
   study's run and every trial's run (`mg_ray.tune.trial_state`). No run is left RUNNING whatever
   happens to workers.
-- A trial's function finds its run once (`find_run`) and hands the run id on to the Train
+- A trial's function finds its run once (`require_run`) and hands the run id on to the Train
   controller, which logs metrics and artifacts into it (`mg_ray.train.outbox`). Workers never
   talk to MLflow.
 """
@@ -54,11 +54,6 @@ def require_run(mlflow_client: MlflowClient, experiment: str, run_key: str):
         raise LookupError(f"MLflow experiment {experiment!r} at {mlflow_client.tracking_uri} has no run with "
                           f"{RUN_KEY}={run_key!r}: its owner creates it before training starts")
     return run
-
-
-def require_run_id(mlflow_client: MlflowClient, experiment: str, run_key: str) -> str:
-    """`require_run(...)`'s id."""
-    return require_run(mlflow_client, experiment, run_key).info.run_id
 
 
 def check_definition(mlflow_client: MlflowClient, experiment_id: str, run_key: str, fingerprint: str,

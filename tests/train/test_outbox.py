@@ -19,7 +19,7 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
-    callback = MLflowLoggingCallback(uri, tracking.require_run_id(client, "t", "k"))
+    callback = MLflowLoggingCallback(uri, tracking.require_run(client, "t", "k").info.run_id)
 
     outbox = ArtifactOutbox()
     outbox.log_text("a: 1\n", "config/resolved_config.yaml")
@@ -69,7 +69,7 @@ def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_
     assert pickle.loads(pickle.dumps(callback)).run_logger is None  # an open client does not travel
 
     with pytest.raises(LookupError, match="no run with mg_ray.run_key='other'"):
-        tracking.require_run_id(client, "t", "other")  # what a trial's function does, once
+        tracking.require_run(client, "t", "other")  # what a trial's function does, once
 
 
 def _empty_checkpoint(tmp_path):
