@@ -32,15 +32,40 @@ from tests.data.helpers import ref_heatmaps
 
 # ---- synthetic clips ------------------------------------------------------------------------
 
-BASE = np.array([
-    [0, -2], [-0.3, -2.2], [0.3, -2.2], [-0.6, -2], [0.6, -2], [-1, -1], [1, -1], [-1.3, 0], [1.3, 0],
-    [-1, 0.8], [1, 0.8], [-0.7, 1.2], [0.7, 1.2], [-0.7, 2], [0.7, 2], [-0.7, 2.6], [0.7, 2.6],
-], np.float32)
+BASE = np.array(
+    [
+        [0, -2],
+        [-0.3, -2.2],
+        [0.3, -2.2],
+        [-0.6, -2],
+        [0.6, -2],
+        [-1, -1],
+        [1, -1],
+        [-1.3, 0],
+        [1.3, 0],
+        [-1, 0.8],
+        [1, 0.8],
+        [-0.7, 1.2],
+        [0.7, 1.2],
+        [-0.7, 2],
+        [0.7, 2],
+        [-0.7, 2.6],
+        [0.7, 2.6],
+    ],
+    np.float32,
+)
 
 
 def person(t, cx, cy, scale, rng):
-    sway = np.sin(np.linspace(0, 4 * np.pi, t, dtype=np.float32))[:, None, None] * np.array([scale * 0.3, 0], np.float32)
-    kp = np.array([cx, cy], np.float32) + scale * BASE[None] + sway + rng.normal(0, scale * 0.02, (t, 17, 2))
+    sway = np.sin(np.linspace(0, 4 * np.pi, t, dtype=np.float32))[:, None, None] * np.array(
+        [scale * 0.3, 0], np.float32
+    )
+    kp = (
+        np.array([cx, cy], np.float32)
+        + scale * BASE[None]
+        + sway
+        + rng.normal(0, scale * 0.02, (t, 17, 2))
+    )
     return kp[None].astype(np.float32)
 
 
@@ -70,13 +95,23 @@ def write_bench_dataset(root: Path, clips: int, frames: int, video_hw, gop):
     entries = []
     for i in range(clips):
         kp = person(frames, 640 + 40 * i, 380, 110, rng)  # in the raw 1280x720 frame
-        entries.append({"frame_dir": f"c{i}", "label": 0, "img_shape": (720, 1280), "original_shape": (720, 1280),
-                        "total_frames": frames, "keypoint": kp,
-                        "keypoint_score": rng.uniform(0.5, 1, kp.shape[:3]).astype(np.float32)})
+        entries.append(
+            {
+                "frame_dir": f"c{i}",
+                "label": 0,
+                "img_shape": (720, 1280),
+                "original_shape": (720, 1280),
+                "total_frames": frames,
+                "keypoint": kp,
+                "keypoint_score": rng.uniform(0.5, 1, kp.shape[:3]).astype(np.float32),
+            }
+        )
         write_clip(root / "videos" / f"c{i}.mp4", frames, *video_hw, gop, seed=i)
     names = [e["frame_dir"] for e in entries]
     with open(root / "annotations.pkl", "wb") as f:
-        pickle.dump({"split": {"train": names, "val": names, "test": names}, "annotations": entries}, f)
+        pickle.dump(
+            {"split": {"train": names, "val": names, "test": names}, "annotations": entries}, f
+        )
     (root / "classes.txt").write_text("a\nb\n")
     return root
 
@@ -93,7 +128,9 @@ def loader_rate(root: Path, samples: int, rgb: bool = True) -> float:
     for k in range(samples):
         item = ds[k % len(ds)]
     elapsed = time.perf_counter() - start
-    assert item["pose"].shape == (17, 32, 56, 56) and (not rgb or item["rgb"].shape == (3, 8, 224, 224))
+    assert item["pose"].shape == (17, 32, 56, 56) and (
+        not rgb or item["rgb"].shape == (3, 8, 224, 224)
+    )
     return samples / elapsed
 
 
@@ -108,7 +145,9 @@ def interleaved(fast, ref, rounds: int = 15) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clips", type=int, default=2, help="clips per video kind")
     parser.add_argument("--samples", type=int, default=40, help="samples timed per video kind")
     parser.add_argument("--frames", type=int, default=150, help="frames per clip")
@@ -121,28 +160,40 @@ def main() -> None:
 
     torch.set_num_threads(1)  # per-worker figures: one core per loader worker
     rng = np.random.default_rng(0)
-    kp = person(32, 28, 28, 8, rng)  # a person filling the 56 x 56 heatmap, as after the compact crop
+    kp = person(
+        32, 28, 28, 8, rng
+    )  # a person filling the 56 x 56 heatmap, as after the compact crop
     score = rng.uniform(0.3, 1, kp.shape[:3]).astype(np.float32)
     print("heatmaps per clip (32 frames, 17 COCO joints, 56x56, sigma 0.7, 1 person, 1 thread)")
-    print(f"{'kind':8s} {'vectorised ms':>14s} {'loop ref ms':>12s} {'speed-up':>9s} {'max |diff|':>11s}")
+    print(
+        f"{'kind':8s} {'vectorised ms':>14s} {'loop ref ms':>12s} {'speed-up':>9s} {'max |diff|':>11s}"
+    )
     for name, limbs in (("joints", None), ("limbs", COCO17.limbs)):
         fast, ref = interleaved(
             lambda limbs=limbs: pose_heatmaps(kp, score, (56, 56), 0.7, limbs),
             lambda limbs=limbs: ref_heatmaps(kp, score, (56, 56), 0.7, limbs),
         )
-        diff = np.abs(pose_heatmaps(kp, score, (56, 56), 0.7, limbs) - ref_heatmaps(kp, score, (56, 56), 0.7, limbs)).max()
+        diff = np.abs(
+            pose_heatmaps(kp, score, (56, 56), 0.7, limbs)
+            - ref_heatmaps(kp, score, (56, 56), 0.7, limbs)
+        ).max()
         print(f"{name:8s} {fast * 1e3:14.3f} {ref * 1e3:12.2f} {ref / fast:8.1f}x {diff:11.1e}")
 
-    print(f"\nloader throughput, paper-size train samples (rgb 8x224x224, pose 32x56x56), 1 worker, "
-          f"{args.clips} clips x {args.frames} frames")
+    print(
+        f"\nloader throughput, paper-size train samples (rgb 8x224x224, pose 32x56x56), 1 worker, "
+        f"{args.clips} clips x {args.frames} frames"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         raw = write_bench_dataset(tmp / "raw", args.clips, args.frames, (720, 1280), gop=250)
         prepared = write_bench_dataset(tmp / "prepared", args.clips, args.frames, (256, 456), gop=8)
         print(f"(clips written in {time.perf_counter() - t0:.1f} s)")
-        for name, root, rgb in (("raw 1280x720 gop 250", raw, True), ("prepared 456x256 gop 8", prepared, True),
-                                ("pose only (no video)", raw, False)):
+        for name, root, rgb in (
+            ("raw 1280x720 gop 250", raw, True),
+            ("prepared 456x256 gop 8", prepared, True),
+            ("pose only (no video)", raw, False),
+        ):
             rate = loader_rate(root, args.samples, rgb)
             print(f"{name:24s} {rate:7.1f} samples/s  ({1e3 / rate:6.1f} ms/sample)")
 

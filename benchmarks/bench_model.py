@@ -26,15 +26,31 @@ def count(model: torch.nn.Module, prefix: str = "") -> int:
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix))
 
 
-def make_step(builder, *, fusion: bool, refinement: bool, batch: int, rgb_size: int,
-              num_classes: int, device: str, amp: bool,
-              layout: torch.memory_format = torch.contiguous_format, **kwargs):
+def make_step(
+    builder,
+    *,
+    fusion: bool,
+    refinement: bool,
+    batch: int,
+    rgb_size: int,
+    num_classes: int,
+    device: str,
+    amp: bool,
+    layout: torch.memory_format = torch.contiguous_format,
+    **kwargs,
+):
     """A closure running one forward + loss + backward; returns (step, model). `layout`: the
     memory format of weights and inputs (the training loop uses channels_last_3d on CUDA)."""
     model = builder(num_classes, fusion=fusion, **kwargs).to(device, memory_format=layout).train()
-    criterion = TwoStreamCriterion(num_classes, model.embed_dim, refinement=refinement).to(device).train()
-    rgb = torch.randn(batch, 3, 8, rgb_size, rgb_size, device=device).contiguous(memory_format=layout)
-    pose = torch.rand(batch, 17, 32, rgb_size // 4, rgb_size // 4, device=device).contiguous(memory_format=layout)
+    criterion = (
+        TwoStreamCriterion(num_classes, model.embed_dim, refinement=refinement).to(device).train()
+    )
+    rgb = torch.randn(batch, 3, 8, rgb_size, rgb_size, device=device).contiguous(
+        memory_format=layout
+    )
+    pose = torch.rand(batch, 17, 32, rgb_size // 4, rgb_size // 4, device=device).contiguous(
+        memory_format=layout
+    )
     labels = torch.randint(0, num_classes, (batch,), device=device)
 
     def step() -> None:
@@ -55,14 +71,25 @@ def timed(step) -> float:
     return time.perf_counter() - start
 
 
-def compare(builder, *, batch: int, rgb_size: int, repeats: int, device: str = "cpu",
-            amp: bool = False, num_classes: int = 32, with_ncdhw: bool = False,
-            **kwargs) -> dict[str, float]:
+def compare(
+    builder,
+    *,
+    batch: int,
+    rgb_size: int,
+    repeats: int,
+    device: str = "cpu",
+    amp: bool = False,
+    num_classes: int = 32,
+    with_ncdhw: bool = False,
+    **kwargs,
+) -> dict[str, float]:
     """Median step time with fusion + refinement on and off, interleaved repeats after a warm-up.
     On CUDA both run channels-last-3d, as in training; `with_ncdhw` adds "on_ncdhw", the full
     model in the default NCDHW layout."""
     layout = input_layout(torch.device(device))  # the layout training uses on this device
-    common = dict(batch=batch, rgb_size=rgb_size, num_classes=num_classes, device=device, amp=amp, **kwargs)
+    common = dict(
+        batch=batch, rgb_size=rgb_size, num_classes=num_classes, device=device, amp=amp, **kwargs
+    )
     steps = {
         "on": make_step(builder, fusion=True, refinement=True, layout=layout, **common)[0],
         "off": make_step(builder, fusion=False, refinement=False, layout=layout, **common)[0],
@@ -92,31 +119,49 @@ def main() -> None:
 
     fused, plain = paper(32), paper(32, fusion=False)
     fusion_params = count(fused, "backbone.fusion.")
-    print(f"paper preset parameters: backbone {count(plain, 'backbone.') / 1e6:.3f} M (without fusion), "
-          f"fusion {fusion_params / 1e6:.3f} M, heads {count(fused, 'heads.') / 1e6:.3f} M, "
-          f"total {count(fused) / 1e6:.3f} M")
+    print(
+        f"paper preset parameters: backbone {count(plain, 'backbone.') / 1e6:.3f} M (without fusion), "
+        f"fusion {fusion_params / 1e6:.3f} M, heads {count(fused, 'heads.') / 1e6:.3f} M, "
+        f"total {count(fused) / 1e6:.3f} M"
+    )
     tiny = small(32)
-    print(f"small preset parameters: total {count(tiny) / 1e6:.3f} M "
-          f"(fusion {count(tiny, 'backbone.fusion.') / 1e6:.3f} M)")
+    print(
+        f"small preset parameters: total {count(tiny) / 1e6:.3f} M "
+        f"(fusion {count(tiny, 'backbone.fusion.') / 1e6:.3f} M)"
+    )
     del fused, plain, tiny
 
     if not args.skip_paper:
         t = compare(paper, batch=args.batch, rgb_size=224, repeats=args.repeats)
-        print(f"paper, CPU, batch {args.batch}, fwd+bwd median of {args.repeats}: "
-              f"fusion+refinement on {t['on']:.3f} s, off {t['off']:.3f} s, ratio {t['on'] / t['off']:.3f} "
-              f"(target <= 1.10)")
+        print(
+            f"paper, CPU, batch {args.batch}, fwd+bwd median of {args.repeats}: "
+            f"fusion+refinement on {t['on']:.3f} s, off {t['off']:.3f} s, ratio {t['on'] / t['off']:.3f} "
+            f"(target <= 1.10)"
+        )
 
     t = compare(small, batch=8, rgb_size=64, repeats=max(args.repeats, 10))
-    print(f"small, CPU, batch 8, rgb 8x64x64 + pose 32x16x16, fwd+bwd median: "
-          f"on {t['on'] * 1e3:.1f} ms, off {t['off'] * 1e3:.1f} ms, ratio {t['on'] / t['off']:.3f}")
+    print(
+        f"small, CPU, batch 8, rgb 8x64x64 + pose 32x16x16, fwd+bwd median: "
+        f"on {t['on'] * 1e3:.1f} ms, off {t['off'] * 1e3:.1f} ms, ratio {t['on'] / t['off']:.3f}"
+    )
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for batch in (2, 10):
-            t = compare(paper, batch=batch, rgb_size=224, repeats=20, device="cuda", amp=True, with_ncdhw=True)
-            print(f"paper, {name}, bf16 autocast, channels-last-3d, batch {batch}, fwd+bwd median: "
-                  f"on {t['on'] * 1e3:.1f} ms, off {t['off'] * 1e3:.1f} ms, ratio {t['on'] / t['off']:.3f}; "
-                  f"NCDHW layout on {t['on_ncdhw'] * 1e3:.1f} ms ({t['on_ncdhw'] / t['on']:.2f}x the channels-last time)")
+            t = compare(
+                paper,
+                batch=batch,
+                rgb_size=224,
+                repeats=20,
+                device="cuda",
+                amp=True,
+                with_ncdhw=True,
+            )
+            print(
+                f"paper, {name}, bf16 autocast, channels-last-3d, batch {batch}, fwd+bwd median: "
+                f"on {t['on'] * 1e3:.1f} ms, off {t['off'] * 1e3:.1f} ms, ratio {t['on'] / t['off']:.3f}; "
+                f"NCDHW layout on {t['on_ncdhw'] * 1e3:.1f} ms ({t['on_ncdhw'] / t['on']:.2f}x the channels-last time)"
+            )
     else:
         print("no CUDA device: bf16 autocast GPU step skipped")
 

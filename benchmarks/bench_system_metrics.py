@@ -36,8 +36,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="training steps per round")
-    parser.add_argument("--interval", type=float, default=1.0, help="the fast monitor's interval (s)")
-    parser.add_argument("--idle-s", type=float, default=60.0, help="seconds of idle monitoring measured")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="the fast monitor's interval (s)"
+    )
+    parser.add_argument(
+        "--idle-s", type=float, default=60.0, help="seconds of idle monitoring measured"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -46,8 +50,16 @@ def main() -> None:
         client = tracking.client(uri)
         run_id = client.create_run(client.create_experiment("bench")).info.run_id
         # bench_model's small-preset step (forward + loss + backward) at batch 8
-        step, _ = make_step(small, fusion=True, refinement=True, batch=8, rgb_size=64, num_classes=10,
-                            device="cpu", amp=False)
+        step, _ = make_step(
+            small,
+            fusion=True,
+            refinement=True,
+            batch=8,
+            rgb_size=64,
+            num_classes=10,
+            device="cpu",
+            amp=False,
+        )
         for _ in range(3):
             step()  # warm-up
 
@@ -56,8 +68,11 @@ def main() -> None:
         start_stop: list[float] = []  # the monitor's own start and finish, outside the timed steps
         for _ in range(args.rounds):
             for name, interval in settings.items():
-                context = (tracking.system_metrics(uri, run_id, interval_s=interval) if interval
-                           else contextlib.nullcontext())
+                context = (
+                    tracking.system_metrics(uri, run_id, interval_s=interval)
+                    if interval
+                    else contextlib.nullcontext()
+                )
                 entered = time.perf_counter()
                 with context:
                     started = time.perf_counter()
@@ -67,23 +82,33 @@ def main() -> None:
                     ended = time.perf_counter()
                 if interval:
                     start_stop.append((started - entered) + (time.perf_counter() - ended))
-        idle_cpu = {interval: monitor_cpu_s(uri, run_id, interval, args.idle_s) for interval in (10.0, args.interval)}
+        idle_cpu = {
+            interval: monitor_cpu_s(uri, run_id, interval, args.idle_s)
+            for interval in (10.0, args.interval)
+        }
         samples = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     off = medians["off"]
-    print(f"{args.rounds} rounds of {args.steps} small-preset training steps, 1 thread; "
-          f"{samples} system-metric samples logged")
+    print(
+        f"{args.rounds} rounds of {args.steps} small-preset training steps, 1 thread; "
+        f"{samples} system-metric samples logged"
+    )
     for name, value in medians.items():
         print(f"  {name:>12}: {value:7.2f} s  (ratio to off {value / off:.3f})")
-    print(f"  the monitor's start + finish: median {statistics.median(start_stop):.2f} s (once per run)")
+    print(
+        f"  the monitor's start + finish: median {statistics.median(start_stop):.2f} s (once per run)"
+    )
     for interval, used in idle_cpu.items():
-        print(f"  the monitor's own CPU at {interval:g} s: {used:.3f} CPU-s in {args.idle_s:g} s "
-              f"({100 * used / args.idle_s:.2f} % of a core)")
+        print(
+            f"  the monitor's own CPU at {interval:g} s: {used:.3f} CPU-s in {args.idle_s:g} s "
+            f"({100 * used / args.idle_s:.2f} % of a core)"
+        )
 
 
 def monitor_cpu_s(uri: str, run_id: str, interval: float, seconds: float) -> float:
     """CPU seconds this process uses while it only runs the monitor for `seconds`."""
+
     def used() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime

@@ -41,19 +41,38 @@ def main() -> None:
     init_ray()
     rows = []
     for workers, cpus in ((1, 2.0), (2, 1.0)):
-        cfg = load_config("small", {
-            "data.root": str(dataset), "optim.epochs": args.epochs, "optim.milestones": [args.epochs],
-            "optim.warmup_epochs": 0, "resources.num_workers": workers,
-            "resources.cpus_per_worker": cpus, "data.test_split": None,
-        })
+        cfg = load_config(
+            "small",
+            {
+                "data.root": str(dataset),
+                "optim.epochs": args.epochs,
+                "optim.milestones": [args.epochs],
+                "optim.warmup_epochs": 0,
+                "resources.num_workers": workers,
+                "resources.cpus_per_worker": cpus,
+                "data.test_split": None,
+            },
+        )
         outcome = train(cfg, name=f"bench-{workers}w", storage_path=paths.ray_storage())
         m = outcome.metrics
-        rows.append((workers, cpus, m["train_samples_per_s"] * workers, m["train_samples_per_s"],
-                     m["train_data_wait_frac"], m["train_epoch_s"]))
+        rows.append(
+            (
+                workers,
+                cpus,
+                m["train_samples_per_s"] * workers,
+                m["train_samples_per_s"],
+                m["train_data_wait_frac"],
+                m["train_epoch_s"],
+            )
+        )
     print(f"\nsmall preset, batch {cfg.optim.batch_size}, last of {args.epochs} epochs")
-    print(f"{'workers':>7} {'CPUs each':>9} {'samples/s':>10} {'per worker':>10} {'data wait':>9} {'epoch s':>8}")
+    print(
+        f"{'workers':>7} {'CPUs each':>9} {'samples/s':>10} {'per worker':>10} {'data wait':>9} {'epoch s':>8}"
+    )
     for workers, cpus, total, per_worker, wait, epoch_s in rows:
-        print(f"{workers:7d} {cpus:9.1f} {total:10.1f} {per_worker:10.1f} {wait:9.1%} {epoch_s:8.1f}")
+        print(
+            f"{workers:7d} {cpus:9.1f} {total:10.1f} {per_worker:10.1f} {wait:9.1%} {epoch_s:8.1f}"
+        )
     print(f"2 workers / 1 worker throughput: {rows[1][2] / rows[0][2]:.2f}x")
 
 

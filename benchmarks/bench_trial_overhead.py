@@ -38,12 +38,19 @@ def mean(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="search_spaces/quick.yaml")
-    parser.add_argument("--stage", help="of a pipeline file, the stage whose study is run (default: the stage "
-                                        "it registers); its `init` is dropped: the trials train from scratch")
+    parser.add_argument(
+        "--stage",
+        help="of a pipeline file, the stage whose study is run (default: the stage "
+        "it registers); its `init` is dropped: the trials train from scratch",
+    )
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2,
-                        help="epochs per trial (with 1, the controller's start of MLflow at the first "
-                             "report falls between two trials)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=2,
+        help="epochs per trial (with 1, the controller's start of MLflow at the first "
+        "report falls between two trials)",
+    )
     parser.add_argument("--standby", type=int, help="standby trials (default: the space's)")
     args = parser.parse_args()
 
@@ -70,8 +77,14 @@ def main() -> None:
         parser.error(f"--stage: {args.space} is a single study, not a pipeline of stages")
     if not dataset.exists():  # after the arguments are checked: generating it takes minutes
         generate(dataset)
-    space.fixed.update({"optim.epochs": args.epochs, "optim.milestones": [args.epochs], "optim.warmup_epochs": 0,
-                        "data.root": str(dataset)})
+    space.fixed.update(
+        {
+            "optim.epochs": args.epochs,
+            "optim.milestones": [args.epochs],
+            "optim.warmup_epochs": 0,
+            "data.root": str(dataset),
+        }
+    )
     space.study.asha.grace_period = args.epochs  # no early stopping: every trial runs to the end
     space.study.time_budget_s = None
     space.study.num_trials = args.trials
@@ -96,14 +109,22 @@ def main() -> None:
         def gaps(self) -> list[float]:
             """Seconds from each trial's last work to the next trial's first batch."""
             order = sorted(self.training_started, key=self.training_started.get)
-            return [self.training_started[b] - (self.training_started[a] + self.work[a]) for a, b in pairwise(order)]
+            return [
+                self.training_started[b] - (self.training_started[a] + self.work[a])
+                for a, b in pairwise(order)
+            ]
 
     def report(name: str, wall: float, timer: Timer) -> list[float]:
         gaps, work = timer.gaps(), sum(timer.work.values())
-        print(f"\n{name}: {len(timer.work)} trials x {args.epochs} epoch(s): wall {wall:.1f} s, work {work:.1f} s, "
-              f"wall - work {wall - work:.1f} s ({(wall - work) / max(1, len(timer.work)):.1f} s per trial)")
-        print("  gaps between one trial's last work and the next one's first batch: "
-              + ", ".join(f"{gap:.1f}" for gap in gaps) + f" s (mean {mean(gaps):.1f} s)")
+        print(
+            f"\n{name}: {len(timer.work)} trials x {args.epochs} epoch(s): wall {wall:.1f} s, work {work:.1f} s, "
+            f"wall - work {wall - work:.1f} s ({(wall - work) / max(1, len(timer.work)):.1f} s per trial)"
+        )
+        print(
+            "  gaps between one trial's last work and the next one's first batch: "
+            + ", ".join(f"{gap:.1f}" for gap in gaps)
+            + f" s (mean {mean(gaps):.1f} s)"
+        )
         return gaps
 
     init_ray()
@@ -116,11 +137,15 @@ def main() -> None:
     gaps = report("mg-ray study", time.perf_counter() - started, timer)
 
     concurrency = max_concurrent_trials(space, _probe(space), ray.cluster_resources())
-    print(f"\nper-trial overhead (mean gap), side by side in one run; {concurrency} trial(s) at a time "
-          f"(standby_trials {space.study.standby_trials}):")
+    print(
+        f"\nper-trial overhead (mean gap), side by side in one run; {concurrency} trial(s) at a time "
+        f"(standby_trials {space.study.standby_trials}):"
+    )
     print(f"  bare Ray Train trial: {mean(bare_gaps):5.1f} s")
-    print(f"  mg-ray trial:         {mean(gaps):5.1f} s   ({mean(gaps) / mean(bare_gaps):.2f}x the bare trial; "
-          f"{mean(gaps) - mean(bare_gaps):+.1f} s)")
+    print(
+        f"  mg-ray trial:         {mean(gaps):5.1f} s   ({mean(gaps) / mean(bare_gaps):.2f}x the bare trial; "
+        f"{mean(gaps) - mean(bare_gaps):+.1f} s)"
+    )
 
 
 def _probe(space):
@@ -128,7 +153,9 @@ def _probe(space):
     from mg_ray.train.config import ExperimentConfig
     from mg_ray.tune.space import base_config_dict, trial_overrides
 
-    return from_mapping(ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, {})))
+    return from_mapping(
+        ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, {}))
+    )
 
 
 def bare_trial(config: dict, space) -> None:
@@ -144,16 +171,22 @@ def bare_trial(config: dict, space) -> None:
     from mg_ray.tune.space import base_config_dict, trial_overrides
 
     params = {k: v for k, v in config.items() if "|" not in k}
-    cfg = from_mapping(ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, params)))
+    cfg = from_mapping(
+        ExperimentConfig, apply_overrides(base_config_dict(space), trial_overrides(space, params))
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg, "tracking_uri": ""},
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.num_workers,
-                                               resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"bare_{tune.get_context().get_trial_id()}",
-                                       storage_path=str(Path(os.environ["MG_RAY_HOME"]) / "bare_train"),
-                                       callbacks=[TuneReportCallback()]),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.resources.num_workers,
+            resources_per_worker={"CPU": cfg.resources.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"bare_{tune.get_context().get_trial_id()}",
+            storage_path=str(Path(os.environ["MG_RAY_HOME"]) / "bare_train"),
+            callbacks=[TuneReportCallback()],
+        ),
     )
     trainer.fit()
 
@@ -166,16 +199,31 @@ def bare_study(space, timer) -> None:
 
     from mg_ray.tune.study import max_concurrent_trials
 
-    searcher = OptunaSearch(space.sample, metric=space.study.metric, mode=space.study.mode,
-                            storage=optuna.storages.RDBStorage(f"sqlite:///{os.environ['MG_RAY_HOME']}/bare.db"),
-                            study_name="bare", seed=space.study.seed)
+    searcher = OptunaSearch(
+        space.sample,
+        metric=space.study.metric,
+        mode=space.study.mode,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{os.environ['MG_RAY_HOME']}/bare.db"),
+        study_name="bare",
+        seed=space.study.seed,
+    )
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(bare_trial, space=space), {"cpu": space.study.trial_driver_cpus}),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.study.num_trials,
-                                    max_concurrent_trials=max_concurrent_trials(space, _probe(space),
-                                                                                ray.cluster_resources())),
-        run_config=tune.RunConfig(name="bare", storage_path=str(Path(os.environ["MG_RAY_HOME"]) / "bare_tune"),
-                                  callbacks=[timer], verbose=0),
+        tune.with_resources(
+            tune.with_parameters(bare_trial, space=space), {"cpu": space.study.trial_driver_cpus}
+        ),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=space.study.num_trials,
+            max_concurrent_trials=max_concurrent_trials(
+                space, _probe(space), ray.cluster_resources()
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name="bare",
+            storage_path=str(Path(os.environ["MG_RAY_HOME"]) / "bare_tune"),
+            callbacks=[timer],
+            verbose=0,
+        ),
     )
     tuner.fit()
 

@@ -16,9 +16,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mg_ray.data.synth", "write the synthetic micro-gesture dataset"),
     "prepare": ("mg_ray.data.prepare", "re-encode clips for cheap random access"),
     "convert-openpose": ("mg_ray.data.openpose", "build a dataset from OpenPose JSON output"),
-    "convert-imigue": ("mg_ray.data.imigue", "build a dataset from the organisers' raw iMiGUE release"),
+    "convert-imigue": (
+        "mg_ray.data.imigue",
+        "build a dataset from the organisers' raw iMiGUE release",
+    ),
     "check-data": ("mg_ray.data.check", "validate a dataset folder and print its summary"),
-    "import-mmaction2": ("mg_ray.import_mmaction2", "turn an mmaction2 checkpoint into an mg-ray model file"),
+    "import-mmaction2": (
+        "mg_ray.import_mmaction2",
+        "turn an mmaction2 checkpoint into an mg-ray model file",
+    ),
     "train": ("mg_ray.train.job", "train one model on a Ray cluster"),
     "tune": ("mg_ray.tune.job", "run a hyperparameter study"),
     "promote": ("mg_ray.tune.promote", "register a run's model and set its aliases"),
@@ -65,9 +71,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.tracking.models import ModelNotFoundError
     from mg_ray.tune.results import NoTrialsError
 
-    return (ConfigError, AnnotationError, SkeletonError, ImigueError, ConvertError, PrepareError, VideoError, DatasetWriteError,
-            ResourceError, StorageError, ModelNotFoundError, CheckpointImportError, NoTrialsError, FileNotFoundError,
-            ConnectionError)
+    return (
+        ConfigError,
+        AnnotationError,
+        SkeletonError,
+        ImigueError,
+        ConvertError,
+        PrepareError,
+        VideoError,
+        DatasetWriteError,
+        ResourceError,
+        StorageError,
+        ModelNotFoundError,
+        CheckpointImportError,
+        NoTrialsError,
+        FileNotFoundError,
+        ConnectionError,
+    )
 
 
 if __name__ == "__main__":

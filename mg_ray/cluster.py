@@ -37,15 +37,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
 
 
 def local_resources() -> dict[str, float]:
     """The CPUs (and whether there are GPUs) a local cluster started here will have, without
     starting it: the CPUs this process may run on, GPUs when an NVIDIA driver is present."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    has_gpu = shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia/version")
+    has_gpu = shutil.which("nvidia-smi") is not None or os.path.exists(
+        "/proc/driver/nvidia/version"
+    )
     return {"CPU": float(cpus), "GPU": 1.0 if has_gpu else 0.0}
 
 
@@ -74,7 +81,8 @@ def check_resources(
         fit_cpus = max(0.0, cpus - reserved_cpus) / num_workers
         hint = (
             f"use fewer workers, or --cpus-per-worker {fit_cpus:.2g} (fractional CPUs work)"
-            if fit_cpus > 0 else "add CPUs to the cluster"
+            if fit_cpus > 0
+            else "add CPUs to the cluster"
         )
         raise ResourceError(
             f"{what} needs {need:g} CPUs ({num_workers} workers x {cpus_per_worker:g} CPU"

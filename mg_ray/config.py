@@ -162,7 +162,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(arg, value, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}"
+        )
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:

@@ -49,7 +49,7 @@ def optuna_storage_url() -> str:
 
 def sqlite_file(url: str) -> Path | None:
     """The file behind a `sqlite:///` URL, None for any other URL."""
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
 def ensure_writable(folder: Path, what: str) -> Path:
@@ -59,12 +59,16 @@ def ensure_writable(folder: Path, what: str) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise StorageError(f"{what}: cannot create folder {folder} ({err.strerror}). {_FIX}") from None
+        raise StorageError(
+            f"{what}: cannot create folder {folder} ({err.strerror}). {_FIX}"
+        ) from None
     try:  # a real write: permission bits say nothing for root, or on a read-only mount
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".mg-ray-write-check-"):
             pass
     except OSError as err:
-        raise StorageError(f"{what}: cannot write in folder {folder} ({err.strerror}). {_FIX}") from None
+        raise StorageError(
+            f"{what}: cannot write in folder {folder} ({err.strerror}). {_FIX}"
+        ) from None
     return folder
 
 
@@ -76,5 +80,7 @@ def ensure_writable_file(path: Path, what: str) -> Path:
     return path
 
 
-_FIX = ("Set MG_RAY_HOME to a folder you can write (it holds the MLflow store, checkpoints and the "
-        "Optuna study), or point MLFLOW_TRACKING_URI / --storage-path elsewhere.")
+_FIX = (
+    "Set MG_RAY_HOME to a folder you can write (it holds the MLflow store, checkpoints and the "
+    "Optuna study), or point MLFLOW_TRACKING_URI / --storage-path elsewhere."
+)

@@ -36,16 +36,37 @@ from mg_ray.tracking.models import load_pyfunc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or models:/<logged model id>")
-    parser.add_argument("clips", nargs="*", type=Path, help="video files (.mp4), or clip names with --data")
-    parser.add_argument("--data", type=Path, help="a dataset folder holding the clips and their skeletons")
-    parser.add_argument("--split", help="with --data: every clip of this split (instead of naming clips)")
-    parser.add_argument("--submission", type=Path, help="write the MiGA submission zip here (must not exist)")
-    parser.add_argument("--skeleton", action="append", type=Path, default=[],
-                        help="skeleton file per clip, in order (default: <clip stem>.npz/.json beside it)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/<name>@<alias>, models:/<name>/<version> or models:/<logged model id>",
+    )
+    parser.add_argument(
+        "clips", nargs="*", type=Path, help="video files (.mp4), or clip names with --data"
+    )
+    parser.add_argument(
+        "--data", type=Path, help="a dataset folder holding the clips and their skeletons"
+    )
+    parser.add_argument(
+        "--split", help="with --data: every clip of this split (instead of naming clips)"
+    )
+    parser.add_argument(
+        "--submission", type=Path, help="write the MiGA submission zip here (must not exist)"
+    )
+    parser.add_argument(
+        "--skeleton",
+        action="append",
+        type=Path,
+        default=[],
+        help="skeleton file per clip, in order (default: <clip stem>.npz/.json beside it)",
+    )
     parser.add_argument("--top", type=int, default=5)
-    parser.add_argument("--clips-per-video", type=int, help="test clips averaged per video (default: the model's)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or the local sqlite store")
+    parser.add_argument(
+        "--clips-per-video", type=int, help="test clips averaged per video (default: the model's)"
+    )
+    parser.add_argument(
+        "--tracking-uri", help="default: MLFLOW_TRACKING_URI or the local sqlite store"
+    )
 
 
 def find_skeleton(clip: Path) -> Path:
@@ -53,7 +74,9 @@ def find_skeleton(clip: Path) -> Path:
         candidate = clip.with_suffix(suffix)
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{clip}: no skeleton given and none beside it ({clip.with_suffix('.npz').name} or .json)")
+    raise FileNotFoundError(
+        f"{clip}: no skeleton given and none beside it ({clip.with_suffix('.npz').name} or .json)"
+    )
 
 
 def load_classifier(model_uri: str, tracking_uri: str | None = None):
@@ -68,7 +91,9 @@ def pipeline_params(data: dict[str, Any]) -> PipelineParams:
     return PipelineParams.from_config(cfg, get_layout(cfg.layout))
 
 
-def classify(model, inner, clips: list[tuple[Path, Any]], num_clips: int | None = None) -> np.ndarray:
+def classify(
+    model, inner, clips: list[tuple[Path, Any]], num_clips: int | None = None
+) -> np.ndarray:
     """Fused probabilities [len(clips), K] for (video, skeleton) pairs, `num_clips` test clips
     averaged per video (default: the model's `test_clips`). A skeleton is a file for
     `load_skeleton` or an already loaded (keypoint, score, img_shape) tuple."""
@@ -78,25 +103,44 @@ def classify(model, inner, clips: list[tuple[Path, Any]], num_clips: int | None 
     reads_rgb = inner.model.modality != "pose"
     rows = []
     for video, skeleton in clips:
-        keypoint, score, img_shape = skeleton if isinstance(skeleton, tuple) else load_skeleton(skeleton)
+        keypoint, score, img_shape = (
+            skeleton if isinstance(skeleton, tuple) else load_skeleton(skeleton)
+        )
         if keypoint.shape[2] != layout.num_joints:
             other = layout_for_joints(keypoint.shape[2])
             raise SkeletonError(
                 f"{skeleton if not isinstance(skeleton, tuple) else video}: {keypoint.shape[2]} joints per person "
                 f"({'layout ' + other.name if other else 'no known layout'}), but the model was trained on layout "
-                f"{layout.name} ({layout.num_joints} joints)")
-        inputs = clip_inputs(video, keypoint, score, img_shape, params, mode="test", num_clips=num_clips, rgb=reads_rgb)
+                f"{layout.name} ({layout.num_joints} joints)"
+            )
+        inputs = clip_inputs(
+            video,
+            keypoint,
+            score,
+            img_shape,
+            params,
+            mode="test",
+            num_clips=num_clips,
+            rgb=reads_rgb,
+        )
         pose = inputs.pose.numpy()
         # a pose-only model reads no video: its rgb input is zeros of the signature's shape
-        rgb = inputs.rgb.numpy() if reads_rgb else np.zeros(
-            (len(pose), 3, params.rgb_frames, params.rgb_size, params.rgb_size), np.float32)
+        rgb = (
+            inputs.rgb.numpy()
+            if reads_rgb
+            else np.zeros(
+                (len(pose), 3, params.rgb_frames, params.rgb_size, params.rgb_size), np.float32
+            )
+        )
         # the video's `num_clips` views as a batch; the video's prediction is their mean
         probs = model.predict({"rgb": rgb, "pose": pose})
         rows.append(probs.mean(axis=0, keepdims=True))
     return np.concatenate(rows)
 
 
-def dataset_clips(root: Path, names: list[Path], split: str | None = None) -> list[tuple[Path, tuple, str | None]]:
+def dataset_clips(
+    root: Path, names: list[Path], split: str | None = None
+) -> list[tuple[Path, tuple, str | None]]:
     """(video path, (keypoint, score, img_shape), true class name or None) for named clips of a
     dataset, or for every clip of `split`."""
     index = load_index(root)
@@ -108,11 +152,19 @@ def dataset_clips(root: Path, names: list[Path], split: str | None = None) -> li
         for name in names:
             key = name.stem if name.suffix == index.video_ext else str(name)
             if key not in entries:
-                raise FileNotFoundError(f"{name}: no clip of that name in {root} ({len(entries)} clips, e.g. "
-                                        f"{next(iter(entries))})")
+                raise FileNotFoundError(
+                    f"{name}: no clip of that name in {root} ({len(entries)} clips, e.g. "
+                    f"{next(iter(entries))})"
+                )
             chosen.append(entries[key])
-    return [(index.video_path(a.frame_dir), (a.keypoint, a.keypoint_score, a.img_shape),
-             None if a.label == UNLABELED else index.class_names[a.label]) for a in chosen]
+    return [
+        (
+            index.video_path(a.frame_dir),
+            (a.keypoint, a.keypoint_score, a.img_shape),
+            None if a.label == UNLABELED else index.class_names[a.label],
+        )
+        for a in chosen
+    ]
 
 
 def top5_path(submission: Path) -> Path:
@@ -124,12 +176,18 @@ def check_submission_target(submission: Path) -> None:
     """Refuse (SystemExit) a submission path that exists, whose top-5 CSV exists, or whose folder
     does not: checked before any model is loaded, nothing is overwritten."""
     if submission.exists() or top5_path(submission).exists():
-        raise SystemExit(f"error: --submission {submission}: it (or its .top5.csv) exists; nothing is overwritten")
+        raise SystemExit(
+            f"error: --submission {submission}: it (or its .top5.csv) exists; nothing is overwritten"
+        )
     if not submission.parent.is_dir():
-        raise SystemExit(f"error: --submission {submission}: folder {submission.parent} does not exist")
+        raise SystemExit(
+            f"error: --submission {submission}: folder {submission.parent} does not exist"
+        )
 
 
-def write_submission(path: Path, names: list[str], probs: np.ndarray, class_names: list[str]) -> Path:
+def write_submission(
+    path: Path, names: list[str], probs: np.ndarray, class_names: list[str]
+) -> Path:
     """The MiGA submission: `Submission.csv` (`clip_name,class_id`, no header) zipped at `path`,
     and `<path stem>.top5.csv` beside it (clip, then five class_id,name,probability triples).
     Returns the top-5 file's path."""
@@ -139,7 +197,10 @@ def write_submission(path: Path, names: list[str], probs: np.ndarray, class_name
         archive.writestr("Submission.csv", lines)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["clip_name"] + [f"{kind}{i}" for i in range(1, 6) for kind in ("class_id_", "class_", "prob_")])
+    writer.writerow(
+        ["clip_name"]
+        + [f"{kind}{i}" for i in range(1, 6) for kind in ("class_id_", "class_", "prob_")]
+    )
     for name, p in zip(names, probs):
         best = np.argsort(-p)[:5]
         writer.writerow([name] + [v for k in best for v in (int(k), class_names[k], f"{p[k]:.6f}")])
@@ -159,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
         clips = dataset_clips(args.data, list(args.clips), args.split)
     else:
         if args.skeleton and len(args.skeleton) != len(args.clips):
-            raise SystemExit(f"error: {len(args.skeleton)} --skeleton files for {len(args.clips)} clips; give one per clip or none")
+            raise SystemExit(
+                f"error: {len(args.skeleton)} --skeleton files for {len(args.clips)} clips; give one per clip or none"
+            )
         for clip in args.clips:
             if not clip.is_file():
                 raise SystemExit(f"error: {clip}: video not found")

@@ -13,9 +13,11 @@ import os
 STUDY_DRIVER: dict[str, tuple[str, str]] = {
     "TUNE_GLOBAL_CHECKPOINT_S": (
         "0",
-        ("save the experiment state on every step (Tune's default: every 10+ s). A study driver "
-         "killed between two saves forgets the trials that started since, and the resumed study "
-         "runs their slots again; the state of a study of tens of trials is a few kB."),
+        (
+            "save the experiment state on every step (Tune's default: every 10+ s). A study driver "
+            "killed between two saves forgets the trials that started since, and the resumed study "
+            "runs their slots again; the state of a study of tens of trials is a few kB."
+        ),
     ),
 }
 
@@ -24,10 +26,12 @@ STUDY_DRIVER: dict[str, tuple[str, str]] = {
 TRIAL: dict[str, tuple[str, str]] = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": (
         "86400",
-        ("a standby trial (`study.standby_trials`) waits for the running trials' CPUs as long as "
-         "one of them trains; with Ray Train's default of 60 s it logs a startup-timeout error "
-         "every minute meanwhile (the error itself names this variable as the way to raise it). "
-         "Requests no cluster can ever place are refused before the study starts."),
+        (
+            "a standby trial (`study.standby_trials`) waits for the running trials' CPUs as long as "
+            "one of them trains; with Ray Train's default of 60 s it logs a startup-timeout error "
+            "every minute meanwhile (the error itself names this variable as the way to raise it). "
+            "Requests no cluster can ever place are refused before the study starts."
+        ),
     ),
 }
 

@@ -54,15 +54,26 @@ def promote_run(
     run = client.get_run(run_id)
     score = tracking.run_score(run, metric)
     if score is None:
-        raise ValueError(f"run {run_id} has no metric {tracking.score_name(metric)!r} to compare on; "
-                         f"is it a training run?")
+        raise ValueError(
+            f"run {run_id} has no metric {tracking.score_name(metric)!r} to compare on; "
+            f"is it a training run?"
+        )
     existing = registered_version(client, name, run_id)
     if existing is not None:
         # Promoting a run twice (a finished study run again, a repeated `mg-ray promote`) must not
         # register a duplicate version: the existing one keeps its aliases, and only the champion
         # rule below applies to it.
-        return _apply_champion_rule(client, name, existing, score, metric, mode, force_champion, new=False,
-                                    tracking_uri=tracking_uri)
+        return _apply_champion_rule(
+            client,
+            name,
+            existing,
+            score,
+            metric,
+            mode,
+            force_champion,
+            new=False,
+            tracking_uri=tracking_uri,
+        )
     model_id = log_best_model(client, run_id, tracking_uri)  # usually logged when the run ended
     params = run.data.params
     version_tags = {
@@ -74,7 +85,11 @@ def promote_run(
         tags.VERSION_DATASET_ROOT: params.get("data.root", ""),
         tags.VERSION_VAL_SPLIT: params.get("data.val_split", ""),
         metric: str(score),
-        **({"test_top1": str(run.data.metrics["test_top1"])} if "test_top1" in run.data.metrics else {}),
+        **(
+            {"test_top1": str(run.data.metrics["test_top1"])}
+            if "test_top1" in run.data.metrics
+            else {}
+        ),
         **tracking.lineage(params.get("model.rgb_init"), params.get("model.pose_init")),
         **{k: str(v) for k, v in (context or {}).items()},
     }
@@ -84,11 +99,21 @@ def promote_run(
     except MlflowException:
         client.create_registered_model(name)
     tracking.use_store(tracking_uri)  # MLflow resolves a models:/ source with the global store
-    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=version_tags,
-                                          model_id=model_id)
+    version = client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, tags=version_tags, model_id=model_id
+    )
     client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return _apply_champion_rule(client, name, client.get_model_version(name, version.version), score, metric,
-                                mode, force_champion, new=True, tracking_uri=tracking_uri)
+    return _apply_champion_rule(
+        client,
+        name,
+        client.get_model_version(name, version.version),
+        score,
+        metric,
+        mode,
+        force_champion,
+        new=True,
+        tracking_uri=tracking_uri,
+    )
 
 
 def registered_version(client, name: str, run_id: str):
@@ -99,31 +124,49 @@ def registered_version(client, name: str, run_id: str):
 
 def same_data(a: dict[str, str], b: dict[str, str]) -> bool:
     """Two versions' tags say they were scored on the same dataset (fingerprint) and split."""
-    return (a.get(tags.VERSION_DATASET, "unknown") != "unknown"
-            and a.get(tags.VERSION_DATASET) == b.get(tags.VERSION_DATASET)
-            and a.get(tags.VERSION_VAL_SPLIT) == b.get(tags.VERSION_VAL_SPLIT))
+    return (
+        a.get(tags.VERSION_DATASET, "unknown") != "unknown"
+        and a.get(tags.VERSION_DATASET) == b.get(tags.VERSION_DATASET)
+        and a.get(tags.VERSION_VAL_SPLIT) == b.get(tags.VERSION_VAL_SPLIT)
+    )
 
 
-def champion_decision(champion_tags: dict[str, str], candidate_tags: dict[str, str], candidate_score: float,
-                      metric: str, mode: str, evaluate_champion) -> tuple[bool, str]:
+def champion_decision(
+    champion_tags: dict[str, str],
+    candidate_tags: dict[str, str],
+    candidate_score: float,
+    metric: str,
+    mode: str,
+    evaluate_champion,
+) -> tuple[bool, str]:
     """Whether the candidate beats the champion on the candidate's data, and why.
 
     Scored on the same data: the champion's recorded score. Otherwise `evaluate_champion()` scores
     it on the candidate's validation split now (it raises ValueError when it cannot: then the
     champion stays). Returns (the candidate takes champion, the decision as a sentence)."""
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    data = (f"dataset {candidate_tags.get(tags.VERSION_DATASET, 'unknown')[:12]}, "
-            f"split {candidate_tags.get(tags.VERSION_VAL_SPLIT) or '?'}")
+    data = (
+        f"dataset {candidate_tags.get(tags.VERSION_DATASET, 'unknown')[:12]}, "
+        f"split {candidate_tags.get(tags.VERSION_VAL_SPLIT) or '?'}"
+    )
     if same_data(champion_tags, candidate_tags):
         old = float(champion_tags.get(metric, "nan"))
         takes = not np.isfinite(old) or better(candidate_score, old)
-        return takes, f"compared on the same data ({data}): {metric} {candidate_score:.4f} vs champion's {old:.4f}"
+        return (
+            takes,
+            f"compared on the same data ({data}): {metric} {candidate_score:.4f} vs champion's {old:.4f}",
+        )
     try:
         old = evaluate_champion()
     except ValueError as err:
-        return False, f"the champion could not be evaluated on this version's data ({data}: {err}); it stays champion"
-    return better(candidate_score, old), (f"champion re-evaluated on this version's validation split ({data}): "
-                                          f"{metric} {candidate_score:.4f} vs champion's {old:.4f}")
+        return (
+            False,
+            f"the champion could not be evaluated on this version's data ({data}: {err}); it stays champion",
+        )
+    return better(candidate_score, old), (
+        f"champion re-evaluated on this version's validation split ({data}): "
+        f"{metric} {candidate_score:.4f} vs champion's {old:.4f}"
+    )
 
 
 def evaluate_on_split(model_uri: str, data_root: str, split: str, tracking_uri: str) -> float:
@@ -138,18 +181,28 @@ def evaluate_on_split(model_uri: str, data_root: str, split: str, tracking_uri: 
         raise ValueError(str(err)) from None
     model, inner = load_classifier(model_uri, tracking_uri)
     if len(inner.class_names) != index.num_classes:
-        raise ValueError(f"the model has {len(inner.class_names)} classes, the dataset {index.num_classes}")
+        raise ValueError(
+            f"the model has {len(inner.class_names)} classes, the dataset {index.num_classes}"
+        )
     try:
-        probs = classify(model, inner, [(index.video_path(a.frame_dir), (a.keypoint, a.keypoint_score, a.img_shape))
-                                        for a in clips], num_clips=1)
+        probs = classify(
+            model,
+            inner,
+            [
+                (index.video_path(a.frame_dir), (a.keypoint, a.keypoint_score, a.img_shape))
+                for a in clips
+            ],
+            num_clips=1,
+        )
     except (RuntimeError, ValueError) as err:  # another layout, another input size
         raise ValueError(f"the model cannot take this data ({str(err)[:200]})") from None
     labels = np.array([a.label for a in clips])
     return float((probs.argmax(1) == labels).mean())
 
 
-def _apply_champion_rule(client, name, version, score, metric, mode, force_champion, *, new: bool,
-                         tracking_uri: str):
+def _apply_champion_rule(
+    client, name, version, score, metric, mode, force_champion, *, new: bool, tracking_uri: str
+):
     """`version` takes `champion` if it beats the current champion on its own data (or there is
     none, or `force_champion`); the decision is tagged on the version; returns what happened."""
     try:
@@ -164,9 +217,18 @@ def _apply_champion_rule(client, name, version, score, metric, mode, force_champ
         better, decision = True, f"forced (--force-champion) over version {previous.version}"
     else:
         better, decision = champion_decision(
-            previous.tags, version.tags, score, metric, mode,
-            lambda: evaluate_on_split(f"models:/{name}/{previous.version}", version.tags.get(tags.VERSION_DATASET_ROOT, ""),
-                                      version.tags.get(tags.VERSION_VAL_SPLIT, ""), tracking_uri))
+            previous.tags,
+            version.tags,
+            score,
+            metric,
+            mode,
+            lambda: evaluate_on_split(
+                f"models:/{name}/{previous.version}",
+                version.tags.get(tags.VERSION_DATASET_ROOT, ""),
+                version.tags.get(tags.VERSION_VAL_SPLIT, ""),
+                tracking_uri,
+            ),
+        )
     if better:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     if new or previous is None or previous.version != version.version:

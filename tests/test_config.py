@@ -31,7 +31,12 @@ class Outer:
 def test_defaults_and_nested_values():
     cfg = from_mapping(Outer, {"count": 3, "inner": {"rate": 2, "sizes": [3, 4]}})
     assert cfg.count == 3 and cfg.inner.rate == 2.0 and cfg.inner.sizes == (3, 4)
-    assert to_dict(cfg) == {"name": "x", "count": 3, "inner": {"rate": 2.0, "mode": "a", "sizes": [3, 4]}, "maybe": None}
+    assert to_dict(cfg) == {
+        "name": "x",
+        "count": 3,
+        "inner": {"rate": 2.0, "mode": "a", "sizes": [3, 4]},
+        "maybe": None,
+    }
 
 
 @pytest.mark.parametrize(

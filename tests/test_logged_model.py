@@ -20,7 +20,9 @@ from mg_ray.train.config import load_config
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MG_RAY_HOME", str(tmp_path / "home"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow.set_tracking_uri of an earlier test sets it too
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", uri
+    )  # mlflow.set_tracking_uri of an earlier test sets it too
     client = tracking.client(uri)
     experiment = tracking.get_or_create_experiment(client, "mg-ray")
     return uri, client, experiment
@@ -32,11 +34,23 @@ def model_file(folder: Path) -> Path:
     from mg_ray.model_file import build_from_spec
 
     model = build_from_spec(spec)
-    return save_model_file(folder / MODEL_FILE, spec=spec, model_state=model.state_dict(), criterion_state={},
-                           class_names=["a", "b", "c", "d"], data={"rgb_size": 64, "heatmap_size": 16,
-                                                                   "rgb_frames": 8, "pose_frames": 16, "sigma": 0.7,
-                                                                   "layout": "coco17", "test_clips": 1},
-                           metrics={"val_top1": 0.5, "epoch": 1})
+    return save_model_file(
+        folder / MODEL_FILE,
+        spec=spec,
+        model_state=model.state_dict(),
+        criterion_state={},
+        class_names=["a", "b", "c", "d"],
+        data={
+            "rgb_size": 64,
+            "heatmap_size": 16,
+            "rgb_frames": 8,
+            "pose_frames": 16,
+            "sigma": 0.7,
+            "layout": "coco17",
+            "test_clips": 1,
+        },
+        metrics={"val_top1": 0.5, "epoch": 1},
+    )
 
 
 def training_run(client, experiment, folder) -> str:
@@ -54,7 +68,10 @@ def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_
     import mlflow.pyfunc
 
     uri, client, experiment = store
-    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        client.get_experiment(experiment).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
     run_id = training_run(client, experiment, tmp_path)
     run = client.get_run(run_id)
     assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.source.type"] == "LOCAL"
@@ -63,14 +80,20 @@ def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_
     model_id = log_best_model(client, run_id, uri)
     assert log_best_model(client, run_id, uri) == model_id  # once per run
     model = client.get_logged_model(model_id)
-    assert model.name == LOGGED_MODEL and model.source_run_id == run_id and str(model.status).endswith("READY")
+    assert (
+        model.name == LOGGED_MODEL
+        and model.source_run_id == run_id
+        and str(model.status).endswith("READY")
+    )
     assert run_logged_model(client, run_id).model_id == model_id
     outputs = client.get_run(run_id).outputs.model_outputs
     assert [(o.model_id, o.step) for o in outputs] == [(model_id, 1)]
     assert {m.key: m.value for m in model.metrics} == {"val_top1": 0.5}  # the best epoch's, linked
 
     files = {f.path for f in client.list_logged_model_artifacts(model_id)}
-    assert "MLmodel" in files and not any(p.endswith((".pkl", ".cloudpickle")) for p in files), files
+    assert "MLmodel" in files and not any(p.endswith((".pkl", ".cloudpickle")) for p in files), (
+        files
+    )
 
     out = promote_run(run_id, "tiny", tracking_uri=uri)
     version = client.get_model_version("tiny", out["version"])
@@ -79,8 +102,12 @@ def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/tiny@candidate")
-    probs = loaded.predict({"rgb": np.zeros((2, 3, 8, 64, 64), np.float32),
-                            "pose": np.random.default_rng(0).random((2, 17, 16, 16, 16), dtype=np.float32)})
+    probs = loaded.predict(
+        {
+            "rgb": np.zeros((2, 3, 8, 64, 64), np.float32),
+            "pose": np.random.default_rng(0).random((2, 17, 16, 16, 16), dtype=np.float32),
+        }
+    )
     assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert loaded.unwrap_python_model().class_names == ["a", "b", "c", "d"]
     torch.set_num_threads(2)
@@ -92,14 +119,21 @@ def test_dataset_inputs_name_the_folder_fingerprint_and_splits(store, tmp_path):
     _, client, experiment = store
     run_id, _ = tracking.start_or_resume_run(client, experiment, "d")
     (tmp_path / "dataset.json").write_text('{"fingerprint": "' + "ab" * 32 + '"}')
-    tracking.log_training_data(client, run_id, DataConfig(root=str(tmp_path), rgb_size=64, heatmap_size=16))
+    tracking.log_training_data(
+        client, run_id, DataConfig(root=str(tmp_path), rgb_size=64, heatmap_size=16)
+    )
     inputs = client.get_run(run_id).inputs.dataset_inputs
     contexts = {i.tags[0].value: i.dataset for i in inputs}
     assert set(contexts) == {"training", "validation", "test"}
-    assert contexts["training"].name == f"{tmp_path.name}:train" and contexts["validation"].digest == ("ab" * 32)[:36]
+    assert (
+        contexts["training"].name == f"{tmp_path.name}:train"
+        and contexts["validation"].digest == ("ab" * 32)[:36]
+    )
     assert str(tmp_path) in contexts["test"].source
 
 
 def test_ui_link_opens_the_model_training_view():
-    assert tracking.ui_link("http://127.0.0.1:5000/", "3") == \
-        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert (
+        tracking.ui_link("http://127.0.0.1:5000/", "3")
+        == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    )

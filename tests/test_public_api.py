@@ -23,7 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("ray", "mlflow", "optuna")
-NUMPY_PICKLE_NAMES = {("mg_ray/data/annotations.py", "_reconstruct"), ("mg_ray/data/annotations.py", "_frombuffer")}
+NUMPY_PICKLE_NAMES = {
+    ("mg_ray/data/annotations.py", "_reconstruct"),
+    ("mg_ray/data/annotations.py", "_frombuffer"),
+}
 
 
 def private(name: str) -> bool:
@@ -47,14 +50,18 @@ def findings(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 imported[(alias.asname or alias.name).split(".")[0]] = alias.name
-                if library_module(alias.name) and (any(map(private, alias.name.split("."))) or
-                                                   alias.name.startswith("ray.experimental")):
+                if library_module(alias.name) and (
+                    any(map(private, alias.name.split(".")))
+                    or alias.name.startswith("ray.experimental")
+                ):
                     flag(node, f"import {alias.name}")
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
             if library_module(node.module):
-                if any(map(private, node.module.split("."))) or node.module.startswith("ray.experimental"):
+                if any(map(private, node.module.split("."))) or node.module.startswith(
+                    "ray.experimental"
+                ):
                     flag(node, f"from {node.module} import ...")
                 for alias in node.names:
                     if private(alias.name):
@@ -88,10 +95,15 @@ def findings(path: Path) -> list[str]:
             for keyword in node.keywords:
                 if keyword.arg and private(keyword.arg):
                     flag(node, f"keyword argument {keyword.arg}")
-            if (isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
-                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                    and isinstance(node.args[1].value, str) and private(node.args[1].value)
-                    and (rel, node.args[1].value) not in NUMPY_PICKLE_NAMES):
+            if (
+                isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and private(node.args[1].value)
+                and (rel, node.args[1].value) not in NUMPY_PICKLE_NAMES
+            ):
                 flag(node, f"{node.func.id}(..., {node.args[1].value!r})")
     return out
 
@@ -123,9 +135,16 @@ def test_the_walk_finds_what_it_refuses(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     found = findings(bad)
-    for what in ("import ray._private.state", "from ray.train.v2._internal.callbacks", "from ray.experimental",
-                 "import _private_helper", "defines _create_default_callbacks", "attribute _queue of self",
-                 "attribute _inter_actor_queue of session", "keyword argument _node_ip_address",
-                 "getattr(..., '_stop_event')"):
+    for what in (
+        "import ray._private.state",
+        "from ray.train.v2._internal.callbacks",
+        "from ray.experimental",
+        "import _private_helper",
+        "defines _create_default_callbacks",
+        "attribute _queue of self",
+        "attribute _inter_actor_queue of session",
+        "keyword argument _node_ip_address",
+        "getattr(..., '_stop_event')",
+    ):
         assert any(what in line for line in found), (what, found)
     assert len(found) == 9, found

@@ -15,7 +15,9 @@ def test_run_found_again_by_key_and_terminated(tmp_path):
     assert client.get_run(run_id).info.status == "RUNNING"
     tracking.terminate_run(client, run_id, "FINISHED")
     runs = client.search_runs([exp])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params == {"a": "1"}
+    assert (
+        len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params == {"a": "1"}
+    )
 
 
 def test_unreachable_tracking_server_is_a_clear_error():

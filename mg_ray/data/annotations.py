@@ -75,8 +75,21 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 _BUILTINS = {
     name: getattr(__import__("builtins"), name)
-    for name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray",
-                 "int", "float", "bool", "complex", "slice")
+    for name in (
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "str",
+        "bytes",
+        "bytearray",
+        "int",
+        "float",
+        "bool",
+        "complex",
+        "slice",
+    )
 }
 
 
@@ -96,7 +109,9 @@ class _NdarrayClass:
     `_reconstruct`, so a pickle cannot call `ndarray(shape)` to allocate what it likes."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("numpy.ndarray called directly; an array pickle only passes it to _reconstruct")
+        raise TypeError(
+            "numpy.ndarray called directly; an array pickle only passes it to _reconstruct"
+        )
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -108,7 +123,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     64 MiB plus 16 times the file's size), and `numpy.ndarray` cannot be called at all (array
     pickles only pass it to `_reconstruct`, whose data then comes from the file)."""
 
-    def __init__(self, file: io.BufferedIOBase, source: str = "<pickle>", max_alloc: int | None = None) -> None:
+    def __init__(
+        self, file: io.BufferedIOBase, source: str = "<pickle>", max_alloc: int | None = None
+    ) -> None:
         super().__init__(file)
         self.source = source
         if max_alloc is None:
@@ -127,24 +144,35 @@ class RestrictedUnpickler(pickle.Unpickler):
                 self.allowed[key] = self._reconstruct(value)
 
     def _refuse(self, what: str, size: int) -> AnnotationError:
-        return AnnotationError(f"{self.source}: the pickle asks for {what} of {size:,} bytes, more than a file of "
-                               f"this size can hold (limit {self.max_alloc:,}); refused")
+        return AnnotationError(
+            f"{self.source}: the pickle asks for {what} of {size:,} bytes, more than a file of "
+            f"this size can hold (limit {self.max_alloc:,}); refused"
+        )
 
     def _sized(self, kind: type) -> Any:
         def make(*args: Any) -> Any:
-            if args and isinstance(args[0], int) and not isinstance(args[0], bool) and args[0] > self.max_alloc:
+            if (
+                args
+                and isinstance(args[0], int)
+                and not isinstance(args[0], bool)
+                and args[0] > self.max_alloc
+            ):
                 raise self._refuse(f"{kind.__name__}({args[0]})", args[0])
             return kind(*args)
+
         return make
 
     def _reconstruct(self, original: Any) -> Any:
         def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
             if subtype is not _NdarrayClass:
-                raise AnnotationError(f"{self.source}: _reconstruct of {subtype!r}: only numpy arrays are admitted")
+                raise AnnotationError(
+                    f"{self.source}: _reconstruct of {subtype!r}: only numpy arrays are admitted"
+                )
             size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             if size > self.max_alloc:
                 raise self._refuse(f"an array of shape {tuple(shape)}", size)
             return original(np.ndarray, shape, dtype)
+
         return reconstruct
 
     def find_class(self, module: str, name: str) -> Any:
@@ -198,7 +226,11 @@ def frame_dir_is_confined(frame_dir: str) -> bool:
     """True when `frame_dir` names a path inside the folder it is joined to: relative, with no
     '..', '.' or empty part (either slash), no drive."""
     parts = frame_dir.replace("\\", "/").split("/")
-    return not (frame_dir.startswith(("/", "\\")) or ":" in parts[0] or any(p in ("", ".", "..") for p in parts))
+    return not (
+        frame_dir.startswith(("/", "\\"))
+        or ":" in parts[0]
+        or any(p in ("", ".", "..") for p in parts)
+    )
 
 
 def validate_entry(
@@ -210,9 +242,15 @@ def validate_entry(
     is missing) and the field.
     """
     if not isinstance(entry, dict):
-        raise AnnotationError(f"{source}: annotations[{position}]: expected a dict, got {type(entry).__name__}")
+        raise AnnotationError(
+            f"{source}: annotations[{position}]: expected a dict, got {type(entry).__name__}"
+        )
     frame_dir = entry.get("frame_dir")
-    where = f"{source}: clip {frame_dir!r}" if isinstance(frame_dir, str) else f"{source}: annotations[{position}]"
+    where = (
+        f"{source}: clip {frame_dir!r}"
+        if isinstance(frame_dir, str)
+        else f"{source}: annotations[{position}]"
+    )
 
     def fail(key: str, message: str) -> AnnotationError:
         return AnnotationError(f"{where}: {key}: {message}")
@@ -223,43 +261,67 @@ def validate_entry(
     if not isinstance(frame_dir, str) or not frame_dir:
         raise fail("frame_dir", f"expected a non-empty string, got {frame_dir!r}")
     if not frame_dir_is_confined(frame_dir):
-        raise fail("frame_dir", f"expected a relative name inside the dataset (no '..', no absolute path), "
-                                f"got {frame_dir!r}")
+        raise fail(
+            "frame_dir",
+            f"expected a relative name inside the dataset (no '..', no absolute path), "
+            f"got {frame_dir!r}",
+        )
 
     label = entry.get("label", UNLABELED)  # a test split released without labels (MiGA)
     label = UNLABELED if label is None else label
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
         raise fail("label", f"expected an integer, got {label!r}")
     if int(label) != UNLABELED and not 0 <= int(label) < num_classes:
-        raise fail("label", f"expected a class id in [0, {num_classes}) (classes.txt), or -1 / none for an "
-                            f"unlabeled clip, got {int(label)}")
+        raise fail(
+            "label",
+            f"expected a class id in [0, {num_classes}) (classes.txt), or -1 / none for an "
+            f"unlabeled clip, got {int(label)}",
+        )
 
     img_shape = entry["img_shape"]
-    if (not isinstance(img_shape, (tuple, list, np.ndarray)) or len(img_shape) != 2
-            or not all(isinstance(v, (int, np.integer)) and v > 0 for v in img_shape)):
+    if (
+        not isinstance(img_shape, (tuple, list, np.ndarray))
+        or len(img_shape) != 2
+        or not all(isinstance(v, (int, np.integer)) and v > 0 for v in img_shape)
+    ):
         raise fail("img_shape", f"expected (height, width) positive integers, got {img_shape!r}")
 
     total_frames = entry["total_frames"]
-    if isinstance(total_frames, bool) or not isinstance(total_frames, (int, np.integer)) or total_frames < 1:
+    if (
+        isinstance(total_frames, bool)
+        or not isinstance(total_frames, (int, np.integer))
+        or total_frames < 1
+    ):
         raise fail("total_frames", f"expected an integer >= 1, got {total_frames!r}")
 
     keypoint, score = entry["keypoint"], entry["keypoint_score"]
     for key, arr in (("keypoint", keypoint), ("keypoint_score", score)):
         if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
-            raise fail(key, f"expected a numeric numpy array, got {type(arr).__name__}"
-                       + (f" of dtype {arr.dtype}" if isinstance(arr, np.ndarray) else ""))
+            raise fail(
+                key,
+                f"expected a numeric numpy array, got {type(arr).__name__}"
+                + (f" of dtype {arr.dtype}" if isinstance(arr, np.ndarray) else ""),
+            )
     if keypoint.ndim != 4 or keypoint.shape[-1] != 2:
         raise fail("keypoint", f"expected shape [M, T, V, 2], got {list(keypoint.shape)}")
     m, t, v, _ = keypoint.shape
     if v != num_joints:
-        raise fail("keypoint", f"expected V = {num_joints} joints (the dataset's keypoint layout), got {v}")
+        raise fail(
+            "keypoint", f"expected V = {num_joints} joints (the dataset's keypoint layout), got {v}"
+        )
     if score.shape != (m, t, v):
-        raise fail("keypoint_score", f"expected shape [M, T, V] = {[m, t, v]} (as keypoint), got {list(score.shape)}")
+        raise fail(
+            "keypoint_score",
+            f"expected shape [M, T, V] = {[m, t, v]} (as keypoint), got {list(score.shape)}",
+        )
     if t != int(total_frames):
         raise fail("keypoint", f"expected T = total_frames = {int(total_frames)} frames, got {t}")
     if not np.isfinite(keypoint).all():
         bad = np.argwhere(~np.isfinite(keypoint))[0]
-        raise fail("keypoint", f"contains NaN/inf (first at person {bad[0]}, frame {bad[1]}, joint {bad[2]})")
+        raise fail(
+            "keypoint",
+            f"contains NaN/inf (first at person {bad[0]}, frame {bad[1]}, joint {bad[2]})",
+        )
     if not np.isfinite(score).all():
         raise fail("keypoint_score", "contains NaN/inf")
 
@@ -308,7 +370,8 @@ class DatasetIndex:
             raise AnnotationError(
                 f"{self.root}: split {name!r}: {len(unlabeled)} of {len(clips)} clips carry no label (e.g. clip "
                 f"{unlabeled[0]!r}); an unlabeled split can be predicted (mg-ray predict --split), not trained "
-                f"or evaluated on")
+                f"or evaluated on"
+            )
         return clips
 
     def split(self, name: str) -> list[Annotation]:
@@ -323,7 +386,9 @@ class DatasetIndex:
 
 def read_class_names(path: Path) -> list[str]:
     if not path.is_file():
-        raise AnnotationError(f"{path}: class list not found (one class name per line, in id order)")
+        raise AnnotationError(
+            f"{path}: class list not found (one class name per line, in id order)"
+        )
     names = [line.strip() for line in path.read_text().splitlines()]
     while names and not names[-1]:
         names.pop()
@@ -359,7 +424,9 @@ def load_index(
             raise AnnotationError(f"{meta_path}: not valid JSON: {err}") from None
         if not isinstance(metadata, dict):
             raise AnnotationError(f"{meta_path}: expected a JSON object")
-    named, named_by = (layout, "layout") if layout else (metadata.get("layout"), f"{meta_path}: layout")
+    named, named_by = (
+        (layout, "layout") if layout else (metadata.get("layout"), f"{meta_path}: layout")
+    )
     try:
         named_layout = get_layout(named) if named else None
     except ValueError as err:
@@ -377,8 +444,12 @@ def load_index(
         for i, entry in enumerate(raw):
             ann = validate_entry(entry, len(class_names), kp_layout.num_joints, source, i)
             if ann.frame_dir in by_name:
-                also = "" if where[ann.frame_dir] == source else f" (also in {where[ann.frame_dir]})"
-                raise AnnotationError(f"{source}: clip {ann.frame_dir!r}: frame_dir: duplicated entry{also}")
+                also = (
+                    "" if where[ann.frame_dir] == source else f" (also in {where[ann.frame_dir]})"
+                )
+                raise AnnotationError(
+                    f"{source}: clip {ann.frame_dir!r}: frame_dir: duplicated entry{also}"
+                )
             by_name[ann.frame_dir], where[ann.frame_dir] = ann, source
         for name, members in split_map.items():
             if not isinstance(members, (list, tuple)):
@@ -390,7 +461,9 @@ def load_index(
                     f"entry in this file, e.g. clip {unknown[0]!r}"
                 )
             if str(name) in splits:
-                raise AnnotationError(f"{source}: split {name!r}: also defined by another annotation file")
+                raise AnnotationError(
+                    f"{source}: split {name!r}: also defined by another annotation file"
+                )
             splits[str(name)] = [by_name[m] for m in members]
 
     check_confined(root / video_dir, by_name, where)
@@ -416,8 +489,10 @@ def check_confined(video_root: Path, clips: dict[str, Annotation], where: dict[s
     for frame_dir in {name.rsplit("/", 1)[0] for name in clips if "/" in name}:
         folder = (video_root / frame_dir).resolve()
         if not folder.is_relative_to(base):
-            raise AnnotationError(f"{where[next(n for n in clips if n.startswith(frame_dir + '/'))]}: clip folder "
-                                  f"{frame_dir!r}: resolves to {folder}, outside {base}")
+            raise AnnotationError(
+                f"{where[next(n for n in clips if n.startswith(frame_dir + '/'))]}: clip folder "
+                f"{frame_dir!r}: resolves to {folder}, outside {base}"
+            )
 
 
 def annotation_files(root: Path, annotation_file: str = "annotations.pkl") -> list[Path]:
@@ -427,7 +502,9 @@ def annotation_files(root: Path, annotation_file: str = "annotations.pkl") -> li
         return [single]
     per_split = sorted(p for p in root.glob("*.pkl") if p.is_file())
     if not per_split:
-        raise AnnotationError(f"{single}: annotation file not found (nor any per-split <split>.pkl in {root})")
+        raise AnnotationError(
+            f"{single}: annotation file not found (nor any per-split <split>.pkl in {root})"
+        )
     return per_split
 
 
@@ -444,26 +521,38 @@ def read_annotation_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     return raw, split_map
 
 
-def resolve_layout(named: KeypointLayout | None, named_by: str,
-                   loaded: list[tuple[str, list[Any], dict[str, Any]]]) -> KeypointLayout:
+def resolve_layout(
+    named: KeypointLayout | None, named_by: str, loaded: list[tuple[str, list[Any], dict[str, Any]]]
+) -> KeypointLayout:
     """The named layout, checked against the annotations' joint count V, or the layout V
     identifies. A mismatch names both."""
-    found = next(((source, entry["keypoint"].shape[2]) for source, raw, _ in loaded for entry in raw
-                  if isinstance(entry, dict) and isinstance(entry.get("keypoint"), np.ndarray)
-                  and entry["keypoint"].ndim == 4), None)
+    found = next(
+        (
+            (source, entry["keypoint"].shape[2])
+            for source, raw, _ in loaded
+            for entry in raw
+            if isinstance(entry, dict)
+            and isinstance(entry.get("keypoint"), np.ndarray)
+            and entry["keypoint"].ndim == 4
+        ),
+        None,
+    )
     if named is not None:
         if found is not None and found[1] != named.num_joints:
             raise AnnotationError(
                 f"{found[0]}: keypoint: expected V = {named.num_joints} joints (layout {named.name}, from "
-                f"{named_by}), got {found[1]}" + _layout_hint(found[1]))
+                f"{named_by}), got {found[1]}" + _layout_hint(found[1])
+            )
         return named
     if found is None:
         return COCO17
     by_count = layout_for_joints(found[1])
     if by_count is None:
-        raise AnnotationError(f"{found[0]}: keypoint: V = {found[1]} joints matches no known layout "
-                              f"({', '.join(f'{l.name} {l.num_joints}' for l in LAYOUTS.values())}); "
-                              f"name one in dataset.json's 'layout'")
+        raise AnnotationError(
+            f"{found[0]}: keypoint: V = {found[1]} joints matches no known layout "
+            f"({', '.join(f'{l.name} {l.num_joints}' for l in LAYOUTS.values())}); "
+            f"name one in dataset.json's 'layout'"
+        )
     return by_count
 
 

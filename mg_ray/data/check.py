@@ -28,29 +28,43 @@ def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
     if not root.is_absolute():
         raise FileNotFoundError(
             f"data.root: {cfg.root} is a relative path; give an absolute one (Ray's workers run in "
-            f"other folders, and `ray job submit` runs the job in a temporary copy of the project)")
+            f"other folders, and `ray job submit` runs the job in a temporary copy of the project)"
+        )
     if not root.exists() and root.resolve() == paths.synthetic_dataset().resolve():
         print(f"synthetic dataset not found; generating it in {root}")
         generate(root)
     if not root.exists():
         raise FileNotFoundError(f"data.root: dataset folder {root} does not exist")
-    index = load_index(root, layout=cfg.layout, annotation_file=cfg.annotation_file,
-                       video_dir=cfg.video_dir, video_ext=cfg.video_ext)
+    index = load_index(
+        root,
+        layout=cfg.layout,
+        annotation_file=cfg.annotation_file,
+        video_dir=cfg.video_dir,
+        video_ext=cfg.video_ext,
+    )
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(cfg, key)
         if split is not None and split not in index.splits:
-            raise AnnotationError(f"{root}: data.{key}: no split {split!r} "
-                                  f"(the annotations have {', '.join(sorted(index.splits))})")
+            raise AnnotationError(
+                f"{root}: data.{key}: no split {split!r} "
+                f"(the annotations have {', '.join(sorted(index.splits))})"
+            )
         if split is not None:
             try:
                 index.labeled(split)
             except AnnotationError as err:
-                hint = " (set data.test_split: null to train without a test evaluation)" if key == "test_split" else ""
+                hint = (
+                    " (set data.test_split: null to train without a test evaluation)"
+                    if key == "test_split"
+                    else ""
+                )
                 raise AnnotationError(f"data.{key}: {err}{hint}") from None
     if rgb and not index.video_root.is_dir():
-        raise AnnotationError(f"{index.video_root}: no video folder: this dataset is skeleton-only, which "
-                              f"pose-only models (model.modality: pose) can train on; an RGB or two-stream "
-                              f"model needs the clips")
+        raise AnnotationError(
+            f"{index.video_root}: no video folder: this dataset is skeleton-only, which "
+            f"pose-only models (model.modality: pose) can train on; an RGB or two-stream "
+            f"model needs the clips"
+        )
 
 
 def report(root: Path) -> tuple[list[str], list[str]]:
@@ -62,32 +76,54 @@ def report(root: Path) -> tuple[list[str], list[str]]:
     except (AnnotationError, FileNotFoundError) as err:
         return [f"{root}: not loadable"], [str(err)]
     problems: list[str] = []
-    lines = [f"{root}", f"  layout: {index.layout.name} ({index.layout.num_joints} joints)",
-             f"  classes: {index.num_classes}"]
+    lines = [
+        f"{root}",
+        f"  layout: {index.layout.name} ({index.layout.num_joints} joints)",
+        f"  classes: {index.num_classes}",
+    ]
     clips = [a for split in index.splits.values() for a in split]
     unique = {a.frame_dir: a for a in clips}
     counts = Counter(a.label for a in unique.values())
-    lines.append("  clips per class: " + ", ".join(f"{k} {index.class_names[k]}: {counts.get(k, 0)}"
-                                                   for k in range(index.num_classes)))
+    lines.append(
+        "  clips per class: "
+        + ", ".join(
+            f"{k} {index.class_names[k]}: {counts.get(k, 0)}" for k in range(index.num_classes)
+        )
+    )
     if counts.get(UNLABELED):
         lines.append(f"  unlabeled clips: {counts[UNLABELED]} (predictable, not trainable)")
     for name, split in index.splits.items():
         unlabeled = sum(a.label == UNLABELED for a in split)
-        lines.append(f"  split {name}: {len(split)} clips" + (f", {unlabeled} unlabeled" if unlabeled else ""))
+        lines.append(
+            f"  split {name}: {len(split)} clips"
+            + (f", {unlabeled} unlabeled" if unlabeled else "")
+        )
     frames = np.array([a.total_frames for a in unique.values()] or [0])
     persons = Counter(int(a.keypoint.shape[0]) for a in unique.values())
-    lines.append(f"  frames per clip: min {frames.min()}, median {int(np.median(frames))}, max {frames.max()}")
-    lines.append("  persons per clip: " + ", ".join(f"{m}: {n} clips" for m, n in sorted(persons.items())))
+    lines.append(
+        f"  frames per clip: min {frames.min()}, median {int(np.median(frames))}, max {frames.max()}"
+    )
+    lines.append(
+        "  persons per clip: " + ", ".join(f"{m}: {n} clips" for m, n in sorted(persons.items()))
+    )
     empty = [a.frame_dir for a in unique.values() if not (a.keypoint_score > 0).any()]
     if empty:
-        problems.append(f"{len(empty)} clip(s) have no detected joint at all, e.g. clip {empty[0]!r}")
+        problems.append(
+            f"{len(empty)} clip(s) have no detected joint at all, e.g. clip {empty[0]!r}"
+        )
     if not index.video_root.is_dir():
-        lines.append(f"  videos: none ({index.video_root} absent): skeleton-only, for pose-only models")
+        lines.append(
+            f"  videos: none ({index.video_root} absent): skeleton-only, for pose-only models"
+        )
     else:
-        missing = [a.frame_dir for a in unique.values() if not index.video_path(a.frame_dir).is_file()]
+        missing = [
+            a.frame_dir for a in unique.values() if not index.video_path(a.frame_dir).is_file()
+        ]
         lines.append(f"  videos: {len(unique) - len(missing)} of {len(unique)} clips")
         if missing:
-            problems.append(f"{len(missing)} clip(s) have no video: e.g. {index.video_path(missing[0])} not found")
+            problems.append(
+                f"{len(missing)} clip(s) have no video: e.g. {index.video_path(missing[0])} not found"
+            )
     return lines, problems
 
 

@@ -45,9 +45,9 @@ class DataConfig:
     sigma: float = 0.7
 
     # Augmentation (train mode only).
-    crop_padding: float = 0.25          # compact crop: box around the person padded by 25 %
+    crop_padding: float = 0.25  # compact crop: box around the person padded by 25 %
     flip_prob: float = 0.5
-    rrc_area: tuple[float, float] = (0.56, 1.0)   # random resized crop: area fraction range
+    rrc_area: tuple[float, float] = (0.56, 1.0)  # random resized crop: area fraction range
     rrc_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # aspect ratio range
 
     # Loader.
@@ -67,8 +67,12 @@ class DataConfig:
                 f"override), got {self.heatmap_size}"
             )
         check(self.sigma > 0, "sigma", "a number > 0", self.sigma)
-        check(self.layout is None or self.layout in LAYOUTS, "layout",
-              f"null or one of {', '.join(LAYOUTS)}", self.layout)
+        check(
+            self.layout is None or self.layout in LAYOUTS,
+            "layout",
+            f"null or one of {', '.join(LAYOUTS)}",
+            self.layout,
+        )
         check(0 <= self.crop_padding <= 2, "crop_padding", "a number in [0, 2]", self.crop_padding)
         check(0 <= self.flip_prob <= 1, "flip_prob", "a number in [0, 1]", self.flip_prob)
         lo, hi = self.rrc_area
@@ -78,7 +82,12 @@ class DataConfig:
         check(self.num_workers >= 0, "num_workers", "an integer >= 0", self.num_workers)
         check(bool(self.train_split), "train_split", "a split name", self.train_split)
         check(bool(self.val_split), "val_split", "a split name", self.val_split)
-        check(self.video_ext.startswith("."), "video_ext", "an extension starting with '.'", self.video_ext)
+        check(
+            self.video_ext.startswith("."),
+            "video_ext",
+            "an extension starting with '.'",
+            self.video_ext,
+        )
 
     def pose_channels(self, layout: KeypointLayout) -> int:
         """Channels of the pose input: one per joint, or one per limb."""

@@ -107,7 +107,7 @@ class PipelineParams:
     heatmap_size: int = 56
     sigma: float = 0.7
     limbs: Sequence[tuple[int, int]] | None = None  # None: joint heatmaps
-    flip_permutation: Sequence[int] | None = None   # None: no flips
+    flip_permutation: Sequence[int] | None = None  # None: no flips
     crop_padding: float = 0.25
     flip_prob: float = 0.5
     rrc_area: tuple[float, float] = (0.56, 1.0)
@@ -117,12 +117,17 @@ class PipelineParams:
     def from_config(cls, cfg: DataConfig, layout: KeypointLayout) -> PipelineParams:
         """The pipeline `cfg` describes for clips of keypoint layout `layout`."""
         return cls(
-            rgb_frames=cfg.rgb_frames, pose_frames=cfg.pose_frames, rgb_size=cfg.rgb_size,
-            heatmap_size=cfg.heatmap_size, sigma=cfg.sigma,
+            rgb_frames=cfg.rgb_frames,
+            pose_frames=cfg.pose_frames,
+            rgb_size=cfg.rgb_size,
+            heatmap_size=cfg.heatmap_size,
+            sigma=cfg.sigma,
             limbs=list(layout.limbs) if cfg.heatmap == "limbs" else None,
             flip_permutation=layout.flip_permutation(),
-            crop_padding=cfg.crop_padding, flip_prob=cfg.flip_prob,
-            rrc_area=tuple(cfg.rrc_area), rrc_ratio=tuple(cfg.rrc_ratio),
+            crop_padding=cfg.crop_padding,
+            flip_prob=cfg.flip_prob,
+            rrc_area=tuple(cfg.rrc_area),
+            rrc_ratio=tuple(cfg.rrc_ratio),
         )
 
     @property
@@ -157,8 +162,8 @@ def clip_inputs(
         if rng is None:
             raise ValueError("train mode needs an explicit np.random.Generator")
     total = keypoint.shape[1]
-    pose_idx = sample_frames(total, params.pose_frames, mode, num_clips, rng)   # [k, Tp]
-    rgb_idx = sample_frames(total, params.rgb_frames, mode, num_clips, rng)     # [k, Tr]
+    pose_idx = sample_frames(total, params.pose_frames, mode, num_clips, rng)  # [k, Tp]
+    rgb_idx = sample_frames(total, params.rgb_frames, mode, num_clips, rng)  # [k, Tr]
     if rgb:
         decoded = read_frames(video_path, rgb_idx.reshape(-1), expected_frames=total)
         frames = decoded.frames.reshape(num_clips, params.rgb_frames, *decoded.frames.shape[1:])
@@ -198,6 +203,7 @@ def clip_inputs(
         hkp = scale_keypoints(ckp, (hm / size, hm / size))
         heat = pose_heatmaps(hkp, csc, (hm, hm), params.sigma, params.limbs)  # [C, Tp, s, s]
         pose_out.append(torch.from_numpy(heat))
+
     def stack(clips: list[torch.Tensor]) -> torch.Tensor:
         return clips[0][None] if num_clips == 1 else torch.stack(clips)  # no copy for one clip
 
@@ -281,8 +287,15 @@ class MicroGestureDataset(Dataset):
             ann = self.annotations[i]
             try:
                 inputs = clip_inputs(
-                    self.index.video_path(ann.frame_dir), ann.keypoint, ann.keypoint_score,
-                    ann.img_shape, self.params, self.mode, self.num_clips, rng, rgb=self.rgb,
+                    self.index.video_path(ann.frame_dir),
+                    ann.keypoint,
+                    ann.keypoint_score,
+                    ann.img_shape,
+                    self.params,
+                    self.mode,
+                    self.num_clips,
+                    rng,
+                    rgb=self.rgb,
                 )
                 break
             except VideoError as err:
@@ -307,12 +320,21 @@ def build_dataset(
 ) -> MicroGestureDataset:
     """The dataset of split `split` described by `cfg` (mode "train" or "test"; test clips
     default to cfg.test_clips; rgb=False: pose only, no video decoded)."""
-    index = load_index(cfg.root, layout=cfg.layout, annotation_file=cfg.annotation_file,
-                       video_dir=cfg.video_dir, video_ext=cfg.video_ext)
+    index = load_index(
+        cfg.root,
+        layout=cfg.layout,
+        annotation_file=cfg.annotation_file,
+        video_dir=cfg.video_dir,
+        video_ext=cfg.video_ext,
+    )
     return MicroGestureDataset(
-        index, split, mode, params=PipelineParams.from_config(cfg, index.layout),
+        index,
+        split,
+        mode,
+        params=PipelineParams.from_config(cfg, index.layout),
         num_clips=num_clips if num_clips is not None else (cfg.test_clips if mode == "test" else 1),
-        skip_bad=cfg.skip_bad, rgb=rgb,
+        skip_bad=cfg.skip_bad,
+        rgb=rgb,
     )
 
 
@@ -337,7 +359,9 @@ def load_skeleton(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, 
             with np.load(path, allow_pickle=False) as data:
                 raw = {k: data[k] for k in data.files}
         except (OSError, ValueError) as err:  # not a zip, truncated, or object arrays (refused)
-            raise SkeletonError(f"{path}: not a readable .npz skeleton ({str(err).splitlines()[0]})") from None
+            raise SkeletonError(
+                f"{path}: not a readable .npz skeleton ({str(err).splitlines()[0]})"
+            ) from None
     elif path.suffix == ".json":
         try:
             raw = json.loads(path.read_text())
@@ -356,12 +380,16 @@ def load_skeleton(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, 
     if kp.ndim == 3:
         kp = kp[None]
     if kp.ndim != 4 or kp.shape[-1] != 2:
-        raise SkeletonError(f"{path}: keypoint: expected shape [M, T, V, 2] or [T, V, 2], got {list(kp.shape)}")
+        raise SkeletonError(
+            f"{path}: keypoint: expected shape [M, T, V, 2] or [T, V, 2], got {list(kp.shape)}"
+        )
     score = np.asarray(raw.get("keypoint_score", np.ones(kp.shape[:3])), dtype=np.float32)
     if score.ndim == 2:
         score = score[None]
     if score.shape != kp.shape[:3]:
-        raise SkeletonError(f"{path}: keypoint_score: expected shape {list(kp.shape[:3])}, got {list(score.shape)}")
+        raise SkeletonError(
+            f"{path}: keypoint_score: expected shape {list(kp.shape[:3])}, got {list(score.shape)}"
+        )
     if not (np.isfinite(kp).all() and np.isfinite(score).all()):
         raise SkeletonError(f"{path}: keypoint: contains NaN/inf")
     img_shape = raw.get("img_shape")

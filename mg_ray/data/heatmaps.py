@@ -162,21 +162,29 @@ def joint_heatmaps(
     items = np.arange(s.size)
     if not keep.all():  # usually every joint is drawn: skip the compaction then
         items = np.flatnonzero(keep)
-        mx, my, s, x0, x1, y0, y1 = mx[items], my[items], s[items], x0[items], x1[items], y0[items], y1[items]
+        mx, my, s, x0, x1, y0, y1 = (
+            mx[items],
+            my[items],
+            s[items],
+            x0[items],
+            x1[items],
+            y0[items],
+            y1[items],
+        )
     if items.size:
         width, height = x1 - x0, y1 - y0
         p = int(max(width.max(), height.max()))
         # Window pixels are laid out [P, P, N], items last: numpy's inner loops then run over
         # the N items instead of P = 5 pixels, which made [N, P, P] broadcasts 3-4x slower.
-        steps = np.arange(p)[:, None]                # [P, 1]
+        steps = np.arange(p)[:, None]  # [P, 1]
         # The exponent in float64, then exp in float32: the same rounding as the peer's code, so
         # the heatmaps (and the trainings on them) stay bit for bit what they were.
         k = np.float32(-0.5 / (sigma * sigma))
-        dx = (x0 + steps) - mx                       # [P, N] pixel - joint, float64
+        dx = (x0 + steps) - mx  # [P, N] pixel - joint, float64
         dy = (y0 + steps) - my
         gx = np.exp(dx * dx * k, dtype=np.float32)
         gy = np.exp(dy * dy * k, dtype=np.float32) * s
-        values = gy[:, None, :] * gx[None, :, :]     # [P (y), P (x), N]
+        values = gy[:, None, :] * gx[None, :, :]  # [P (y), P (x), N]
         # Flat indices, separable too: (plane + row offset) + column. A row or column past the
         # window gets a sentinel >= the dummy slot, so one clip sends every pixel outside the
         # window there.
@@ -184,9 +192,11 @@ def joint_heatmaps(
         base = (joint * t + frame) * (h * w)
         rows = np.where(steps < height, base + (y0 + steps) * w, dummy)  # [P, N]
         cols = np.where(steps < width, x0 + steps, dummy)
-        flat = rows[:, None, :] + cols[None, :, :]   # [P, P, N]
+        flat = rows[:, None, :] + cols[None, :, :]  # [P, P, N]
         np.minimum(flat, dummy, out=flat)
-        _write_persons(out, person, lambda lo, hi: (flat[..., lo:hi].ravel(), values[..., lo:hi].ravel()))
+        _write_persons(
+            out, person, lambda lo, hi: (flat[..., lo:hi].ravel(), values[..., lo:hi].ravel())
+        )
     return out[:-1].reshape(v, t, h, w)
 
 
@@ -214,7 +224,7 @@ def limb_heatmaps(
         raise ValueError(f"limb heatmaps of shape {out.shape} are too large (at most 2^31 values)")
     ends = np.asarray(limbs, dtype=np.intp).reshape(n_limbs, 2)
     # Items ordered (frame, limb) within a person; persons merge by element-wise maximum.
-    a, b = kp[:, :, ends[:, 0]], kp[:, :, ends[:, 1]]   # [M, T, L, 2]
+    a, b = kp[:, :, ends[:, 0]], kp[:, :, ends[:, 1]]  # [M, T, L, 2]
     value = np.minimum(sc[:, :, ends[:, 0]], sc[:, :, ends[:, 1]])
     # a limb shorter than a pixel is a point at a with a's score, once min(s_a, s_b) passes EPS
     ab = b - a
@@ -222,8 +232,16 @@ def limb_heatmaps(
     value = np.where(short & (value >= EPS), sc[:, :, ends[:, 0]], value)
     plane = ((np.arange(n_limbs) * t + np.arange(t)[:, None]) * (h * w)).ravel()
     for person in range(m):
-        _draw_segments(out.reshape(-1), size, a[person].reshape(-1, 2), b[person].reshape(-1, 2),
-                       value[person].ravel(), plane, sigma, merge=person > 0)
+        _draw_segments(
+            out.reshape(-1),
+            size,
+            a[person].reshape(-1, 2),
+            b[person].reshape(-1, 2),
+            value[person].ravel(),
+            plane,
+            sigma,
+            merge=person > 0,
+        )
     return out
 
 

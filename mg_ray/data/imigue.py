@@ -68,8 +68,10 @@ def read_skeleton_csv(path: Path) -> np.ndarray:
             if not row:
                 continue
             if len(row) != COLUMNS:
-                raise ImigueError(f"{path}:{line}: expected {COLUMNS} values (a frame column, then {JOINTS} joints x "
-                                  f"(x, y, confidence)), got {len(row)}")
+                raise ImigueError(
+                    f"{path}:{line}: expected {COLUMNS} values (a frame column, then {JOINTS} joints x "
+                    f"(x, y, confidence)), got {len(row)}"
+                )
             try:
                 rows.append([float(v) for v in row[1:]])
             except ValueError:
@@ -93,13 +95,17 @@ def read_label_csv(path: Path, video: str, frames: int) -> list[Gesture]:
             try:
                 raw, start, end = (int(float(v)) for v in row[:3])
             except ValueError:
-                raise ImigueError(f"{path}:{line}: expected gestureID,start,end integers, got {row}") from None
+                raise ImigueError(
+                    f"{path}:{line}: expected gestureID,start,end integers, got {row}"
+                ) from None
             label = (NON_MG if raw == NON_MG_RAW else raw) - 1
             if not 0 <= label < NON_MG:
                 raise ImigueError(f"{path}:{line}: gestureID {raw}: expected 1..31 or 99")
             if not 0 <= start <= end < frames:
-                raise ImigueError(f"{path}:{line}: frames {start}..{end}: expected 0 <= start <= end < {frames} "
-                                  f"(the skeleton file's frame count)")
+                raise ImigueError(
+                    f"{path}:{line}: frames {start}..{end}: expected 0 <= start <= end < {frames} "
+                    f"(the skeleton file's frame count)"
+                )
             gestures.append(Gesture(video, len(gestures), label, start, end))
     if not gestures:
         raise ImigueError(f"{path}: no gestures")
@@ -114,7 +120,11 @@ def read_split_file(path: Path) -> dict[str, tuple[str, str]]:
     with path.open(newline="") as f:
         for line, row in enumerate(csv.reader(f), 1):
             row = [v.strip() for v in row]
-            if not row or not row[0] or (line == 1 and row[0].lower() in ("video", "video_id", "id")):
+            if (
+                not row
+                or not row[0]
+                or (line == 1 and row[0].lower() in ("video", "video_id", "id"))
+            ):
                 continue
             if len(row) < 2 or not row[1]:
                 raise ImigueError(f"{path}:{line}: expected video_id,split[,subject], got {row}")
@@ -154,8 +164,9 @@ def cut_video(source: Path, gestures: list[Gesture], folder: Path) -> tuple[int,
             for g in gestures:
                 if g.start <= index <= g.end:
                     if g.name not in writers:
-                        writers[g.name] = video_io.H264Writer(folder / f"{g.name}.mp4", image.shape[1], image.shape[0],
-                                                              fps=fps)
+                        writers[g.name] = video_io.H264Writer(
+                            folder / f"{g.name}.mp4", image.shape[1], image.shape[0], fps=fps
+                        )
                     writers[g.name].write(image)
                 elif index > g.end and g.name in writers:
                     writers.pop(g.name).close()
@@ -165,12 +176,23 @@ def cut_video(source: Path, gestures: list[Gesture], folder: Path) -> tuple[int,
         container.close()
     short = [g.name for g in gestures if not (folder / f"{g.name}.mp4").is_file()]
     if short or size is None:
-        raise ImigueError(f"{source}: the video ends before gesture(s) {short[:3]} (frames beyond its length)")
+        raise ImigueError(
+            f"{source}: the video ends before gesture(s) {short[:3]} (frames beyond its length)"
+        )
     return size
 
 
-def convert(src: Path, out: Path, split_file: Path, *, videos: Path | None = None, layout: str = "imigue22",
-            classes: Path | None = None, force: bool = False, log=print) -> Path:
+def convert(
+    src: Path,
+    out: Path,
+    split_file: Path,
+    *,
+    videos: Path | None = None,
+    layout: str = "imigue22",
+    classes: Path | None = None,
+    force: bool = False,
+    log=print,
+) -> Path:
     """Build the dataset at `out` from the raw release at `src`; returns its path."""
     if layout not in ("imigue22", "imigue35"):
         raise ImigueError(f"--layout: expected imigue22 or imigue35, got {layout!r}")
@@ -186,9 +208,13 @@ def convert(src: Path, out: Path, split_file: Path, *, videos: Path | None = Non
         except (FileNotFoundError, ValueError) as err:
             raise ImigueError(str(err)) from None
         if len(class_names) != NON_MG:
-            raise ImigueError(f"--classes {classes}: expected {NON_MG} class names (ids 0..31), got {len(class_names)}")
+            raise ImigueError(
+                f"--classes {classes}: expected {NON_MG} class names (ids 0..31), got {len(class_names)}"
+            )
     splits = read_split_file(Path(split_file))
-    folders = sorted(p for p in src.iterdir() if p.is_dir() and (p / f"{p.name}_label.csv").is_file())
+    folders = sorted(
+        p for p in src.iterdir() if p.is_dir() and (p / f"{p.name}_label.csv").is_file()
+    )
     if not folders:
         raise ImigueError(f"{src}: no video folders (<id>/<id>_light_hand.csv + <id>_label.csv)")
     missing = [p.name for p in folders if p.name not in splits]
@@ -216,48 +242,97 @@ def convert(src: Path, out: Path, split_file: Path, *, videos: Path | None = Non
         if videos is not None:
             (stage / video_io.VIDEOS).mkdir()
         for vid, skeleton, gestures, video in per_video:
-            img_shape = cut_video(video, gestures, stage / video_io.VIDEOS) if video is not None else IMG_SHAPE
+            img_shape = (
+                cut_video(video, gestures, stage / video_io.VIDEOS)
+                if video is not None
+                else IMG_SHAPE
+            )
             split, subject = splits[vid]
             for g in gestures:
-                part = skeleton[g.start: g.end + 1]                    # [T, V, 3]
+                part = skeleton[g.start : g.end + 1]  # [T, V, 3]
                 score = part[..., 2].copy()
                 xy = part[..., :2].copy()
-                xy[score <= 0] = 0.0                                   # undetected: (0, 0), score 0
+                xy[score <= 0] = 0.0  # undetected: (0, 0), score 0
                 score[score < 0] = 0.0
-                annotations.append({
-                    "frame_dir": g.name, "label": g.label, "img_shape": img_shape, "original_shape": img_shape,
-                    "total_frames": len(part), "keypoint": np.ascontiguousarray(xy[None]),
-                    "keypoint_score": np.ascontiguousarray(score[None]), "subject": subject,
-                })
+                annotations.append(
+                    {
+                        "frame_dir": g.name,
+                        "label": g.label,
+                        "img_shape": img_shape,
+                        "original_shape": img_shape,
+                        "total_frames": len(part),
+                        "keypoint": np.ascontiguousarray(xy[None]),
+                        "keypoint_score": np.ascontiguousarray(score[None]),
+                        "subject": subject,
+                    }
+                )
                 split_lists.setdefault(split, []).append(g.name)
             done += len(gestures)
             bar = "#" * int(30 * done / total)
-            print(f"\r  [{bar:<30}] {done}/{total} gestures ({vid})", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r  [{bar:<30}] {done}/{total} gestures ({vid})",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         print(file=sys.stderr)
         video_io.write_annotations(stage, split_lists, annotations)
         video_io.write_classes(stage, class_names)
-        video_io.write_metadata(stage, name=Path(out).name, layout=LAYOUTS[layout].name, num_classes=len(class_names),
-                                converter={"module": __name__, "src": str(src), "videos": str(videos) if videos else None,
-                                           "split_file": str(Path(split_file).absolute()), "joints_kept": keep})
-    log(f"  {len(annotations)} clips from {len(per_video)} videos; splits "
-        + ", ".join(f"{k} {len(v)}" for k, v in split_lists.items()) + ("" if videos else "; skeleton-only (no --videos)"))
+        video_io.write_metadata(
+            stage,
+            name=Path(out).name,
+            layout=LAYOUTS[layout].name,
+            num_classes=len(class_names),
+            converter={
+                "module": __name__,
+                "src": str(src),
+                "videos": str(videos) if videos else None,
+                "split_file": str(Path(split_file).absolute()),
+                "joints_kept": keep,
+            },
+        )
+    log(
+        f"  {len(annotations)} clips from {len(per_video)} videos; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in split_lists.items())
+        + ("" if videos else "; skeleton-only (no --videos)")
+    )
     return Path(out).expanduser().absolute()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", type=Path, required=True, help="the raw release: one folder per video")
+    parser.add_argument(
+        "--src", type=Path, required=True, help="the raw release: one folder per video"
+    )
     parser.add_argument("--out", type=Path, required=True, help="the dataset folder to write")
-    parser.add_argument("--split-file", type=Path, required=True, help="CSV video_id,split[,subject]")
-    parser.add_argument("--videos", type=Path, help="folder of the long videos <id>.mp4 (default: skeleton only)")
-    parser.add_argument("--layout", choices=("imigue22", "imigue35"), default="imigue22",
-                        help="22 joints as the organisers' ST-GCN and MiGA (default), or all 35")
-    parser.add_argument("--classes", type=Path, help="32 class names, one a line (default: iMiGUE's)")
-    parser.add_argument("--force", action="store_true", help="replace an existing mg-ray dataset at --out")
+    parser.add_argument(
+        "--split-file", type=Path, required=True, help="CSV video_id,split[,subject]"
+    )
+    parser.add_argument(
+        "--videos", type=Path, help="folder of the long videos <id>.mp4 (default: skeleton only)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("imigue22", "imigue35"),
+        default="imigue22",
+        help="22 joints as the organisers' ST-GCN and MiGA (default), or all 35",
+    )
+    parser.add_argument(
+        "--classes", type=Path, help="32 class names, one a line (default: iMiGUE's)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing mg-ray dataset at --out"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert(args.src, args.out, args.split_file, videos=args.videos, layout=args.layout,
-                  classes=args.classes, force=args.force)
+    out = convert(
+        args.src,
+        args.out,
+        args.split_file,
+        videos=args.videos,
+        layout=args.layout,
+        classes=args.classes,
+        force=args.force,
+    )
     print(f"dataset written to {out} (check it with: mg-ray check-data {out})")
     return 0
-

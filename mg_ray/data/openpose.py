@@ -45,8 +45,10 @@ LAYOUTS = {"body25": BODY25, "body25_hands": BODY25_HANDS, "coco18": COCO18}
 BODY_JOINTS = {"body25": 25, "body25_hands": 25, "coco18": 18}  # points in the pose_keypoints list
 # each part's key from OpenPose 1.2 on, then the 1.0 / 1.1 spelling
 BODY_KEYS = ("pose_keypoints_2d", "pose_keypoints")
-HAND_KEYS = {"left": ("hand_left_keypoints_2d", "hand_left_keypoints"),
-             "right": ("hand_right_keypoints_2d", "hand_right_keypoints")}
+HAND_KEYS = {
+    "left": ("hand_left_keypoints_2d", "hand_left_keypoints"),
+    "right": ("hand_right_keypoints_2d", "hand_right_keypoints"),
+}
 HAND_JOINTS = 21
 FRAME_FILE = re.compile(r"_(\d+)_keypoints\.json$")
 
@@ -87,8 +89,10 @@ def parse_frame(frame: object, layout: KeypointLayout, max_people: int, where: s
             raise ConvertError(f"{where}: people[{p}]: expected an object")
         body = next((key for key in BODY_KEYS if key in person), None)
         if body is None:
-            raise ConvertError(f"{where}: people[{p}]: none of the keys {' / '.join(BODY_KEYS)} (OpenPose 1.2+ / "
-                               f"1.0-1.1); its keys: {sorted(person)[:6]}")
+            raise ConvertError(
+                f"{where}: people[{p}]: none of the keys {' / '.join(BODY_KEYS)} (OpenPose 1.2+ / "
+                f"1.0-1.1); its keys: {sorted(person)[:6]}"
+            )
         parts = [_triples(person[body], BODY_JOINTS[layout.name], f"{where}: people[{p}].{body}")]
         if layout is BODY25_HANDS:
             for side in ("left", "right"):
@@ -331,8 +335,10 @@ def convert(
             f"  note: {len(gaps)} clip(s) lack some frame files (filled with score 0), e.g. {gaps[0]}"
         )
     if normalised:
-        log(f"  warning: {len(normalised)} clip(s) have every coordinate in [0, 1], e.g. {normalised[0]}: "
-            f"OpenPose wrote them normalised (--keypoint_scale 3 or 4?); mg-ray expects pixels of the video")
+        log(
+            f"  warning: {len(normalised)} clip(s) have every coordinate in [0, 1], e.g. {normalised[0]}: "
+            f"OpenPose wrote them normalised (--keypoint_scale 3 or 4?); mg-ray expects pixels of the video"
+        )
     if trimmed:
         log(
             f"  note: {len(trimmed)} clip(s) have more keypoint frames than video frames and were "

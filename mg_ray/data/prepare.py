@@ -140,8 +140,10 @@ def prepare(
             if key not in ann:
                 raise PrepareError(f"{where}: missing key {key!r}")
         if not isinstance(ann["frame_dir"], str) or not frame_dir_is_confined(ann["frame_dir"]):
-            raise PrepareError(f"{where}: frame_dir: expected a relative name inside the dataset (no '..', no "
-                               f"absolute path), got {ann['frame_dir']!r}; nothing is written outside --out")
+            raise PrepareError(
+                f"{where}: frame_dir: expected a relative name inside the dataset (no '..', no "
+                f"absolute path), got {ann['frame_dir']!r}; nothing is written outside --out"
+            )
         video = src / video_io.VIDEOS / f"{ann['frame_dir']}.mp4"
         if not video.is_file():
             raise PrepareError(f"clip {ann['frame_dir']!r}: video not found: {video}")

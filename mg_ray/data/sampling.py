@@ -53,7 +53,9 @@ def sample_frames(
         starts = [int(rng.integers(0, num_frames)) for _ in range(num_clips)]
     elif mode == "test":
         rng = np.random.default_rng(TEST_SEED)
-        starts = [i if num_frames < num_clips else i * num_frames // num_clips for i in range(num_clips)]
+        starts = [
+            i if num_frames < num_clips else i * num_frames // num_clips for i in range(num_clips)
+        ]
     else:
         raise ValueError(f"mode: expected 'train' or 'test', got {mode!r}")
     clips = [_one_clip(num_frames, clip_len, rng, start) for start in starts]

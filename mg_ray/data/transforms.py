@@ -107,8 +107,9 @@ def crop_keypoints(keypoint: np.ndarray, box: Box, size: tuple[int, int]) -> np.
     return ((keypoint + 0.5 - origin) * scale - 0.5).astype(np.float32)
 
 
-def flip_keypoints(keypoint: np.ndarray, score: np.ndarray, width: int,
-                   permutation: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def flip_keypoints(
+    keypoint: np.ndarray, score: np.ndarray, width: int, permutation: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Horizontal flip of keypoints [M, T, V, 2] in a `width`-pixel image; left and right joints
     swap (permutation[j] = the joint that lands on j), so a left wrist stays a left wrist."""
     flipped = keypoint[:, :, permutation].copy()
@@ -141,7 +142,9 @@ def crop_resize_frames(
         crop = torch.zeros((t, y1 - y0, x1 - x0, 3), dtype=torch.uint8)
         ix0, iy0, ix1, iy1 = inside
         if ix1 > ix0 and iy1 > iy0:
-            crop[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = torch.from_numpy(frames[:, iy0:iy1, ix0:ix1])
+            crop[:, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = torch.from_numpy(
+                frames[:, iy0:iy1, ix0:ix1]
+            )
     if flip:
         crop = crop.flip(2)
     crop = crop.permute(0, 3, 1, 2).float()  # [T, 3, h, w]

@@ -27,7 +27,9 @@ class Frames:
     clamped: bool
 
 
-def read_frames(path: str | Path, indices: np.ndarray, expected_frames: int | None = None) -> Frames:
+def read_frames(
+    path: str | Path, indices: np.ndarray, expected_frames: int | None = None
+) -> Frames:
     """Decode frames `indices` (int [K], any order, repeats allowed) of the video at `path`.
 
     Indices beyond the frames the container really holds (a clip shorter than its annotation's
@@ -42,7 +44,9 @@ def read_frames(path: str | Path, indices: np.ndarray, expected_frames: int | No
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except Exception as err:  # noqa: BLE001 (decord raises DECORDError, RuntimeError, ...)
-        raise VideoError(f"{path}: cannot open video (corrupt or not a video?): {_short(err)}") from None
+        raise VideoError(
+            f"{path}: cannot open video (corrupt or not a video?): {_short(err)}"
+        ) from None
     try:
         num_frames = len(reader)
         if num_frames < 1:
@@ -59,7 +63,9 @@ def read_frames(path: str | Path, indices: np.ndarray, expected_frames: int | No
         except VideoError:
             raise
         except Exception as err:  # noqa: BLE001 (any decoder error)
-            raise VideoError(f"{path}: decoding frames failed (truncated or corrupt video?): {_short(err)}") from None
+            raise VideoError(
+                f"{path}: decoding frames failed (truncated or corrupt video?): {_short(err)}"
+            ) from None
         if batch.ndim != 4 or batch.shape[0] != len(unique):
             raise VideoError(f"{path}: decoder returned {batch.shape} for {len(unique)} frames")
         return Frames(batch[inverse.reshape(-1)], num_frames, clamped)

@@ -35,11 +35,15 @@ def project_max(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     k, r = conv.out_channels, conv.kernel_size[0]
     t = frames // r
     with torch.no_grad():
-        where = F.conv3d(x, conv.weight, conv.bias, stride=conv.stride).flatten(3).argmax(dim=3)  # [N, K, T]
+        where = (
+            F.conv3d(x, conv.weight, conv.bias, stride=conv.stride).flatten(3).argmax(dim=3)
+        )  # [N, K, T]
     # [N, C, T, r, HW] -> [N, T, HW, C, r]; pick, for every (n, k, t), the column at `where`
     columns = x.reshape(n, c, t, r, h * w).permute(0, 2, 4, 1, 3)
     picked = columns[
-        torch.arange(n, device=x.device)[:, None, None], torch.arange(t, device=x.device)[None, None, :], where
+        torch.arange(n, device=x.device)[:, None, None],
+        torch.arange(t, device=x.device)[None, None, :],
+        where,
     ]  # [N, K, T, C, r]
     weight = conv.weight.reshape(k, c, r)
     tokens = torch.einsum("nktcj,kcj->ntk", picked, weight.to(picked.dtype))
@@ -62,16 +66,24 @@ class CrossModalFusion(nn.Module):
     ) -> None:
         super().__init__()
         if hidden_channels % num_heads:
-            raise ValueError(f"fusion width {hidden_channels} is not divisible by {num_heads} heads")
+            raise ValueError(
+                f"fusion width {hidden_channels} is not divisible by {num_heads} heads"
+            )
         r = speed_ratio
         self.rgb_proj = nn.Conv3d(rgb_channels, hidden_channels, 1)
         self.pose_proj = nn.Conv3d(pose_channels, hidden_channels, (r, 1, 1), stride=(r, 1, 1))
-        self.rgb_attn = nn.MultiheadAttention(hidden_channels, num_heads, dropout=dropout, batch_first=True)
-        self.pose_attn = nn.MultiheadAttention(hidden_channels, num_heads, dropout=dropout, batch_first=True)
+        self.rgb_attn = nn.MultiheadAttention(
+            hidden_channels, num_heads, dropout=dropout, batch_first=True
+        )
+        self.pose_attn = nn.MultiheadAttention(
+            hidden_channels, num_heads, dropout=dropout, batch_first=True
+        )
         self.rgb_back = nn.Conv3d(hidden_channels, rgb_channels, 1)
         # kernel == stride: every RGB time step expands to exactly r pose steps, no overlap, so
         # T_pose = r * T_rgb is recovered for any r without output_padding.
-        self.pose_back = nn.ConvTranspose3d(hidden_channels, pose_channels, (r, 1, 1), stride=(r, 1, 1))
+        self.pose_back = nn.ConvTranspose3d(
+            hidden_channels, pose_channels, (r, 1, 1), stride=(r, 1, 1)
+        )
 
     def zero_init_gates(self) -> None:
         """A = 0 at the start (X'' = X): the back projections' weights and biases to zero."""
@@ -86,7 +98,9 @@ class CrossModalFusion(nn.Module):
         rgb_att, _ = self.rgb_attn(rgb_tokens, pose_tokens, pose_tokens, need_weights=False)
         pose_att, _ = self.pose_attn(pose_tokens, rgb_tokens, rgb_tokens, need_weights=False)
         # tokens [N, T, C'] -> [N, C', T, 1, 1] -> per-channel, per-time gates
-        rgb_gate = self.rgb_back(rgb_att.transpose(1, 2)[..., None, None])    # [N, C_rgb, T, 1, 1]
-        pose_gate = self.pose_back(pose_att.transpose(1, 2)[..., None, None])  # [N, C_pose, rT, 1, 1]
+        rgb_gate = self.rgb_back(rgb_att.transpose(1, 2)[..., None, None])  # [N, C_rgb, T, 1, 1]
+        pose_gate = self.pose_back(
+            pose_att.transpose(1, 2)[..., None, None]
+        )  # [N, C_pose, rT, 1, 1]
         # A * X + X in one fused op (addcmul) instead of a product and a sum over the full map
         return torch.addcmul(rgb, rgb, rgb_gate), torch.addcmul(pose, pose, pose_gate)

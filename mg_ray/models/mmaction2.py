@@ -47,10 +47,19 @@ def _backbone_rule(prefix: str, stream: str) -> list[tuple[re.Pattern[str], obje
     return [
         (re.compile(rf"{p}conv1\.conv\.(\w+)$"), lambda m: f"backbone.{stream}.stem.0.{m[1]}"),
         (re.compile(rf"{p}conv1\.bn\.(\w+)$"), lambda m: f"backbone.{stream}.stem.1.{m[1]}"),
-        (re.compile(rf"{p}{_LAYER}conv(\d)\.conv\.(\w+)$"), lambda m: f"{stage(m)}conv{m[3]}.{m[4]}"),
+        (
+            re.compile(rf"{p}{_LAYER}conv(\d)\.conv\.(\w+)$"),
+            lambda m: f"{stage(m)}conv{m[3]}.{m[4]}",
+        ),
         (re.compile(rf"{p}{_LAYER}conv(\d)\.bn\.(\w+)$"), lambda m: f"{stage(m)}bn{m[3]}.{m[4]}"),
-        (re.compile(rf"{p}{_LAYER}downsample\.conv\.(\w+)$"), lambda m: f"{stage(m)}downsample.0.{m[3]}"),
-        (re.compile(rf"{p}{_LAYER}downsample\.bn\.(\w+)$"), lambda m: f"{stage(m)}downsample.1.{m[3]}"),
+        (
+            re.compile(rf"{p}{_LAYER}downsample\.conv\.(\w+)$"),
+            lambda m: f"{stage(m)}downsample.0.{m[3]}",
+        ),
+        (
+            re.compile(rf"{p}{_LAYER}downsample\.bn\.(\w+)$"),
+            lambda m: f"{stage(m)}downsample.1.{m[3]}",
+        ),
     ]
 
 
@@ -59,11 +68,18 @@ _RULES = {
         *_backbone_rule("backbone.rgb_path.", "rgb"),
         *_backbone_rule("backbone.pose_path.", "pose"),
         # the lateral on rgb_path reads pose features (into RGB layer N+1); pose_path's read RGB
-        (re.compile(r"backbone\.rgb_path\.layer([23])_lateral\.conv\.(\w+)$"),
-         lambda m: f"backbone.pose_to_rgb.{int(m[1]) - 2}.{m[2]}"),
-        (re.compile(r"backbone\.pose_path\.layer([12])_lateral\.(conv|bn)\.(\w+)$"),
-         lambda m: f"backbone.rgb_to_pose.{int(m[1]) - 1}.{m[2]}.{m[3]}"),
-        (re.compile(r"cls_head\.fc_(rgb|pose)\.(weight|bias)$"), lambda m: f"heads.{m[1]}.fc.{m[2]}"),
+        (
+            re.compile(r"backbone\.rgb_path\.layer([23])_lateral\.conv\.(\w+)$"),
+            lambda m: f"backbone.pose_to_rgb.{int(m[1]) - 2}.{m[2]}",
+        ),
+        (
+            re.compile(r"backbone\.pose_path\.layer([12])_lateral\.(conv|bn)\.(\w+)$"),
+            lambda m: f"backbone.rgb_to_pose.{int(m[1]) - 1}.{m[2]}.{m[3]}",
+        ),
+        (
+            re.compile(r"cls_head\.fc_(rgb|pose)\.(weight|bias)$"),
+            lambda m: f"heads.{m[1]}.fc.{m[2]}",
+        ),
     ],
     POSEC3D: [
         *_backbone_rule("backbone.", "pose"),
@@ -82,9 +98,15 @@ class CheckpointImportError(ValueError):
 def checkpoint_state(content: object, source: str) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded mmaction2 checkpoint (its `state_dict`, or the dict itself)."""
     state = content.get("state_dict", content) if isinstance(content, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointImportError(f"{source}: expected an mmaction2 checkpoint (a dict with a 'state_dict' of "
-                                    f"tensors), got {type(content).__name__}")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise CheckpointImportError(
+            f"{source}: expected an mmaction2 checkpoint (a dict with a 'state_dict' of "
+            f"tensors), got {type(content).__name__}"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -96,28 +118,40 @@ def checkpoint_kind(state: dict[str, torch.Tensor], source: str) -> str:
         return POSEC3D
     raise CheckpointImportError(
         f"{source}: neither an RGBPoseConv3D checkpoint (keys backbone.rgb_path.*) nor a PoseConv3D one "
-        f"(key backbone.conv1.conv.weight); first keys: {sorted(state)[:3]}")
+        f"(key backbone.conv1.conv.weight); first keys: {sorted(state)[:3]}"
+    )
 
 
 def head_shape(state: dict[str, torch.Tensor], kind: str) -> tuple[int, dict[str, int]]:
     """(number of classes, stream -> input channel count) read from the checkpoint's input and head
     layers: what the model to build must have."""
-    heads = {"rgb": "cls_head.fc_rgb.weight", "pose": "cls_head.fc_pose.weight"} if kind == RGBPOSE \
+    heads = (
+        {"rgb": "cls_head.fc_rgb.weight", "pose": "cls_head.fc_pose.weight"}
+        if kind == RGBPOSE
         else {"pose": "cls_head.fc_cls.weight"}
+    )
     missing = [key for key in heads.values() if key not in state]
     if missing:
         raise CheckpointImportError(f"{kind} checkpoint: missing head keys {missing}")
     classes = {key: state[key].shape[0] for key in heads.values()}
     if len(set(classes.values())) != 1:
-        raise CheckpointImportError(f"{kind} checkpoint: the heads disagree on the class count: {classes}")
-    stem = "backbone.pose_path.conv1.conv.weight" if kind == RGBPOSE else "backbone.conv1.conv.weight"
+        raise CheckpointImportError(
+            f"{kind} checkpoint: the heads disagree on the class count: {classes}"
+        )
+    stem = (
+        "backbone.pose_path.conv1.conv.weight" if kind == RGBPOSE else "backbone.conv1.conv.weight"
+    )
     if stem not in state:
         raise CheckpointImportError(f"{kind} checkpoint: missing key {stem}")
     return next(iter(classes.values())), {"pose": int(state[stem].shape[1])}
 
 
 def map_mmaction2_state(
-    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, kind: str, reinit_head: bool = False,
+    state: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    *,
+    kind: str,
+    reinit_head: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A full state dict for the model whose `state_dict()` is `target`: every mmaction2 tensor put
     at its mg-ray key, the rest (fusion, embeddings; the classifiers when `reinit_head`) from
@@ -143,7 +177,11 @@ def map_mmaction2_state(
     if unknown:
         problems.append(f"tensors whose mg-ray key the model lacks: {few(unknown)}")
     streams = ("pose",) if kind == POSEC3D else ("rgb", "pose")
-    wanted = [k for k in target if not k.startswith(_OWN) and k.split(".")[1] in (*streams, "pose_to_rgb", "rgb_to_pose")]
+    wanted = [
+        k
+        for k in target
+        if not k.startswith(_OWN) and k.split(".")[1] in (*streams, "pose_to_rgb", "rgb_to_pose")
+    ]
     missing = [k for k in wanted if k not in mapped]
     if missing:
         problems.append(f"the checkpoint lacks tensors for {few(missing)}")
@@ -158,10 +196,16 @@ def map_mmaction2_state(
         if value.shape == expected.shape:
             merged[ours] = value.detach().clone().to(expected.dtype)
         elif is_classifier and value.shape[1:] == expected.shape[1:]:
-            problems.append(f"{theirs} has {value.shape[0]} classes, the model {expected.shape[0]} "
-                            f"(re-initialise the classifier to import the rest: reinit_head / --reinit-head)")
+            problems.append(
+                f"{theirs} has {value.shape[0]} classes, the model {expected.shape[0]} "
+                f"(re-initialise the classifier to import the rest: reinit_head / --reinit-head)"
+            )
         else:
-            problems.append(f"{theirs} has shape {list(value.shape)}, {ours} needs {list(expected.shape)}")
+            problems.append(
+                f"{theirs} has shape {list(value.shape)}, {ours} needs {list(expected.shape)}"
+            )
     if problems:
-        raise CheckpointImportError(f"{kind} checkpoint does not fit the model: " + "; ".join(problems[:8]))
+        raise CheckpointImportError(
+            f"{kind} checkpoint does not fit the model: " + "; ".join(problems[:8])
+        )
     return merged

@@ -23,8 +23,14 @@ class StreamHead(nn.Module):
     pool before their embedding: `ModelConfig.embed_pool` says why the default differs). The embedding is taken before dropout, whose noise the loss's cosine scores should
     not see, and left unnormalised: the loss normalises it (`PrototypeRefinementLoss`)."""
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int, dropout: float,
-                 embed_pool: str = "avg") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        embed_dim: int,
+        dropout: float,
+        embed_pool: str = "avg",
+    ) -> None:
         super().__init__()
         if embed_pool not in ("max", "avg"):
             raise ValueError(f"embed_pool: expected 'max' or 'avg', got {embed_pool!r}")
@@ -76,18 +82,28 @@ class MicroGestureNet(nn.Module):
         self.modality = modality
         self.stream_weights = tuple(stream_weights)
         self.backbone = RGBPoseBackbone(
-            modality=modality, rgb_frames=rgb_frames, pose_frames=pose_frames,
-            pose_channels=pose_channels, fusion=fusion,
-            rgb_base_channels=rgb_base_channels, rgb_blocks=rgb_blocks,
-            pose_base_channels=pose_base_channels, pose_blocks=pose_blocks,
-            rgb_lateral_reduction=rgb_lateral_reduction, fusion_reduction=fusion_reduction,
-            fusion_heads=fusion_heads, fusion_dropout=fusion_dropout,
+            modality=modality,
+            rgb_frames=rgb_frames,
+            pose_frames=pose_frames,
+            pose_channels=pose_channels,
+            fusion=fusion,
+            rgb_base_channels=rgb_base_channels,
+            rgb_blocks=rgb_blocks,
+            pose_base_channels=pose_base_channels,
+            pose_blocks=pose_blocks,
+            rgb_lateral_reduction=rgb_lateral_reduction,
+            fusion_reduction=fusion_reduction,
+            fusion_heads=fusion_heads,
+            fusion_dropout=fusion_dropout,
             zero_init_residual=zero_init_residual,
         )
         self.streams = modality_streams(modality)
         widths = {"rgb": self.backbone.rgb_channels, "pose": self.backbone.pose_channels}
         self.heads = nn.ModuleDict(
-            {s: StreamHead(widths[s], num_classes, embed_dim, dropout, embed_pool) for s in self.streams}
+            {
+                s: StreamHead(widths[s], num_classes, embed_dim, dropout, embed_pool)
+                for s in self.streams
+            }
         )
 
     def forward_features(
@@ -104,7 +120,9 @@ class MicroGestureNet(nn.Module):
             outputs[f"{s}_logits"], outputs[f"{s}_embedding"] = self.heads[s](features[s])
         return outputs
 
-    def forward(self, rgb: torch.Tensor | None, pose: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, rgb: torch.Tensor | None, pose: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(rgb, pose))
 
 
@@ -152,9 +170,16 @@ def paper(
     fusion, ~2 M more with it. `overrides` go to MicroGestureNet (e.g. zero_init_residual)."""
     _check(modality, rgb_frames, pose_frames, rgb_size)
     return MicroGestureNet(
-        num_classes, modality=modality, rgb_frames=rgb_frames, pose_frames=pose_frames,
-        pose_channels=pose_channels, fusion=fusion, embed_dim=embed_dim, dropout=dropout,
-        stream_weights=stream_weights, **overrides,
+        num_classes,
+        modality=modality,
+        rgb_frames=rgb_frames,
+        pose_frames=pose_frames,
+        pose_channels=pose_channels,
+        fusion=fusion,
+        embed_dim=embed_dim,
+        dropout=dropout,
+        stream_weights=stream_weights,
+        **overrides,
     )
 
 
@@ -177,14 +202,24 @@ def small(
     32 here. `overrides` go to MicroGestureNet."""
     _check(modality, rgb_frames, pose_frames, rgb_size)
     kwargs = {
-        "rgb_base_channels": 8, "rgb_blocks": (1, 1, 1, 1),
-        "pose_base_channels": 4, "pose_blocks": (1, 1, 1), "fusion_heads": 4,
+        "rgb_base_channels": 8,
+        "rgb_blocks": (1, 1, 1, 1),
+        "pose_base_channels": 4,
+        "pose_blocks": (1, 1, 1),
+        "fusion_heads": 4,
     }
     kwargs.update(overrides)
     return MicroGestureNet(
-        num_classes, modality=modality, rgb_frames=rgb_frames, pose_frames=pose_frames,
-        pose_channels=pose_channels, fusion=fusion, embed_dim=embed_dim, dropout=dropout,
-        stream_weights=stream_weights, **kwargs,
+        num_classes,
+        modality=modality,
+        rgb_frames=rgb_frames,
+        pose_frames=pose_frames,
+        pose_channels=pose_channels,
+        fusion=fusion,
+        embed_dim=embed_dim,
+        dropout=dropout,
+        stream_weights=stream_weights,
+        **kwargs,
     )
 
 
@@ -247,20 +282,28 @@ def merge_stream_checkpoints(
             src, dst = source[key], merged[key]
             if src.shape == dst.shape:
                 merged[key] = src.detach().clone().to(dst.dtype)
-            elif src.dim() == dst.dim() >= 2 and src.shape[0] == dst.shape[0] and \
-                    src.shape[2:] == dst.shape[2:] and src.shape[1] < dst.shape[1]:
+            elif (
+                src.dim() == dst.dim() >= 2
+                and src.shape[0] == dst.shape[0]
+                and src.shape[2:] == dst.shape[2:]
+                and src.shape[1] < dst.shape[1]
+            ):
                 # a conv that reads [own channels; lateral channels] in the two-stream model
                 merged[key] = torch.zeros_like(dst)
                 merged[key][:, : src.shape[1]] = src
             else:
-                problems.append(f"{stream}: {key} has shape {tuple(src.shape)} in the source, "
-                                f"{tuple(dst.shape)} in the fused model")
+                problems.append(
+                    f"{stream}: {key} has shape {tuple(src.shape)} in the source, "
+                    f"{tuple(dst.shape)} in the fused model"
+                )
     if problems:
         raise ValueError("cannot merge single-stream checkpoints: " + "; ".join(problems))
     return merged
 
 
-def load_two_stream_state(state: dict[str, torch.Tensor], fused_model: MicroGestureNet) -> dict[str, torch.Tensor]:
+def load_two_stream_state(
+    state: dict[str, torch.Tensor], fused_model: MicroGestureNet
+) -> dict[str, torch.Tensor]:
     """A state_dict for `fused_model` from a whole two-stream model's `state` (an imported
     mmaction2 RGBPoseConv3D, say): every key taken as it is, laterals included. Only the fusion's
     keys may be absent (a source without fusion: the fused model's init, gates at zero) or left
@@ -271,13 +314,24 @@ def load_two_stream_state(state: dict[str, torch.Tensor], fused_model: MicroGest
     fusion = "backbone.fusion."
     missing = [k for k in target if k not in source and not k.startswith(fusion)]
     unexpected = [k for k in source if k not in target and not k.startswith(fusion)]
-    shapes = [f"{k} has shape {tuple(v.shape)} in the source, {tuple(target[k].shape)} in the model"
-              for k, v in source.items() if k in target and v.shape != target[k].shape]
-    problems = ([f"missing keys {few(missing)}"] if missing else []) + \
-        ([f"unexpected keys {few(unexpected)}"] if unexpected else []) + shapes[:5]
+    shapes = [
+        f"{k} has shape {tuple(v.shape)} in the source, {tuple(target[k].shape)} in the model"
+        for k, v in source.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    problems = (
+        ([f"missing keys {few(missing)}"] if missing else [])
+        + ([f"unexpected keys {few(unexpected)}"] if unexpected else [])
+        + shapes[:5]
+    )
     if problems:
-        raise ValueError("cannot start the two-stream model from a two-stream model file: " + "; ".join(problems))
-    return {k: (source[k].detach().clone().to(v.dtype) if k in source else v.clone()) for k, v in target.items()}
+        raise ValueError(
+            "cannot start the two-stream model from a two-stream model file: " + "; ".join(problems)
+        )
+    return {
+        k: (source[k].detach().clone().to(v.dtype) if k in source else v.clone())
+        for k, v in target.items()
+    }
 
 
 def few(items: list[str], shown: int = 5) -> str:

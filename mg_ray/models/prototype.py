@@ -76,9 +76,14 @@ class PrototypeRefinementLoss(nn.Module):
         super().__init__()
         a = tau if a == "tau" else a
         if tau <= 0 or not 0 <= rho <= 1 or a < 0:
-            raise ValueError(f"need tau > 0, 0 <= rho <= 1, a >= 0; got tau={tau}, rho={rho}, a={a}")
-        for name, value, allowed in (("features", features, ("unit", "raw")), ("probs_grad", probs_grad, ("keep", "detach")),
-                                     ("calibrate", calibrate, ("all", "tp"))):
+            raise ValueError(
+                f"need tau > 0, 0 <= rho <= 1, a >= 0; got tau={tau}, rho={rho}, a={a}"
+            )
+        for name, value, allowed in (
+            ("features", features, ("unit", "raw")),
+            ("probs_grad", probs_grad, ("keep", "detach")),
+            ("calibrate", calibrate, ("all", "tp")),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         self.num_classes = num_classes
@@ -88,29 +93,32 @@ class PrototypeRefinementLoss(nn.Module):
         # are identical on every rank without a broadcast
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer(
-            "prototypes", F.normalize(torch.randn(num_classes, embed_dim, generator=generator), dim=1)
+            "prototypes",
+            F.normalize(torch.randn(num_classes, embed_dim, generator=generator), dim=1),
         )
 
-    def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        e = embedding.float()                                     # [N, D]
+    def forward(
+        self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        e = embedding.float()  # [N, D]
         f = F.normalize(e, dim=1)
-        x = f if self.features == "unit" else e                   # what the class means average
+        x = f if self.features == "unit" else e  # what the class means average
         logits = logits.float() if self.probs_grad == "keep" else logits.float().detach()
-        probs = logits.softmax(dim=1)                             # [N, K]
+        probs = logits.softmax(dim=1)  # [N, K]
         k = self.num_classes
-        truth = F.one_hot(labels, k).to(f.dtype)                  # [N, K]
+        truth = F.one_hot(labels, k).to(f.dtype)  # [N, K]
         predicted = F.one_hot(probs.argmax(dim=1), k).to(f.dtype)
-        tp = truth * predicted                                    # [N, K]: n is a TP of class k
-        fn = truth - tp                                           # n of class k, predicted other
-        fp = predicted - tp                                       # n predicted k, of another class
+        tp = truth * predicted  # [N, K]: n is a TP of class k
+        fn = truth - tp  # n of class k, predicted other
+        fp = predicted - tp  # n predicted k, of another class
 
         # per-class feature sums [3, K, D] and counts [3, K] for TP, FN, FP
-        masks = torch.stack([tp, fn, fp])                         # [3, N, K]
+        masks = torch.stack([tp, fn, fp])  # [3, N, K]
         sums = torch.einsum("snk,nd->skd", masks, x)
         counts = masks.sum(dim=1)
         sums, counts = _all_reduce_sums(sums, counts)
-        means = sums / counts.clamp(min=1.0).unsqueeze(-1)        # empty classes: zero vectors
-        has = counts > 0                                          # [3, K]
+        means = sums / counts.clamp(min=1.0).unsqueeze(-1)  # empty classes: zero vectors
+        has = counts > 0  # [3, K]
 
         prototypes = self.prototypes.clone()
         if self.training:
@@ -119,10 +127,10 @@ class PrototypeRefinementLoss(nn.Module):
             with torch.no_grad():
                 self.prototypes.copy_(prototypes.detach())
 
-        scores = f @ F.normalize(prototypes, dim=1).t()           # [N, K] cos(f, P_l)
-        centres = F.normalize(means[1:], dim=2)                   # [2, K, D] FN, FP centres
-        cos_fn = (f * centres[0][labels]).sum(dim=1)              # [N] cos(f, c_FN_y)
-        cos_fp = (f * centres[1][labels]).sum(dim=1)              # [N] cos(f, c_FP_y)
+        scores = f @ F.normalize(prototypes, dim=1).t()  # [N, K] cos(f, P_l)
+        centres = F.normalize(means[1:], dim=2)  # [2, K, D] FN, FP centres
+        cos_fn = (f * centres[0][labels]).sum(dim=1)  # [N] cos(f, c_FN_y)
+        cos_fp = (f * centres[1][labels]).sum(dim=1)  # [N] cos(f, c_FP_y)
         gate = self.a * (1.0 - probs.gather(1, labels[:, None]).squeeze(1))  # a (1 - p_y)
         if self.calibrate == "tp":  # only the anchors that are true positives are calibrated
             gate = gate * tp.sum(dim=1)
@@ -131,7 +139,9 @@ class PrototypeRefinementLoss(nn.Module):
         # only the true-class column moves
         scores_fn = scores + truth * shift_fn.unsqueeze(1)
         scores_fp = scores + truth * shift_fp.unsqueeze(1)
-        return F.cross_entropy(scores_fn / self.tau, labels) + F.cross_entropy(scores_fp / self.tau, labels)
+        return F.cross_entropy(scores_fn / self.tau, labels) + F.cross_entropy(
+            scores_fp / self.tau, labels
+        )
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -202,11 +212,20 @@ class TwoStreamCriterion(nn.Module):
         if refinement:
             for s in self.streams:
                 self.refine[s] = PrototypeRefinementLoss(
-                    num_classes, embed_dim, tau=tau, rho=rho, a=a, features=features, probs_grad=probs_grad,
-                    calibrate=calibrate, seed=seed + STREAMS.index(s),
+                    num_classes,
+                    embed_dim,
+                    tau=tau,
+                    rho=rho,
+                    a=a,
+                    features=features,
+                    probs_grad=probs_grad,
+                    calibrate=calibrate,
+                    seed=seed + STREAMS.index(s),
                 )
 
-    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         total = None
         parts: dict[str, torch.Tensor] = {}
         for s in self.streams:

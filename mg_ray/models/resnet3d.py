@@ -38,13 +38,20 @@ class Bottleneck3d(nn.Module):
         super().__init__()
         out_channels = planes * self.expansion
         self.conv1 = nn.Conv3d(
-            in_channels, planes, (temporal_kernel, 1, 1),
-            padding=(temporal_kernel // 2, 0, 0), bias=False,
+            in_channels,
+            planes,
+            (temporal_kernel, 1, 1),
+            padding=(temporal_kernel // 2, 0, 0),
+            bias=False,
         )
         self.bn1 = nn.BatchNorm3d(planes)
         self.conv2 = nn.Conv3d(
-            planes, planes, (1, 3, 3), stride=(1, spatial_stride, spatial_stride),
-            padding=(0, 1, 1), bias=False,
+            planes,
+            planes,
+            (1, 3, 3),
+            stride=(1, spatial_stride, spatial_stride),
+            padding=(0, 1, 1),
+            bias=False,
         )
         self.bn2 = nn.BatchNorm3d(planes)
         self.conv3 = nn.Conv3d(planes, out_channels, 1, bias=False)
@@ -53,7 +60,13 @@ class Bottleneck3d(nn.Module):
         self.downsample: nn.Module | None = None
         if in_channels != out_channels or spatial_stride != 1:
             self.downsample = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False),
+                nn.Conv3d(
+                    in_channels,
+                    out_channels,
+                    1,
+                    stride=(1, spatial_stride, spatial_stride),
+                    bias=False,
+                ),
                 nn.BatchNorm3d(out_channels),
             )
 
@@ -69,9 +82,15 @@ def make_stage(
     in_channels: int, planes: int, blocks: int, *, spatial_stride: int, temporal_kernel: int
 ) -> nn.Sequential:
     """`blocks` bottlenecks; only the first one changes width and spatial size."""
-    layers = [Bottleneck3d(in_channels, planes, spatial_stride=spatial_stride, temporal_kernel=temporal_kernel)]
+    layers = [
+        Bottleneck3d(
+            in_channels, planes, spatial_stride=spatial_stride, temporal_kernel=temporal_kernel
+        )
+    ]
     for _ in range(1, blocks):
-        layers.append(Bottleneck3d(planes * Bottleneck3d.expansion, planes, temporal_kernel=temporal_kernel))
+        layers.append(
+            Bottleneck3d(planes * Bottleneck3d.expansion, planes, temporal_kernel=temporal_kernel)
+        )
     return nn.Sequential(*layers)
 
 
@@ -101,25 +120,44 @@ class ResNet3dPathway(nn.Module):
     ) -> None:
         super().__init__()
         if not len(blocks) == len(spatial_strides) == len(temporal_kernels):
-            raise ValueError("blocks, spatial_strides and temporal_kernels need one entry per stage")
+            raise ValueError(
+                "blocks, spatial_strides and temporal_kernels need one entry per stage"
+            )
         lateral_channels = lateral_channels or (0,) * len(blocks)
         stem: list[nn.Module] = [
-            nn.Conv3d(in_channels, base_channels, (1, 7, 7), stride=(1, stem_stride, stem_stride),
-                      padding=(0, 3, 3), bias=False),
+            nn.Conv3d(
+                in_channels,
+                base_channels,
+                (1, 7, 7),
+                stride=(1, stem_stride, stem_stride),
+                padding=(0, 3, 3),
+                bias=False,
+            ),
             nn.BatchNorm3d(base_channels),
             nn.ReLU(inplace=True),
         ]
         if stem_pool_stride is not None:  # (1,3,3) max-pool, padding 1: stride 1 keeps the size
-            stem.append(nn.MaxPool3d((1, 3, 3), stride=(1, stem_pool_stride, stem_pool_stride), padding=(0, 1, 1)))
+            stem.append(
+                nn.MaxPool3d(
+                    (1, 3, 3), stride=(1, stem_pool_stride, stem_pool_stride), padding=(0, 1, 1)
+                )
+            )
         self.stem = nn.Sequential(*stem)
         self.stages = nn.ModuleList()
         self.out_channels: list[int] = []
         channels = base_channels
-        for i, (num_blocks, stride, kernel) in enumerate(zip(blocks, spatial_strides, temporal_kernels)):
+        for i, (num_blocks, stride, kernel) in enumerate(
+            zip(blocks, spatial_strides, temporal_kernels)
+        ):
             planes = base_channels * 2**i
             self.stages.append(
-                make_stage(channels + lateral_channels[i], planes, num_blocks,
-                           spatial_stride=stride, temporal_kernel=kernel)
+                make_stage(
+                    channels + lateral_channels[i],
+                    planes,
+                    num_blocks,
+                    spatial_stride=stride,
+                    temporal_kernel=kernel,
+                )
             )
             channels = planes * Bottleneck3d.expansion
             self.out_channels.append(channels)

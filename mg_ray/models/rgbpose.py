@@ -48,9 +48,13 @@ def check_frame_counts(rgb_frames: int, pose_frames: int) -> int:
     """Return the speed ratio pose_frames / rgb_frames, or raise ValueError saying which pairs
     the two-stream backbone accepts."""
     if (
-        isinstance(rgb_frames, bool) or isinstance(pose_frames, bool)
-        or not isinstance(rgb_frames, int) or not isinstance(pose_frames, int)
-        or rgb_frames < 1 or pose_frames < 1 or pose_frames % rgb_frames
+        isinstance(rgb_frames, bool)
+        or isinstance(pose_frames, bool)
+        or not isinstance(rgb_frames, int)
+        or not isinstance(pose_frames, int)
+        or rgb_frames < 1
+        or pose_frames < 1
+        or pose_frames % rgb_frames
     ):
         raise ValueError(
             f"frame counts rgb_frames={rgb_frames!r}, pose_frames={pose_frames!r} do not fit the "
@@ -65,8 +69,10 @@ def check_input_sizes(rgb_size: int, heatmap_size: int) -> None:
     """Raise ValueError unless the RGB map after RGB stage 2 (stride 8) and the pose map after
     pose stage 1 (stride 2) have the same size, as the lateral concatenation needs."""
     ok = (
-        isinstance(rgb_size, int) and isinstance(heatmap_size, int)
-        and rgb_size > 0 and heatmap_size > 0
+        isinstance(rgb_size, int)
+        and isinstance(heatmap_size, int)
+        and rgb_size > 0
+        and heatmap_size > 0
         and math.ceil(rgb_size / 8) == math.ceil(heatmap_size / 2)
         and math.ceil(rgb_size / 16) == math.ceil(heatmap_size / 4)
     )
@@ -91,8 +97,13 @@ class RGBToPoseLateral(nn.Module):
         super().__init__()
         r, k = speed_ratio, lateral_kernel(speed_ratio)
         self.conv = nn.ConvTranspose3d(
-            in_channels, out_channels, (k, 1, 1), stride=(r, 1, 1),
-            padding=(k // 2, 0, 0), output_padding=(r - 1, 0, 0), bias=False,
+            in_channels,
+            out_channels,
+            (k, 1, 1),
+            stride=(r, 1, 1),
+            padding=(k // 2, 0, 0),
+            output_padding=(r - 1, 0, 0),
+            bias=False,
         )
         self.bn = nn.BatchNorm3d(out_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -105,7 +116,12 @@ def pose_to_rgb_lateral(in_channels: int, out_channels: int, speed_ratio: int) -
     """Conv3d (k,1,1) stride (r,1,1) pad k // 2 (k odd): floor((r*T - 1) / r) + 1 = T steps."""
     k = lateral_kernel(speed_ratio)
     return nn.Conv3d(
-        in_channels, out_channels, (k, 1, 1), stride=(speed_ratio, 1, 1), padding=(k // 2, 0, 0), bias=False,
+        in_channels,
+        out_channels,
+        (k, 1, 1),
+        stride=(speed_ratio, 1, 1),
+        padding=(k // 2, 0, 0),
+        bias=False,
     )
 
 
@@ -142,7 +158,9 @@ class RGBPoseBackbone(nn.Module):
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         if len(rgb_blocks) != 4 or len(pose_blocks) != 3:
-            raise ValueError("the RGB pathway has 4 stages and the pose pathway 3 (lateral points fixed)")
+            raise ValueError(
+                "the RGB pathway has 4 stages and the pose pathway 3 (lateral points fixed)"
+            )
         self.modality = modality
         two_stream = modality == "rgbpose"
         self.speed_ratio = check_frame_counts(rgb_frames, pose_frames) if two_stream else None
@@ -159,17 +177,25 @@ class RGBPoseBackbone(nn.Module):
         self.pose: ResNet3dPathway | None = None
         if modality in ("rgbpose", "rgb"):
             self.rgb = ResNet3dPathway(
-                in_channels=3, base_channels=rgb_base_channels, blocks=tuple(rgb_blocks),
-                spatial_strides=(1, 2, 2, 2), temporal_kernels=(1, 1, 3, 3),
-                stem_stride=2, stem_pool_stride=2,
+                in_channels=3,
+                base_channels=rgb_base_channels,
+                blocks=tuple(rgb_blocks),
+                spatial_strides=(1, 2, 2, 2),
+                temporal_kernels=(1, 1, 3, 3),
+                stem_stride=2,
+                stem_pool_stride=2,
                 lateral_channels=(0, 0, to_rgb[0], to_rgb[1]) if two_stream else None,
                 zero_init_residual=zero_init_residual,
             )
         if modality in ("rgbpose", "pose"):
             self.pose = ResNet3dPathway(
-                in_channels=pose_channels, base_channels=pose_base_channels, blocks=tuple(pose_blocks),
-                spatial_strides=(2, 2, 2), temporal_kernels=(1, 3, 3),
-                stem_stride=1, stem_pool_stride=1,
+                in_channels=pose_channels,
+                base_channels=pose_base_channels,
+                blocks=tuple(pose_blocks),
+                spatial_strides=(2, 2, 2),
+                temporal_kernels=(1, 3, 3),
+                stem_stride=1,
+                stem_pool_stride=1,
                 lateral_channels=(0, to_pose[0], to_pose[1]) if two_stream else None,
                 zero_init_residual=zero_init_residual,
             )
@@ -185,10 +211,16 @@ class RGBPoseBackbone(nn.Module):
                 self.pose_to_rgb.append(pose_to_rgb_lateral(pose_widths[j], to_rgb[j], r))
                 self.rgb_to_pose.append(RGBToPoseLateral(rgb_widths[j + 1], to_pose[j], r))
                 if self.fusion_enabled:
-                    self.fusion.append(CrossModalFusion(
-                        rgb_widths[j + 1], pose_widths[j], rgb_widths[j + 1] // fusion_reduction,
-                        speed_ratio=r, num_heads=fusion_heads, dropout=fusion_dropout,
-                    ))
+                    self.fusion.append(
+                        CrossModalFusion(
+                            rgb_widths[j + 1],
+                            pose_widths[j],
+                            rgb_widths[j + 1] // fusion_reduction,
+                            speed_ratio=r,
+                            num_heads=fusion_heads,
+                            dropout=fusion_dropout,
+                        )
+                    )
             init_weights(self.pose_to_rgb, zero_init_residual=False)
             init_weights(self.rgb_to_pose, zero_init_residual=False)
             if zero_init_residual:

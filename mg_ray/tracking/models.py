@@ -33,17 +33,31 @@ def save_pyfunc(model_file: Path, out: Path) -> None:
     kwargs, data = content["spec"]["kwargs"], content["data"]
     num_classes = content["spec"]["num_classes"]
     rgb_shape = (-1, 3, kwargs["rgb_frames"], data["rgb_size"], data["rgb_size"])
-    pose_shape = (-1, kwargs["pose_channels"], kwargs["pose_frames"], data["heatmap_size"], data["heatmap_size"])
+    pose_shape = (
+        -1,
+        kwargs["pose_channels"],
+        kwargs["pose_frames"],
+        data["heatmap_size"],
+        data["heatmap_size"],
+    )
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), rgb_shape, "rgb"),
-                       TensorSpec(np.dtype(np.float32), pose_shape, "pose")]),
+        inputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), rgb_shape, "rgb"),
+                TensorSpec(np.dtype(np.float32), pose_shape, "pose"),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
     )
-    example = {"rgb": np.zeros((1, *rgb_shape[1:]), np.float32),
-               "pose": np.zeros((1, *pose_shape[1:]), np.float32)}
+    example = {
+        "rgb": np.zeros((1, *rgb_shape[1:]), np.float32),
+        "pose": np.zeros((1, *pose_shape[1:]), np.float32),
+    }
     mlflow.pyfunc.save_model(
         str(out),
-        python_model=str(CODE_FILE),  # models-from-code: the artifacts are data (mg_ray.serving.pyfunc)
+        python_model=str(
+            CODE_FILE
+        ),  # models-from-code: the artifacts are data (mg_ray.serving.pyfunc)
         artifacts={"model_file": str(model_file)},
         signature=signature,
         input_example=example,
@@ -59,8 +73,9 @@ LOGGED_MODEL = "model"  # the name of a training run's MLflow logged model
 def run_logged_model(client: MlflowClient, run_id: str):
     """The logged model of training run `run_id` (its best model), or None."""
     run = client.get_run(run_id)
-    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                        max_results=10)
+    found = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=10
+    )
     ready = [m for m in found if m.name == LOGGED_MODEL and str(m.status).endswith("READY")]
     return ready[0] if ready else None
 
@@ -76,12 +91,19 @@ def log_best_model(client: MlflowClient, run_id: str, tracking_uri: str) -> str:
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as folder:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}", dst_path=folder, tracking_uri=tracking_uri
+            artifact_uri=f"runs:/{run_id}/best_model/{MODEL_FILE}",
+            dst_path=folder,
+            tracking_uri=tracking_uri,
         )
         metrics = safe_load(local).get("metrics", {})
         step = int(metrics.get("epoch", 0))
-        model = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL, source_run_id=run_id,
-                                           model_type="mg-ray", params={"preset": run.data.params.get("model.preset", "")})
+        model = client.create_logged_model(
+            run.info.experiment_id,
+            name=LOGGED_MODEL,
+            source_run_id=run_id,
+            model_type="mg-ray",
+            params={"preset": run.data.params.get("model.preset", "")},
+        )
         try:
             model_dir = Path(folder) / "model"
             save_pyfunc(Path(local), model_dir)
@@ -91,7 +113,11 @@ def log_best_model(client: MlflowClient, run_id: str, tracking_uri: str) -> str:
             raise
         client.finalize_logged_model(model.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
-    history = {key: client.get_metric_history(run_id, key) for key in run.data.metrics if key.startswith("val_")}
+    history = {
+        key: client.get_metric_history(run_id, key)
+        for key in run.data.metrics
+        if key.startswith("val_")
+    }
     for key, points in history.items():  # the best epoch's validation metrics, linked to the model
         at_best = [m for m in points if m.step == step]
         if at_best:
@@ -103,12 +129,16 @@ def log_run_model(client: MlflowClient, run_id: str, tracking_uri: str) -> None:
     """When a training run ends: its best model as its logged model (`log_best_model`). A run that
     saved none (stopped before its first validation) has none, and a failure is a warning: the
     study goes on, and promotion logs the model again if it must."""
-    if not any(f.path == f"best_model/{MODEL_FILE}" for f in client.list_artifacts(run_id, "best_model")):
+    if not any(
+        f.path == f"best_model/{MODEL_FILE}" for f in client.list_artifacts(run_id, "best_model")
+    ):
         return
     try:
         log_best_model(client, run_id, tracking_uri)
     except (MlflowException, OSError, ValueError) as err:
-        print(f"warning: run {run_id}: its best model could not be logged as an MLflow model ({err})")
+        print(
+            f"warning: run {run_id}: its best model could not be logged as an MLflow model ({err})"
+        )
 
 
 class ModelNotFoundError(LookupError):
@@ -121,13 +151,13 @@ def check_model_uri(uri: str, tracking_uri: str) -> None:
     `runs:/<run id>/<path>` or a local folder) resolves to a model. Cheap: run it before loading anything."""
     mlflow_client = store.client(tracking_uri)
     where = f"in the tracking store {tracking_uri}"
-    if uri.startswith("models:/m-") and "/" not in uri[len("models:/"):] and "@" not in uri:
+    if uri.startswith("models:/m-") and "/" not in uri[len("models:/") :] and "@" not in uri:
         try:
-            mlflow_client.get_logged_model(uri[len("models:/"):])
+            mlflow_client.get_logged_model(uri[len("models:/") :])
         except MlflowException:
             raise ModelNotFoundError(f"{uri}: no logged model with that id {where}") from None
     elif uri.startswith("models:/"):
-        name, sep, ref = uri[len("models:/"):].partition("@")
+        name, sep, ref = uri[len("models:/") :].partition("@")
         version = None
         if not sep:
             name, _, version = name.partition("/")
@@ -135,18 +165,24 @@ def check_model_uri(uri: str, tracking_uri: str) -> None:
             model = mlflow_client.get_registered_model(name)
         except MlflowException:
             known = sorted(m.name for m in mlflow_client.search_registered_models(max_results=50))
-            raise ModelNotFoundError(f"{uri}: no registered model {name!r} {where} "
-                                     f"(registered: {', '.join(known) or 'none'})") from None
+            raise ModelNotFoundError(
+                f"{uri}: no registered model {name!r} {where} "
+                f"(registered: {', '.join(known) or 'none'})"
+            ) from None
         if sep and ref not in (model.aliases or {}):
-            raise ModelNotFoundError(f"{uri}: model {name!r} has no alias {ref!r} "
-                                     f"(aliases: {', '.join(sorted(model.aliases or {})) or 'none'})")
+            raise ModelNotFoundError(
+                f"{uri}: model {name!r} has no alias {ref!r} "
+                f"(aliases: {', '.join(sorted(model.aliases or {})) or 'none'})"
+            )
         if version:
             try:
                 mlflow_client.get_model_version(name, version)
             except MlflowException:
-                raise ModelNotFoundError(f"{uri}: model {name!r} has no version {version!r}") from None
+                raise ModelNotFoundError(
+                    f"{uri}: model {name!r} has no version {version!r}"
+                ) from None
     elif uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].partition("/")
+        run_id, _, path = uri[len("runs:/") :].partition("/")
         check_run(mlflow_client, run_id, tracking_uri)
         if path and not mlflow_client.list_artifacts(run_id, path.rstrip("/")):
             raise ModelNotFoundError(f"{uri}: run {run_id} has no artifact {path!r}")
@@ -159,15 +195,23 @@ def check_run(client: MlflowClient, run_id: str, tracking_uri: str) -> None:
     try:
         client.get_run(run_id)
     except MlflowException:
-        raise ModelNotFoundError(f"run {run_id!r}: no such MLflow run in the tracking store {tracking_uri}") from None
+        raise ModelNotFoundError(
+            f"run {run_id!r}: no such MLflow run in the tracking store {tracking_uri}"
+        ) from None
 
 
 def resolve_model_file(location: str, tracking_uri: str | None = None) -> Path:
     """A local path to a model file from a path or an MLflow `runs:/<run_id>[/artifact]` URI
     (a run's own: its `best_model/model.pt`)."""
     if location.startswith("runs:/"):
-        uri = location if location.rstrip("/").count("/") > 1 else f"{location.rstrip('/')}/best_model/{MODEL_FILE}"
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+        uri = (
+            location
+            if location.rstrip("/").count("/") > 1
+            else f"{location.rstrip('/')}/best_model/{MODEL_FILE}"
+        )
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+        )
         return local / MODEL_FILE if local.is_dir() else local
     return Path(location).expanduser()
 

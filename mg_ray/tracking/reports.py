@@ -61,8 +61,12 @@ class RunLogger:
         cm = confusion_matrix(fused.argmax(1), labels, len(class_names))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            plot_confusion_matrix(cm, class_names, tmp / f"{split}_confusion_matrix.png",
-                                  title=f"{split}: fused prediction")
+            plot_confusion_matrix(
+                cm,
+                class_names,
+                tmp / f"{split}_confusion_matrix.png",
+                title=f"{split}: fused prediction",
+            )
             (tmp / f"{split}_per_class_accuracy.csv").write_text(
                 per_class_csv(cm, per_class_accuracy(cm), class_names)
             )
@@ -97,7 +101,9 @@ def predictions_csv(
     writer.writerow(["clip", "label", "label_name", "predicted", "predicted_name", "confidence"])
     for name, label, probs in zip(clip_names, labels, fused):
         pred = int(probs.argmax())
-        writer.writerow([name, int(label), class_names[label], pred, class_names[pred], f"{probs[pred]:.4f}"])
+        writer.writerow(
+            [name, int(label), class_names[label], pred, class_names[pred], f"{probs[pred]:.4f}"]
+        )
     return out.getvalue()
 
 
@@ -112,7 +118,9 @@ def load_pyplot():
     return plt
 
 
-def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+def plot_confusion_matrix(
+    cm: np.ndarray, class_names: Sequence[str], path: Path, title: str
+) -> None:
     plt = load_pyplot()
     k = len(class_names)
     size = max(5.0, 0.35 * k + 2)
@@ -129,8 +137,15 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path
         for i in range(k):
             for j in range(k):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if normalised[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if normalised[i, j] > 0.5 else "black",
+                    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

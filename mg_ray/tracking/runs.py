@@ -51,13 +51,16 @@ def require_run(mlflow_client: MlflowClient, experiment: str, run_key: str):
     found = mlflow_client.get_experiment_by_name(experiment)
     run = find_run(mlflow_client, found.experiment_id, run_key) if found is not None else None
     if run is None:
-        raise LookupError(f"MLflow experiment {experiment!r} at {mlflow_client.tracking_uri} has no run with "
-                          f"{RUN_KEY}={run_key!r}: its owner creates it before training starts")
+        raise LookupError(
+            f"MLflow experiment {experiment!r} at {mlflow_client.tracking_uri} has no run with "
+            f"{RUN_KEY}={run_key!r}: its owner creates it before training starts"
+        )
     return run
 
 
-def check_definition(mlflow_client: MlflowClient, experiment_id: str, run_key: str, fingerprint: str,
-                     what: str) -> None:
+def check_definition(
+    mlflow_client: MlflowClient, experiment_id: str, run_key: str, fingerprint: str, what: str
+) -> None:
     """Refuse to reuse `what` (e.g. "study 'quick'"), whose run is found by `run_key`, with a
     definition other than the one it was started with (`fingerprint`)."""
     existing = find_run(mlflow_client, experiment_id, run_key)
@@ -92,7 +95,6 @@ def start_or_resume_run(
     return run.info.run_id, False
 
 
-
 def log_params(mlflow_client: MlflowClient, run_id: str, params: Mapping[str, object]) -> None:
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
@@ -121,7 +123,7 @@ def lineage(rgb_init: str | None, pose_init: str | None) -> dict[str, str]:
     out = {}
     for stream, location in (("rgb", rgb_init), ("pose", pose_init)):
         if location and str(location).startswith("runs:/"):
-            out[INIT_RUN.format(stream=stream)] = str(location)[len("runs:/"):].split("/")[0]
+            out[INIT_RUN.format(stream=stream)] = str(location)[len("runs:/") :].split("/")[0]
     return out
 
 
@@ -131,8 +133,11 @@ def source_tags(entry_point: str | None = None) -> dict[str, str]:
     upload carries no .git: set it when submitting)."""
     if entry_point is None:
         argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-        entry_point = " ".join(["mg-ray", *sys.argv[1:2]]) if argv0.name in ("mg-ray", "cli.py", "-m") \
+        entry_point = (
+            " ".join(["mg-ray", *sys.argv[1:2]])
+            if argv0.name in ("mg-ray", "cli.py", "-m")
             else (argv0.as_posix() if not argv0.is_absolute() else argv0.name)
+        )
     source = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL"}
     commit = git_commit()
     if commit != "unknown":
@@ -146,15 +151,23 @@ def git_commit() -> str:
     if os.environ.get("MG_RAY_GIT_COMMIT"):
         return os.environ["MG_RAY_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 @contextlib.contextmanager
-def system_metrics(tracking_uri: str, run_id: str | None, *, enabled: bool = True, interval_s: float = 10.0):
+def system_metrics(
+    tracking_uri: str, run_id: str | None, *, enabled: bool = True, interval_s: float = 10.0
+):
     """Log MLflow's system metrics of this node into `run_id` while the block runs (its public
     `SystemMetricsMonitor`; needs psutil, and pynvml for GPUs). A no-op when disabled or without
     a run."""
@@ -172,22 +185,43 @@ def system_metrics(tracking_uri: str, run_id: str | None, *, enabled: bool = Tru
 def log_training_data(mlflow_client: MlflowClient, run_id: str, data_cfg) -> None:
     """The dataset a training run reads (a `DataConfig`) as its dataset inputs: training,
     validation and test splits."""
-    log_dataset(mlflow_client, run_id, data_cfg.root, dataset_fingerprint(data_cfg.root),
-                {"training": data_cfg.train_split, "validation": data_cfg.val_split, "test": data_cfg.test_split})
+    log_dataset(
+        mlflow_client,
+        run_id,
+        data_cfg.root,
+        dataset_fingerprint(data_cfg.root),
+        {
+            "training": data_cfg.train_split,
+            "validation": data_cfg.val_split,
+            "test": data_cfg.test_split,
+        },
+    )
 
 
-def log_dataset(mlflow_client: MlflowClient, run_id: str, root: str | Path, fingerprint: str | None,
-                splits: Mapping[str, str | None]) -> None:
+def log_dataset(
+    mlflow_client: MlflowClient,
+    run_id: str,
+    root: str | Path,
+    fingerprint: str | None,
+    splits: Mapping[str, str | None],
+) -> None:
     """The dataset as the run's MLflow dataset inputs, one per split it uses: name (the folder's),
     digest (the dataset fingerprint), source (the folder) and context (`splits`: context -> split,
     e.g. {"train": "train", "validation": "val"})."""
     root = Path(root)
     digest = (fingerprint or "unknown")[:36]
     inputs = [
-        DatasetInput(Dataset(name=f"{root.name}:{split}", digest=digest, source_type="local",
-                             source=json.dumps({"uri": str(root)})),
-                     tags=[InputTag(key="mlflow.data.context", value=context)])
-        for context, split in splits.items() if split
+        DatasetInput(
+            Dataset(
+                name=f"{root.name}:{split}",
+                digest=digest,
+                source_type="local",
+                source=json.dumps({"uri": str(root)}),
+            ),
+            tags=[InputTag(key="mlflow.data.context", value=context)],
+        )
+        for context, split in splits.items()
+        if split
     ]
     if inputs:
         mlflow_client.log_inputs(run_id, datasets=inputs)

@@ -83,14 +83,17 @@ def get_or_create_experiment(mlflow_client: MlflowClient, name: str) -> str:
                 f"or choose another tracking.experiment"
             )
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
-            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+            mlflow_client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+            )
         return experiment.experiment_id
     artifact_location = None
     if mlflow_client.tracking_uri.startswith("sqlite:"):
         artifact_location = paths.mlflow_artifact_root().as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location,
-                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        return mlflow_client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
     except Exception:  # noqa: BLE001 (created concurrently by another process: any store's error)
         return mlflow_client.get_experiment_by_name(name).experiment_id
 

@@ -4,13 +4,15 @@ Run tags live in the `mg_ray.` namespace (MLflow's own keep theirs). A run is fo
 key (`RUN_KEY`), never by its name.
 """
 
-RUN_KEY = "mg_ray.run_key"        # what finds a run again: study/<name>, <study>/<trial id>, ...
-PARENT = "mlflow.parentRunId"     # MLflow's nesting: a trial under its study, a stage under its pipeline
+RUN_KEY = "mg_ray.run_key"  # what finds a run again: study/<name>, <study>/<trial id>, ...
+PARENT = (
+    "mlflow.parentRunId"  # MLflow's nesting: a trial under its study, a stage under its pipeline
+)
 
 # A run's place in a study or pipeline.
-ROLE = "mg_ray.role"              # pipeline, study or trial
+ROLE = "mg_ray.role"  # pipeline, study or trial
 PIPELINE, STAGE = "mg_ray.pipeline", "mg_ray.stage"
-STAGES = "mg_ray.stages"          # a pipeline's stages, in order
+STAGES = "mg_ray.stages"  # a pipeline's stages, in order
 STUDY, TRIAL = "mg_ray.study", "mg_ray.trial_id"
 SPACE_FILE = "mg_ray.space_file"
 DEFINITION = "mg_ray.space_sha256"  # the fingerprint of a study's space or a pipeline's file
@@ -28,5 +30,9 @@ MEMBERS, MEMBER_NAMES = "mg_ray.members", "mg_ray.member_names"
 INIT_RUN = "mg_ray.init.{stream}_run"
 
 # Registered versions (`mg_ray.registry`): what the version was scored on and how it was decided.
-VERSION_DATASET, VERSION_DATASET_ROOT, VERSION_VAL_SPLIT = "dataset_fingerprint", "dataset_root", "val_split"
+VERSION_DATASET, VERSION_DATASET_ROOT, VERSION_VAL_SPLIT = (
+    "dataset_fingerprint",
+    "dataset_root",
+    "val_split",
+)
 CHAMPION_DECISION = "champion_decision"

@@ -37,7 +37,9 @@ class Best:
     @classmethod
     def of(cls, epoch: int, val_top1: float, model: nn.Module, criterion: nn.Module) -> Best:
         """A CPU copy of the weights and prototypes of `model` and `criterion` now."""
-        copy = lambda module: {k: v.detach().cpu().clone() for k, v in unwrap(module).state_dict().items()}
+        copy = lambda module: {
+            k: v.detach().cpu().clone() for k, v in unwrap(module).state_dict().items()
+        }
         return cls(epoch, val_top1, copy(model), copy(criterion))
 
 
@@ -50,8 +52,17 @@ class Resumed:
     last_metrics: dict[str, float] | None = None
 
 
-def save_checkpoint(folder: Path, *, model, criterion, optimizer, scheduler, epoch: int, best: Best,
-                    metrics: dict[str, float]) -> Path:
+def save_checkpoint(
+    folder: Path,
+    *,
+    model,
+    criterion,
+    optimizer,
+    scheduler,
+    epoch: int,
+    best: Best,
+    metrics: dict[str, float],
+) -> Path:
     """Write the training checkpoint of `epoch` into `folder` (what Ray Train persists)."""
     path = Path(folder) / CHECKPOINT_FILE
     torch.save(

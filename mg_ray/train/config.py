@@ -35,10 +35,24 @@ class ModelConfig:
     pose_init: str | None = None
 
     def validate(self) -> None:
-        check(self.embed_dim is None or self.embed_dim > 0, "embed_dim", "a positive integer", self.embed_dim)
-        check(self.dropout is None or 0 <= self.dropout < 1, "dropout", "a number in [0, 1)", self.dropout)
-        check(all(w >= 0 for w in self.stream_weights) and sum(self.stream_weights) > 0,
-              "stream_weights", "two non-negative weights, not both 0", self.stream_weights)
+        check(
+            self.embed_dim is None or self.embed_dim > 0,
+            "embed_dim",
+            "a positive integer",
+            self.embed_dim,
+        )
+        check(
+            self.dropout is None or 0 <= self.dropout < 1,
+            "dropout",
+            "a number in [0, 1)",
+            self.dropout,
+        )
+        check(
+            all(w >= 0 for w in self.stream_weights) and sum(self.stream_weights) > 0,
+            "stream_weights",
+            "two non-negative weights, not both 0",
+            self.stream_weights,
+        )
         if (self.rgb_init or self.pose_init) and self.modality != "rgbpose":
             raise ConfigError(
                 f"rgb_init: initialising from single-stream runs needs modality 'rgbpose', "
@@ -52,28 +66,36 @@ class LossConfig:
     variant's source). Defaults: FR-Head's values and variants, except unit features in the
     class means and p's gradient kept (PCAN), which the learnability test was tuned with."""
 
-    alpha: float = 0.1   # weight of the prototypical refinement loss (FR-Head 0.1, PCAN 0.2)
-    tau: float = 0.125   # temperature of the cosine scores (FR-Head)
-    rho: float = 0.9     # EMA momentum of the prototypes (FR-Head)
+    alpha: float = 0.1  # weight of the prototypical refinement loss (FR-Head 0.1, PCAN 0.2)
+    tau: float = 0.125  # temperature of the cosine scores (FR-Head)
+    rho: float = 0.9  # EMA momentum of the prototypes (FR-Head)
     # `a` in the FN/FP calibration terms: a number (FR-Head: 0.125), or "tau" to tie it to tau
     # as the paper's eq. 9 reads; a search space can search it like any other number
     calibration: float | Literal["tau"] = 0.125
-    features: Literal["unit", "raw"] = "unit"      # what the class means average (raw: FR-Head)
-    probs_grad: Literal["keep", "detach"] = "keep"  # p = softmax(logits): PCAN keeps, FR-Head detaches
-    calibrate: Literal["all", "tp"] = "all"         # every sample of class y (FR-Head), or TP anchors (eq. 7-8)
+    features: Literal["unit", "raw"] = "unit"  # what the class means average (raw: FR-Head)
+    probs_grad: Literal["keep", "detach"] = (
+        "keep"  # p = softmax(logits): PCAN keeps, FR-Head detaches
+    )
+    calibrate: Literal["all", "tp"] = (
+        "all"  # every sample of class y (FR-Head), or TP anchors (eq. 7-8)
+    )
 
     def validate(self) -> None:
         check(self.alpha >= 0, "alpha", "a number >= 0", self.alpha)
         check(self.tau > 0, "tau", "a number > 0", self.tau)
         check(0 <= self.rho < 1, "rho", "a number in [0, 1)", self.rho)
-        check(self.calibration == "tau" or self.calibration >= 0, "calibration", "a number >= 0 or 'tau'",
-              self.calibration)
+        check(
+            self.calibration == "tau" or self.calibration >= 0,
+            "calibration",
+            "a number >= 0 or 'tau'",
+            self.calibration,
+        )
 
 
 @dataclass
 class OptimConfig:
     epochs: int = 30
-    batch_size: int = 10          # global batch, split evenly over the workers
+    batch_size: int = 10  # global batch, split evenly over the workers
     lr: float = 0.0075
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -90,20 +112,34 @@ class OptimConfig:
         check(self.lr > 0, "lr", "a number > 0", self.lr)
         check(0 <= self.momentum < 1, "momentum", "a number in [0, 1)", self.momentum)
         check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
-        check(list(self.milestones) == sorted(set(self.milestones)) and all(m > 0 for m in self.milestones),
-              "milestones", "strictly increasing positive epochs", self.milestones)
+        check(
+            list(self.milestones) == sorted(set(self.milestones))
+            and all(m > 0 for m in self.milestones),
+            "milestones",
+            "strictly increasing positive epochs",
+            self.milestones,
+        )
         check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
-        check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
-              f"an integer in [0, epochs={self.epochs})", self.warmup_epochs)
-        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a number > 0 or null", self.grad_clip)
+        check(
+            0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs",
+            f"an integer in [0, epochs={self.epochs})",
+            self.warmup_epochs,
+        )
+        check(
+            self.grad_clip is None or self.grad_clip > 0,
+            "grad_clip",
+            "a number > 0 or null",
+            self.grad_clip,
+        )
 
 
 @dataclass
 class ResourcesConfig:
-    num_workers: int = 2          # Ray Train workers (DDP ranks)
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
     cpus_per_worker: float = 1.0  # fractional values are allowed
     use_gpu: bool = False
-    max_failures: int = 2         # worker-group restarts from the last checkpoint
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
 
     def validate(self) -> None:
         check(self.num_workers >= 1, "num_workers", "an integer >= 1", self.num_workers)
@@ -152,7 +188,9 @@ def load_config(source: str, overrides: dict[str, Any]) -> ExperimentConfig:
     else:
         preset = resources.files("mg_ray.configs") / f"{source}.yaml"
         if not preset.is_file():
-            raise ConfigError(f"--config: {source!r} is neither a YAML file nor a preset (small, paper)")
+            raise ConfigError(
+                f"--config: {source!r} is neither a YAML file nor a preset (small, paper)"
+            )
         text, where = preset.read_text(), f"preset {source}"
     data = read_yaml(text, where)
     try:

@@ -29,38 +29,63 @@ STAGE_MODALITY = {"rgb": "rgb", "pose": "pose", "fused": "rgbpose"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="small",
-                        help="a YAML file, or a packaged preset name: small (default), paper")
-    parser.add_argument("--stage", choices=sorted(STAGE_MODALITY), default="fused",
-                        help="rgb-only, pose-only or the fused two-stream model (default)")
+    parser.add_argument(
+        "--config",
+        default="small",
+        help="a YAML file, or a packaged preset name: small (default), paper",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=sorted(STAGE_MODALITY),
+        default="fused",
+        help="rgb-only, pose-only or the fused two-stream model (default)",
+    )
     parser.add_argument("--rgb-init", help="fused stage: RGB-only model (path or runs:/<id>)")
     parser.add_argument("--pose-init", help="fused stage: pose-only model (path or runs:/<id>)")
     parser.add_argument("--data", help="dataset folder (default: the synthetic dataset)")
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--cpus-per-worker", type=float)
     device = parser.add_mutually_exclusive_group()
-    device.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    device.add_argument(
+        "--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast"
+    )
     device.add_argument("--cpu", action="store_true", help="CPU workers with gloo")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set loss.alpha=0.2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set loss.alpha=0.2 (repeatable)",
+    )
     parser.add_argument("--name", help="Train run name (default: train-<stage>-<time>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the Train run called --name from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the Train run called --name from its last checkpoint",
+    )
     parser.add_argument("--storage-path", help=f"Ray storage (default: {paths.ray_storage()})")
     parser.add_argument("--experiment", help="MLflow experiment (default: mg-ray)")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)"
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"model.modality": STAGE_MODALITY[args.stage]}
-    for flag, key in (("data", "data.root"), ("workers", "resources.num_workers"),
-                      ("cpus_per_worker", "resources.cpus_per_worker"), ("epochs", "optim.epochs"),
-                      ("batch_size", "optim.batch_size"), ("lr", "optim.lr"),
-                      ("rgb_init", "model.rgb_init"), ("pose_init", "model.pose_init"),
-                      ("experiment", "tracking.experiment")):
+    for flag, key in (
+        ("data", "data.root"),
+        ("workers", "resources.num_workers"),
+        ("cpus_per_worker", "resources.cpus_per_worker"),
+        ("epochs", "optim.epochs"),
+        ("batch_size", "optim.batch_size"),
+        ("lr", "optim.lr"),
+        ("rgb_init", "model.rgb_init"),
+        ("pose_init", "model.pose_init"),
+        ("experiment", "tracking.experiment"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
@@ -81,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, overrides_from_args(args))
     name = args.name or f"train-{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = paths.ensure_writable(Path(args.storage_path or paths.ray_storage()).expanduser().resolve(),
-                                    "Ray storage (--storage-path)")
+    storage = paths.ensure_writable(
+        Path(args.storage_path or paths.ray_storage()).expanduser().resolve(),
+        "Ray storage (--storage-path)",
+    )
     if train_run_exists(storage, name) and not args.resume:
         raise SystemExit(
             f"error: a Train run called {name!r} already exists in {storage}. Pass --resume to continue "
@@ -93,8 +120,12 @@ def run(args: argparse.Namespace) -> int:
     ensure_dataset(cfg.data, rgb=cfg.model.modality != "pose")
     tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
     res = cfg.resources
-    request = dict(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker, use_gpu=res.use_gpu,
-                   what=f"train run {name!r}")
+    request = dict(
+        num_workers=res.num_workers,
+        cpus_per_worker=res.cpus_per_worker,
+        use_gpu=res.use_gpu,
+        what=f"train run {name!r}",
+    )
     check_local_resources(args.address, **request)  # before a local Ray starts
     init_ray(args.address)
     check_resources(**request)

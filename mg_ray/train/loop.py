@@ -63,8 +63,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.optim.seed)  # same initial weights and prototypes on every rank
     spec = model_spec(cfg.model, cfg.data, data.num_classes, data.train_set.pose_channels)
     model, criterion = build_model_and_loss(cfg, spec, device, loop_config["tracking_uri"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
     training = dict(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
     resumed = resume(ray.train.get_checkpoint(), training, rank)
@@ -79,8 +83,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seed_everything(cfg.optim.seed + 1000 * epoch + rank)  # reproducible across resumes
         data.start_epoch(epoch)
         skipped_before = data.train_set.stats["bad_video"]
-        train_stats = train_one_epoch(model, criterion, optimizer, data.train_loader, device, amp,
-                                      cfg.optim.grad_clip)
+        train_stats = train_one_epoch(
+            model, criterion, optimizer, data.train_loader, device, amp, cfg.optim.grad_clip
+        )
         skipped = all_ranks_sum(data.train_set.stats["bad_video"] - skipped_before, world, device)
         lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
         scheduler.step()
@@ -92,29 +97,52 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             best = Best.of(epoch, val_metrics["val_top1"], model, criterion)
         # Key order matters: Tune's progress table shows the first four metrics it sees.
         metrics = {
-            "val_top1": val_metrics["val_top1"], "best_val_top1": best.val_top1,
-            "epochs_completed": epoch + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
-            "train_loss": train_stats["train_loss"], "epoch": epoch, "lr": lr, **train_stats,
-            "train_skipped_clips": skipped, **val_metrics, "val_s": time.perf_counter() - started,
+            "val_top1": val_metrics["val_top1"],
+            "best_val_top1": best.val_top1,
+            "epochs_completed": epoch
+            + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
+            "train_loss": train_stats["train_loss"],
+            "epoch": epoch,
+            "lr": lr,
+            **train_stats,
+            "train_skipped_clips": skipped,
+            **val_metrics,
+            "val_s": time.perf_counter() - started,
             "best_epoch": best.epoch,
         }
         if skipped and rank == 0:
-            print(f"epoch {epoch}: {skipped} unreadable training clip(s) skipped and replaced (data.skip_bad)")
+            print(
+                f"epoch {epoch}: {skipped} unreadable training clip(s) skipped and replaced (data.skip_bad)"
+            )
         if epoch == resumed.start_epoch:
             metrics["worker_setup_s"] = setup_s
-            metrics["training_started_at"] = training_started_at  # wall clock (see bench_trial_overhead.py)
+            metrics["training_started_at"] = (
+                training_started_at  # wall clock (see bench_trial_overhead.py)
+            )
         last = epoch == cfg.optim.epochs - 1
         if last and cfg.data.test_split:
             started = time.perf_counter()
-            metrics.update(final_test(model, best, cfg, data.class_names, device, amp, rank, world, outbox))
+            metrics.update(
+                final_test(model, best, cfg, data.class_names, device, amp, rank, world, outbox)
+            )
             metrics["test_s"] = time.perf_counter() - started
 
         if rank == 0 and improved:
-            outbox.log_classification_report("val", val.labels, val.fused, val.stream_probs,
-                                             data.class_names, [data.val_set.clip_name(i) for i in val.indices])
+            outbox.log_classification_report(
+                "val",
+                val.labels,
+                val.fused,
+                val.stream_probs,
+                data.class_names,
+                [data.val_set.clip_name(i) for i in val.indices],
+            )
         if rank == 0 and last:
             log_best_model(outbox, best, spec, data.class_names, cfg, data.train_set.layout.name)
-        report(metrics, outbox, partial(save_checkpoint, **training, epoch=epoch, best=best, metrics=metrics))
+        report(
+            metrics,
+            outbox,
+            partial(save_checkpoint, **training, epoch=epoch, best=best, metrics=metrics),
+        )
 
     if resumed.start_epoch >= cfg.optim.epochs and resumed.last_metrics is not None:
         # Resumed after the last epoch (the driver died between the final report and the end of
@@ -154,20 +182,32 @@ class Data:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, rank: int, world: int, device: torch.device) -> Data:
-        decode = "rgb" in modality_streams(cfg.model.modality)  # a pose-only model: no video decoded
+        decode = "rgb" in modality_streams(
+            cfg.model.modality
+        )  # a pose-only model: no video decoded
         train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
         val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
         per_worker_batch = cfg.optim.batch_size // world
         workers = cfg.data.num_workers
-        train_loader = ray.train.torch.prepare_data_loader(DataLoader(
-            train_set, batch_size=per_worker_batch, shuffle=True,
-            drop_last=len(train_set) >= cfg.optim.batch_size, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-        ))
+        train_loader = ray.train.torch.prepare_data_loader(
+            DataLoader(
+                train_set,
+                batch_size=per_worker_batch,
+                shuffle=True,
+                drop_last=len(train_set) >= cfg.optim.batch_size,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                pin_memory=device.type == "cuda",
+            )
+        )
         # Validation is sharded by hand (rank r takes samples r, r+world, ...) instead of with a
         # DistributedSampler, which pads with duplicates: metrics must count every sample once.
-        val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=per_worker_batch,
-                                num_workers=workers, persistent_workers=workers > 0)
+        val_loader = DataLoader(
+            Subset(val_set, range(rank, len(val_set), world)),
+            batch_size=per_worker_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
         return cls(train_set, val_set, train_loader, val_loader)
 
 
@@ -182,12 +222,16 @@ def resume(checkpoint, training: dict[str, Any], rank: int) -> Resumed:
     return resumed
 
 
-def open_outbox(cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[str], start_epoch: int):
+def open_outbox(
+    cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[str], start_epoch: int
+):
     """Rank 0's outbox, with the run's configuration staged when the run starts."""
     outbox = ArtifactOutbox()
     if start_epoch == 0:
         outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
-        outbox.log_text(dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml")
+        outbox.log_text(
+            dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml"
+        )
     return outbox
 
 
@@ -203,8 +247,9 @@ def report(metrics: dict[str, Any], outbox, write_checkpoint) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def build_model_and_loss(cfg: ExperimentConfig, spec: dict[str, Any], device: torch.device,
-                         tracking_uri: str) -> tuple[nn.Module, nn.Module]:
+def build_model_and_loss(
+    cfg: ExperimentConfig, spec: dict[str, Any], device: torch.device, tracking_uri: str
+) -> tuple[nn.Module, nn.Module]:
     """The model (initialised from single-stream runs when the config names them), wrapped by Ray
     Train for DDP, and the two-stream criterion with its prototypes, on `device`."""
     model = build_from_spec(spec)
@@ -212,9 +257,17 @@ def build_model_and_loss(cfg: ExperimentConfig, spec: dict[str, Any], device: to
         model.load_state_dict(load_stream_init(cfg, model, merge_stream_checkpoints, tracking_uri))
     loss = cfg.loss
     criterion = TwoStreamCriterion(
-        spec["num_classes"], model.embed_dim, alpha=loss.alpha, tau=loss.tau, rho=loss.rho, a=loss.calibration,
-        features=loss.features, probs_grad=loss.probs_grad, calibrate=loss.calibrate,
-        refinement=cfg.model.refinement, stream_weights=tuple(cfg.model.stream_weights),
+        spec["num_classes"],
+        model.embed_dim,
+        alpha=loss.alpha,
+        tau=loss.tau,
+        rho=loss.rho,
+        a=loss.calibration,
+        features=loss.features,
+        probs_grad=loss.probs_grad,
+        calibrate=loss.calibrate,
+        refinement=cfg.model.refinement,
+        stream_weights=tuple(cfg.model.stream_weights),
         streams=modality_streams(cfg.model.modality),
     ).to(device)
     # NDHWC weights on CUDA (before DDP wraps the model, so its gradient buckets take that layout)
@@ -233,7 +286,9 @@ def build_model_and_loss(cfg: ExperimentConfig, spec: dict[str, Any], device: to
 # one epoch
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad_clip) -> dict[str, float]:
+def train_one_epoch(
+    model, criterion, optimizer, loader, device, amp_dtype, grad_clip
+) -> dict[str, float]:
     """One pass over this rank's shard. Returns mean losses, throughput and the fraction of the
     epoch spent waiting for the data loader (time in `next(batch)` over wall time)."""
     model.train()
@@ -274,10 +329,10 @@ def train_one_epoch(model, criterion, optimizer, loader, device, amp_dtype, grad
 
 @dataclass
 class Predictions:
-    indices: np.ndarray                  # [N] dataset indices, sorted
-    labels: np.ndarray                   # [N]
+    indices: np.ndarray  # [N] dataset indices, sorted
+    labels: np.ndarray  # [N]
     stream_probs: dict[str, np.ndarray]  # stream -> [N, K] softmax
-    fused: np.ndarray                    # [N, K]
+    fused: np.ndarray  # [N, K]
 
 
 @torch.no_grad()
@@ -309,7 +364,9 @@ def predict(model, loader, device, amp_dtype, stream_weights) -> Predictions:
         labels.append(batch["label"])
         indices.append(batch["index"])
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros((0,))
-    return Predictions(cat(indices), cat(labels), {s: cat(v) for s, v in streams.items()}, cat(fused))
+    return Predictions(
+        cat(indices), cat(labels), {s: cat(v) for s, v in streams.items()}, cat(fused)
+    )
 
 
 def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Predictions:
@@ -330,13 +387,20 @@ def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Pr
     )
 
 
-def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, outbox) -> dict[str, float]:
+def final_test(
+    model, best, cfg, class_names, device, amp_dtype, rank, world, outbox
+) -> dict[str, float]:
     """Multi-clip test evaluation of the best weights (then the current weights are restored)."""
     current = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     if best.model is not None:
         unwrap(model).load_state_dict(best.model)
-    test_set = build_dataset(cfg.data, cfg.data.test_split, mode="test", num_clips=cfg.data.test_clips,
-                             rgb="rgb" in modality_streams(cfg.model.modality))
+    test_set = build_dataset(
+        cfg.data,
+        cfg.data.test_split,
+        mode="test",
+        num_clips=cfg.data.test_clips,
+        rgb="rgb" in modality_streams(cfg.model.modality),
+    )
     loader = DataLoader(
         Subset(test_set, range(rank, len(test_set), world)),
         batch_size=max(1, cfg.optim.batch_size // world),
@@ -347,7 +411,9 @@ def final_test(model, best, cfg, class_names, device, amp_dtype, rank, world, ou
     metrics = classification_metrics(test.stream_probs, test.fused, test.labels, "test")
     if outbox is not None:
         names = [test_set.clip_name(i) for i in test.indices]
-        outbox.log_classification_report("test", test.labels, test.fused, test.stream_probs, class_names, names)
+        outbox.log_classification_report(
+            "test", test.labels, test.fused, test.stream_probs, class_names, names
+        )
     return metrics
 
 
@@ -375,7 +441,7 @@ def lr_factor(optim_cfg):
     def factor(epoch: int) -> float:
         warm = min(1.0, (epoch + 1) / optim_cfg.warmup_epochs) if optim_cfg.warmup_epochs else 1.0
         decays = sum(epoch >= m for m in optim_cfg.milestones)
-        return warm * optim_cfg.gamma ** decays
+        return warm * optim_cfg.gamma**decays
 
     return factor
 
@@ -394,7 +460,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
 
 
-def to_device(x: torch.Tensor | None, device: torch.device, layout: torch.memory_format) -> torch.Tensor | None:
+def to_device(
+    x: torch.Tensor | None, device: torch.device, layout: torch.memory_format
+) -> torch.Tensor | None:
     """A batch tensor on `device` in `layout` (None, for a stream the model lacks, stays None)."""
     return None if x is None else x.to(device, non_blocking=True, memory_format=layout)
 
@@ -429,7 +497,11 @@ def load_stream_init(cfg, model, merge, tracking_uri) -> dict[str, torch.Tensor]
     if whole:
         if cfg.model.rgb_init != cfg.model.pose_init:
             location = getattr(cfg.model, f"{whole[0]}_init")
-            raise ValueError(f"model.{whole[0]}_init: {location} is a two-stream model file; name it as both "
-                             f"model.rgb_init and model.pose_init to start the whole model from it")
+            raise ValueError(
+                f"model.{whole[0]}_init: {location} is a two-stream model file; name it as both "
+                f"model.rgb_init and model.pose_init to start the whole model from it"
+            )
         return load_two_stream_state(contents["rgb"]["model"], model)
-    return merge(contents.get("rgb", {}).get("model", {}), contents.get("pose", {}).get("model", {}), model)
+    return merge(
+        contents.get("rgb", {}).get("model", {}), contents.get("pose", {}).get("model", {}), model
+    )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from ray.train import UserCallback
 
-OUTBOX_DIR = "mlflow_outbox"      # inside a reported checkpoint folder
+OUTBOX_DIR = "mlflow_outbox"  # inside a reported checkpoint folder
 ARTIFACTS, REPORTS = "artifacts", "reports"
 
 
@@ -57,8 +57,14 @@ class ArtifactOutbox:
     ) -> None:
         folder = self._staging / REPORTS
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / f"{split}.npz", labels=labels, fused=fused, class_names=np.asarray(class_names),
-                 clip_names=np.asarray(clip_names), **{f"probs_{s}": p for s, p in stream_probs.items()})
+        np.savez(
+            folder / f"{split}.npz",
+            labels=labels,
+            fused=fused,
+            class_names=np.asarray(class_names),
+            clip_names=np.asarray(clip_names),
+            **{f"probs_{s}": p for s, p in stream_probs.items()},
+        )
 
     def move_into(self, checkpoint_folder: str | Path) -> None:
         """Hand everything staged so far to the checkpoint about to be reported."""
@@ -76,9 +82,15 @@ def replay(outbox: Path, logger) -> None:
         logger.client.log_artifacts(logger.run_id, str(outbox / ARTIFACTS))
     for report in sorted((outbox / REPORTS).glob("*.npz")) if (outbox / REPORTS).is_dir() else ():
         with np.load(report) as arrays:
-            probs = {k[len("probs_"):]: arrays[k] for k in arrays.files if k.startswith("probs_")}
-            logger.log_classification_report(report.stem, arrays["labels"], arrays["fused"], probs,
-                                             arrays["class_names"].tolist(), arrays["clip_names"].tolist())
+            probs = {k[len("probs_") :]: arrays[k] for k in arrays.files if k.startswith("probs_")}
+            logger.log_classification_report(
+                report.stem,
+                arrays["labels"],
+                arrays["fused"],
+                probs,
+                arrays["class_names"].tolist(),
+                arrays["clip_names"].tolist(),
+            )
 
 
 class MLflowLoggingCallback(UserCallback):

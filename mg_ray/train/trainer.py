@@ -33,9 +33,9 @@ from mg_ray.train.outbox import MLflowLoggingCallback
 
 @dataclass
 class TrainOutcome:
-    metrics: dict[str, Any]          # the last reported metrics
-    checkpoint_path: str | None      # the best checkpoint's folder
-    run_id: str | None = None        # the MLflow run, when `train()` owned it
+    metrics: dict[str, Any]  # the last reported metrics
+    checkpoint_path: str | None  # the best checkpoint's folder
+    run_id: str | None = None  # the MLflow run, when `train()` owned it
 
 
 def build_trainer(
@@ -67,7 +67,8 @@ def build_trainer(
             name=name,
             storage_path=str(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=resources.max_failures),
-            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(
+            checkpoint_config=checkpoint_config
+            or ray.train.CheckpointConfig(
                 num_to_keep=1,  # the best by val_top1; Ray always keeps the latest as well
                 checkpoint_score_attribute="val_top1",
                 checkpoint_score_order="max",
@@ -89,22 +90,37 @@ def fit(
 ) -> TrainOutcome:
     """Train `cfg` on the connected Ray cluster as Train run `name`, logging into MLflow run
     `run_id` (its owner opened it). Raises what Ray Train raises when training fails."""
-    trainer = build_trainer(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri,
-                            run_id=run_id, callbacks=callbacks)
+    trainer = build_trainer(
+        cfg,
+        name=name,
+        storage_path=storage_path,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        callbacks=callbacks,
+    )
     result = trainer.fit()
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
-    return TrainOutcome(metrics=dict(result.metrics or {}), checkpoint_path=best.path if best else None)
+    return TrainOutcome(
+        metrics=dict(result.metrics or {}), checkpoint_path=best.path if best else None
+    )
 
 
-def train(cfg: ExperimentConfig, *, name: str, storage_path: str | Path,
-          tags: dict[str, str] | None = None) -> TrainOutcome:
+def train(
+    cfg: ExperimentConfig,
+    *,
+    name: str,
+    storage_path: str | Path,
+    tags: dict[str, str] | None = None,
+) -> TrainOutcome:
     """`fit()` into an MLflow run of its own, keyed by the Train run's name: created (or found
     again, when the Train run resumes) before training, ended FINISHED / FAILED / KILLED
     however training ends."""
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = tracking.client(tracking_uri)
     run_id, resumed = tracking.start_or_resume_run(
-        client, tracking.get_or_create_experiment(client, cfg.tracking.experiment), name,
+        client,
+        tracking.get_or_create_experiment(client, cfg.tracking.experiment),
+        name,
         run_name=cfg.tracking.run_name or name,
         tags={TRAIN_RUN: name, STORAGE_PATH: str(storage_path), **(tags or {})},
         params=flatten(to_dict(cfg)),
@@ -113,9 +129,15 @@ def train(cfg: ExperimentConfig, *, name: str, storage_path: str | Path,
         tracking.log_training_data(client, run_id, cfg.data)
     status = "FAILED"
     try:
-        with tracking.system_metrics(tracking_uri, run_id, enabled=cfg.tracking.system_metrics,
-                                     interval_s=cfg.tracking.system_metrics_interval_s):
-            outcome = fit(cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_id=run_id)
+        with tracking.system_metrics(
+            tracking_uri,
+            run_id,
+            enabled=cfg.tracking.system_metrics,
+            interval_s=cfg.tracking.system_metrics_interval_s,
+        ):
+            outcome = fit(
+                cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_id=run_id
+            )
         log_run_model(client, run_id, tracking_uri)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", help="study name (default: the space file's stem)")
     parser.add_argument("--trials", type=int, help="number of trials (default: the space's)")
     parser.add_argument("--data", help="dataset folder (default: the synthetic dataset)")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)"
+    )
     parser.add_argument("--storage-path", help=f"Ray storage (default: {paths.ray_storage()})")
     parser.add_argument("--no-promote", action="store_true", help="do not register the best model")
 
@@ -49,37 +51,69 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(args.space)  # validated before anything starts
     study = args.study or Path(args.space).stem
     if not STUDY_NAME.match(study):
-        raise SystemExit(f"error: --study {study!r}: expected letters, digits, '_', '.', '-' (max 64)")
+        raise SystemExit(
+            f"error: --study {study!r}: expected letters, digits, '_', '.', '-' (max 64)"
+        )
     if args.trials is not None and args.trials < 1:
         raise SystemExit(f"error: --trials: expected an integer >= 1, got {args.trials}")
     if args.trials is not None and isinstance(space, Pipeline):
-        raise SystemExit("error: --trials: a pipeline's stages set their own trial counts (study.num_trials)")
+        raise SystemExit(
+            "error: --trials: a pipeline's stages set their own trial counts (study.num_trials)"
+        )
     try:
         if isinstance(space, Pipeline):
-            summary = run_pipeline(space, name=study, data_root=args.data, storage_path=args.storage_path,
-                                   promote=not args.no_promote, address=args.address)
+            summary = run_pipeline(
+                space,
+                name=study,
+                data_root=args.data,
+                storage_path=args.storage_path,
+                promote=not args.no_promote,
+                address=args.address,
+            )
         else:
-            summary = run_study(space, study_name=study, data_root=args.data, num_trials=args.trials,
-                                storage_path=args.storage_path, promote=not args.no_promote, address=args.address)
+            summary = run_study(
+                space,
+                study_name=study,
+                data_root=args.data,
+                num_trials=args.trials,
+                storage_path=args.storage_path,
+                promote=not args.no_promote,
+                address=args.address,
+            )
     except StudyInterrupted as err:
         print(f"mg-ray tune: {err} (nothing was registered)", file=sys.stderr)
         return 130
     print()
     if isinstance(space, Pipeline):
         for stage, stage_summary in summary["stages"].items():
-            print(f"stage {stage}: " + ("completed before" if stage_summary.get("skipped") else
-                                        f"{stage_summary['num_trials']} trials {stage_summary.get('states', {})}"))
+            print(
+                f"stage {stage}: "
+                + (
+                    "completed before"
+                    if stage_summary.get("skipped")
+                    else f"{stage_summary['num_trials']} trials {stage_summary.get('states', {})}"
+                )
+            )
         if summary.get("ensemble"):
-            print("ensemble: " + " | ".join(f"{k} {v:.3f}" for k, v in sorted(summary["ensemble"]["metrics"].items())))
-        print(f"best trial of stage {summary['best_stage']}: {summary['best_trial_id']} (MLflow run "
-              f"{summary['best_run_id']}) {summary['score_name']} {summary['best_score']:.3f}"
-              + (f", initialised from {summary['lineage']}" if summary["lineage"] else ""))
+            print(
+                "ensemble: "
+                + " | ".join(
+                    f"{k} {v:.3f}" for k, v in sorted(summary["ensemble"]["metrics"].items())
+                )
+            )
+        print(
+            f"best trial of stage {summary['best_stage']}: {summary['best_trial_id']} (MLflow run "
+            f"{summary['best_run_id']}) {summary['score_name']} {summary['best_score']:.3f}"
+            + (f", initialised from {summary['lineage']}" if summary["lineage"] else "")
+        )
     else:
         print(f"study {study}: {summary['num_trials']} trials {summary.get('states', {})}")
         if "best_trial_id" in summary:
             params = ", ".join(f"{k}={v}" for k, v in summary["best_params"].items())
-            print(f"best trial {summary['best_trial_id']} (MLflow run {summary['best_run_id']}): "
-                  f"{summary['score_name']} {summary['best_score']:.3f} with {params}")
+            print(
+                f"best trial {summary['best_trial_id']} (MLflow run {summary['best_run_id']}): "
+                f"{summary['score_name']} {summary['best_score']:.3f} with {params}"
+            )
     print_promotion(summary)
     print_mlflow_ui(study)
     return 0
@@ -91,13 +125,19 @@ def print_promotion(summary: dict) -> None:
         return
     role = "champion" if promotion["champion"] else "candidate"
     if promotion["new"]:
-        print(f"registered model {promotion['name']} version {promotion['version']} (alias {role}; "
-              f"{promotion['decision']})")
+        print(
+            f"registered model {promotion['name']} version {promotion['version']} (alias {role}; "
+            f"{promotion['decision']})"
+        )
     else:
-        print(f"best model already registered as {promotion['name']} version {promotion['version']}: "
-              f"{existing_version_state(promotion)}")
-    print(f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
-          f"--data {summary['data_root']} {example_clip(summary['data_root'])}")
+        print(
+            f"best model already registered as {promotion['name']} version {promotion['version']}: "
+            f"{existing_version_state(promotion)}"
+        )
+    print(
+        f"predict: mg-ray predict --model models:/{promotion['name']}@champion "
+        f"--data {summary['data_root']} {example_clip(summary['data_root'])}"
+    )
 
 
 def print_mlflow_ui(study: str, experiment: str = "mg-ray") -> None:
@@ -112,4 +152,6 @@ def print_mlflow_ui(study: str, experiment: str = "mg-ray") -> None:
     else:
         base = uri
     if found is not None:
-        print(f"  then open {tracking.ui_link(base, found.experiment_id)}  (experiment {experiment!r}, run {study!r})")
+        print(
+            f"  then open {tracking.ui_link(base, found.experiment_id)}  (experiment {experiment!r}, run {study!r})"
+        )

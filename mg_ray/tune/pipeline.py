@@ -46,9 +46,15 @@ def run_pipeline(
     """Run (or resume) every stage, the ensemble and the registration; returns a summary with
     each stage's summary under "stages"."""
     # Every stage's checks before Ray starts: a bad last stage fails now, not after the first.
-    checked = {stage: preflight(pipeline.stage_space(stage, {s: "0" * 32 for s in spec.init}),
-                                study_name=stage_study(name, stage), data_root=data_root, address=address)
-               for stage, spec in pipeline.stages.items()}
+    checked = {
+        stage: preflight(
+            pipeline.stage_space(stage, {s: "0" * 32 for s in spec.init}),
+            study_name=stage_study(name, stage),
+            data_root=data_root,
+            address=address,
+        )
+        for stage, spec in pipeline.stages.items()
+    }
     check_storage(storage_path, None)
     first = next(iter(checked.values()))
     tracking_uri, experiment = first.tracking_uri, first.probe.tracking.experiment
@@ -57,15 +63,33 @@ def run_pipeline(
     client = tracking.client(tracking_uri)
     experiment_id = tracking.get_or_create_experiment(client, experiment)
     fingerprint = definition_fingerprint(pipeline)
-    tracking.check_definition(client, experiment_id, f"pipeline/{name}", fingerprint, f"pipeline {name!r}")
-    pipeline_run_id, _ = tracking.start_or_resume_run(
-        client, experiment_id, f"pipeline/{name}", run_name=name,
-        tags={tags.PIPELINE: name, tags.ROLE: "pipeline", tags.DEFINITION: fingerprint,
-              tags.SPACE_FILE: pipeline.source, tags.STAGES: ",".join(pipeline.stages)},
-        params={"pipeline.name": name, "pipeline.space": pipeline.source, "pipeline.stages": ",".join(pipeline.stages)},
+    tracking.check_definition(
+        client, experiment_id, f"pipeline/{name}", fingerprint, f"pipeline {name!r}"
     )
-    summary: dict[str, Any] = {"pipeline": name, "stages": {}, "pipeline_run_id": pipeline_run_id,
-                               "data_root": str(first.probe.data.root)}
+    pipeline_run_id, _ = tracking.start_or_resume_run(
+        client,
+        experiment_id,
+        f"pipeline/{name}",
+        run_name=name,
+        tags={
+            tags.PIPELINE: name,
+            tags.ROLE: "pipeline",
+            tags.DEFINITION: fingerprint,
+            tags.SPACE_FILE: pipeline.source,
+            tags.STAGES: ",".join(pipeline.stages),
+        },
+        params={
+            "pipeline.name": name,
+            "pipeline.space": pipeline.source,
+            "pipeline.stages": ",".join(pipeline.stages),
+        },
+    )
+    summary: dict[str, Any] = {
+        "pipeline": name,
+        "stages": {},
+        "pipeline_run_id": pipeline_run_id,
+        "data_root": str(first.probe.data.root),
+    }
     best: dict[str, Any] = {}  # stage -> its best completed trial run
     status = "FAILED"
     try:
@@ -75,34 +99,69 @@ def run_pipeline(
             stage_run = tracking.find_run(client, experiment_id, f"study/{study}")
             if stage_run is not None and stage_run.info.status == "FINISHED":
                 print(f"stage {stage}: completed before (study {study!r}), not run again")
-                summary["stages"][stage] = {"study": study, "skipped": True, "study_run_id": stage_run.info.run_id}
+                summary["stages"][stage] = {
+                    "study": study,
+                    "skipped": True,
+                    "study_run_id": stage_run.info.run_id,
+                }
             else:
-                print(f"stage {stage}: study {study!r}" + (f", initialised from {init_runs}" if init_runs else ""))
+                print(
+                    f"stage {stage}: study {study!r}"
+                    + (f", initialised from {init_runs}" if init_runs else "")
+                )
                 summary["stages"][stage] = run_study(
-                    pipeline.stage_space(stage, init_runs), study_name=study, data_root=data_root,
-                    storage_path=storage_path, promote=False, address=address, verbose=verbose,
-                    parent_run_id=pipeline_run_id, tags={tags.PIPELINE: name, tags.STAGE: stage},
+                    pipeline.stage_space(stage, init_runs),
+                    study_name=study,
+                    data_root=data_root,
+                    storage_path=storage_path,
+                    promote=False,
+                    address=address,
+                    verbose=verbose,
+                    parent_run_id=pipeline_run_id,
+                    tags={tags.PIPELINE: name, tags.STAGE: stage},
                 )
             space = pipeline.stage_space(stage)
-            best[stage] = best_trials(study, experiment=experiment, metric=space.study.metric,
-                                      mode=space.study.mode, tracking_uri=tracking_uri)[0]
-            client.log_metric(pipeline_run_id, f"{stage}.{tracking.score_name(space.study.metric)}",
-                              tracking.run_score(best[stage], space.study.metric))
+            best[stage] = best_trials(
+                study,
+                experiment=experiment,
+                metric=space.study.metric,
+                mode=space.study.mode,
+                tracking_uri=tracking_uri,
+            )[0]
+            client.log_metric(
+                pipeline_run_id,
+                f"{stage}.{tracking.score_name(space.study.metric)}",
+                tracking.run_score(best[stage], space.study.metric),
+            )
         if pipeline.ensemble:
-            summary["ensemble"] = ensemble_stages(pipeline, name, best, tracking_uri, experiment, pipeline_run_id)
+            summary["ensemble"] = ensemble_stages(
+                pipeline, name, best, tracking_uri, experiment, pipeline_run_id
+            )
         registered = best[pipeline.register_stage]
         study = pipeline.stage_space(pipeline.register_stage).study
-        summary.update(best_run_id=registered.info.run_id, best_trial_id=registered.data.tags.get(tags.TRIAL),
-                       best_stage=pipeline.register_stage, best_score=tracking.run_score(registered, study.metric),
-                       score_name=tracking.score_name(study.metric),
-                       lineage=tracking.lineage(registered.data.params.get("model.rgb_init"),
-                                                registered.data.params.get("model.pose_init")))
+        summary.update(
+            best_run_id=registered.info.run_id,
+            best_trial_id=registered.data.tags.get(tags.TRIAL),
+            best_stage=pipeline.register_stage,
+            best_score=tracking.run_score(registered, study.metric),
+            score_name=tracking.score_name(study.metric),
+            lineage=tracking.lineage(
+                registered.data.params.get("model.rgb_init"),
+                registered.data.params.get("model.pose_init"),
+            ),
+        )
         if promote:
             summary["promotion"] = promote_run(
-                registered.info.run_id, study.register_as, tracking_uri=tracking_uri,
-                metric=study.metric, mode=study.mode,
-                context={"pipeline": name, "study": stage_study(name, pipeline.register_stage),
-                         "trial": summary["best_trial_id"]},
+                registered.info.run_id,
+                study.register_as,
+                tracking_uri=tracking_uri,
+                metric=study.metric,
+                mode=study.mode,
+                context={
+                    "pipeline": name,
+                    "study": stage_study(name, pipeline.register_stage),
+                    "trial": summary["best_trial_id"],
+                },
             )
         status = "FINISHED"
         return summary
@@ -113,8 +172,14 @@ def run_pipeline(
         tracking.terminate_run(client, pipeline_run_id, status)
 
 
-def ensemble_stages(pipeline: Pipeline, name: str, best: dict[str, Any], tracking_uri: str, experiment: str,
-                    pipeline_run_id: str) -> dict[str, Any]:
+def ensemble_stages(
+    pipeline: Pipeline,
+    name: str,
+    best: dict[str, Any],
+    tracking_uri: str,
+    experiment: str,
+    pipeline_run_id: str,
+) -> dict[str, Any]:
     """The score ensemble of the member stages' best runs, logged once as a run under the
     pipeline's (found again by its key when the pipeline runs again)."""
 
@@ -125,9 +190,22 @@ def ensemble_stages(pipeline: Pipeline, name: str, best: dict[str, Any], trackin
         print(f"ensemble: logged before (MLflow run {found.info.run_id})")
         return {"run_id": found.info.run_id, "metrics": dict(found.data.metrics)}
     members = pipeline.ensemble.members
-    out = ensemble([best[m].info.run_id for m in members], tracking_uri=tracking_uri, experiment=experiment,
-                   name=f"{name}.ensemble", member_names=members, run_key=f"ensemble/{name}",
-                   parent_run_id=pipeline_run_id, tags={tags.PIPELINE: name})
-    print("ensemble of " + ", ".join(members) + ": weights " + ", ".join(f"{w:.2f}" for w in out["weights"])
-          + " | " + " | ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items()))
+    out = ensemble(
+        [best[m].info.run_id for m in members],
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        name=f"{name}.ensemble",
+        member_names=members,
+        run_key=f"ensemble/{name}",
+        parent_run_id=pipeline_run_id,
+        tags={tags.PIPELINE: name},
+    )
+    print(
+        "ensemble of "
+        + ", ".join(members)
+        + ": weights "
+        + ", ".join(f"{w:.2f}" for w in out["weights"])
+        + " | "
+        + " | ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items())
+    )
     return out

@@ -25,25 +25,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="mg-ray-fused", help="registered model name")
     parser.add_argument("--metric", default="val_top1")
     parser.add_argument("--mode", choices=["max", "min"], default="max")
-    parser.add_argument("--force-champion", action="store_true",
-                        help="make this version champion even if it does not beat the current one")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or the local sqlite store")
+    parser.add_argument(
+        "--force-champion",
+        action="store_true",
+        help="make this version champion even if it does not beat the current one",
+    )
+    parser.add_argument(
+        "--tracking-uri", help="default: MLFLOW_TRACKING_URI or the local sqlite store"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri)
     if args.study:
-        [best] = best_trials(args.study, experiment=args.experiment, metric=args.metric, mode=args.mode,
-                             tracking_uri=uri)
+        [best] = best_trials(
+            args.study,
+            experiment=args.experiment,
+            metric=args.metric,
+            mode=args.mode,
+            tracking_uri=uri,
+        )
         args.run = best.info.run_id
-    out = promote_run(args.run, args.name, tracking_uri=uri, metric=args.metric, mode=args.mode,
-                      force_champion=args.force_champion)
+    out = promote_run(
+        args.run,
+        args.name,
+        tracking_uri=uri,
+        metric=args.metric,
+        mode=args.mode,
+        force_champion=args.force_champion,
+    )
     if out["new"]:
-        state = "champion" if out["champion"] else f"candidate (champion stays version {out['previous_champion']})"
-        print(f"registered {out['name']} version {out['version']} ({args.metric} {out['score']:.4f}): {state}")
+        state = (
+            "champion"
+            if out["champion"]
+            else f"candidate (champion stays version {out['previous_champion']})"
+        )
+        print(
+            f"registered {out['name']} version {out['version']} ({args.metric} {out['score']:.4f}): {state}"
+        )
     else:
-        print(f"run {args.run} is already registered as {out['name']} version {out['version']} "
-              f"({args.metric} {out['score']:.4f}): {existing_version_state(out)}")
-    print(f"predict with: mg-ray predict --model models:/{out['name']}@{CHAMPION} CLIP.mp4 --skeleton CLIP.npz")
+        print(
+            f"run {args.run} is already registered as {out['name']} version {out['version']} "
+            f"({args.metric} {out['score']:.4f}): {existing_version_state(out)}"
+        )
+    print(
+        f"predict with: mg-ray predict --model models:/{out['name']}@{CHAMPION} CLIP.mp4 --skeleton CLIP.npz"
+    )
     return 0

@@ -41,14 +41,20 @@ def study_runs(mlflow_client, experiment_id: str, study: str) -> list:
 
 def ranked_trials(runs: list, metric: str, mode: str) -> list:
     """The completed trial runs among `runs`, best first (the module's rule)."""
-    done = [r for r in runs
-            if r.data.tags.get(tags.STATE) == "completed" and tracking.run_score(r, metric) is not None]
+    done = [
+        r
+        for r in runs
+        if r.data.tags.get(tags.STATE) == "completed" and tracking.run_score(r, metric) is not None
+    ]
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(done, key=lambda r: (sign * tracking.run_score(r, metric), r.info.start_time, r.info.run_id))
+    return sorted(
+        done, key=lambda r: (sign * tracking.run_score(r, metric), r.info.start_time, r.info.run_id)
+    )
 
 
-def best_trials(study: str, *, experiment: str, metric: str, mode: str, tracking_uri: str,
-                top: int = 1) -> list:
+def best_trials(
+    study: str, *, experiment: str, metric: str, mode: str, tracking_uri: str, top: int = 1
+) -> list:
     """The `top` best completed trial runs of `study`; NoTrialsError naming the study when none."""
     mlflow_client = tracking.client(tracking_uri)
     found = mlflow_client.get_experiment_by_name(experiment)
@@ -56,26 +62,41 @@ def best_trials(study: str, *, experiment: str, metric: str, mode: str, tracking
     ranked = ranked_trials(runs, metric, mode)
     if not ranked:
         what = f"{len(runs)} trial runs, none completed" if runs else "no trial runs"
-        raise NoTrialsError(f"study {study!r}: {what} in MLflow experiment {experiment!r} at {tracking_uri}")
+        raise NoTrialsError(
+            f"study {study!r}: {what} in MLflow experiment {experiment!r} at {tracking_uri}"
+        )
     return ranked[:top]
 
 
-def summarise(mlflow_client, parent_run_id: str, experiment_id: str, study: str, *, metric: str, mode: str,
-              searched: list[str], optuna_storage: str, tracking_uri: str) -> dict[str, Any]:
+def summarise(
+    mlflow_client,
+    parent_run_id: str,
+    experiment_id: str,
+    study: str,
+    *,
+    metric: str,
+    mode: str,
+    searched: list[str],
+    optuna_storage: str,
+    tracking_uri: str,
+) -> dict[str, Any]:
     """Log the study's summary on its run (trials table, best trial's config and parameters,
     Optuna plots) and return it."""
     runs = study_runs(mlflow_client, experiment_id, study)
-    rows = [{
-        "trial_id": r.data.tags.get(tags.TRIAL),
-        "mlflow_run_id": r.info.run_id,
-        "state": r.data.tags.get(tags.STATE, "unknown"),
-        "epochs": r.data.tags.get(tags.EPOCHS),
-        metric: r.data.metrics.get(metric),
-        tracking.score_name(metric): tracking.run_score(r, metric),
-        "test_top1": r.data.metrics.get("test_top1"),
-        "start_time": r.info.start_time,
-        **{name: r.data.params.get(name) for name in searched},
-    } for r in sorted(runs, key=lambda r: r.info.start_time)]
+    rows = [
+        {
+            "trial_id": r.data.tags.get(tags.TRIAL),
+            "mlflow_run_id": r.info.run_id,
+            "state": r.data.tags.get(tags.STATE, "unknown"),
+            "epochs": r.data.tags.get(tags.EPOCHS),
+            metric: r.data.metrics.get(metric),
+            tracking.score_name(metric): tracking.run_score(r, metric),
+            "test_top1": r.data.metrics.get("test_top1"),
+            "start_time": r.info.start_time,
+            **{name: r.data.params.get(name) for name in searched},
+        }
+        for r in sorted(runs, key=lambda r: r.info.start_time)
+    ]
     logger = RunLogger(tracking_uri, parent_run_id)
     logger.log_text(table_csv(rows), "study/trials.csv")
     states: dict[str, int] = {}
@@ -88,13 +109,20 @@ def summarise(mlflow_client, parent_run_id: str, experiment_id: str, study: str,
         score = tracking.run_score(best, metric)
         params = {name: best.data.params[name] for name in searched if name in best.data.params}
         with tempfile.TemporaryDirectory() as folder:
-            config = mlflow_client.download_artifacts(best.info.run_id, "config/resolved_config.yaml", folder)
+            config = mlflow_client.download_artifacts(
+                best.info.run_id, "config/resolved_config.yaml", folder
+            )
             logger.log_file(Path(config).rename(Path(folder) / "best_config.yaml"), "study")
         mlflow_client.log_metric(parent_run_id, tracking.score_name(metric), score)
         for name, value in params.items():
             mlflow_client.set_tag(parent_run_id, f"best.{name}", value)
-        summary.update(best_trial_id=best.data.tags[tags.TRIAL], best_run_id=best.info.run_id,
-                       best_score=score, score_name=tracking.score_name(metric), best_params=params)
+        summary.update(
+            best_trial_id=best.data.tags[tags.TRIAL],
+            best_run_id=best.info.run_id,
+            best_score=score,
+            score_name=tracking.score_name(metric),
+            best_params=params,
+        )
     log_optuna_plots(study, optuna_storage, logger)
     return summary
 
@@ -116,9 +144,11 @@ def log_optuna_plots(study: str, optuna_storage: str, logger) -> None:
 
     loaded = optuna.load_study(study_name=study, storage=optuna_storage)
     complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    plots = {"optimization_history": optuna_plots.plot_optimization_history,
-             "param_importances": optuna_plots.plot_param_importances,
-             "parallel_coordinate": optuna_plots.plot_parallel_coordinate}
+    plots = {
+        "optimization_history": optuna_plots.plot_optimization_history,
+        "param_importances": optuna_plots.plot_param_importances,
+        "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+    }
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, plot in plots.items():

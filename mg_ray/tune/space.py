@@ -58,25 +58,42 @@ class Parameter:
 
     def validate(self) -> None:
         if self.type in ("float", "int"):
-            check(self.low is not None and self.high is not None, "low",
-                  "both low and high for a numeric parameter", (self.low, self.high))
+            check(
+                self.low is not None and self.high is not None,
+                "low",
+                "both low and high for a numeric parameter",
+                (self.low, self.high),
+            )
             check(self.low < self.high, "high", f"a number greater than low={self.low}", self.high)
             check(not self.log or self.low > 0, "low", "a number > 0 with log: true", self.low)
-            check(self.choices is None and self.value is None, "choices",
-                  "no choices/value for a numeric parameter", self.choices)
+            check(
+                self.choices is None and self.value is None,
+                "choices",
+                "no choices/value for a numeric parameter",
+                self.choices,
+            )
             if self.type == "int":
-                check(float(self.low).is_integer() and float(self.high).is_integer(), "low",
-                      "integer bounds for an int parameter", (self.low, self.high))
+                check(
+                    float(self.low).is_integer() and float(self.high).is_integer(),
+                    "low",
+                    "integer bounds for an int parameter",
+                    (self.low, self.high),
+                )
         elif self.type == "categorical":
             check(bool(self.choices), "choices", "a non-empty list", self.choices)
-            check(self.low is None and self.high is None, "low", "no low/high for a categorical", self.low)
+            check(
+                self.low is None and self.high is None,
+                "low",
+                "no low/high for a categorical",
+                self.low,
+            )
         else:  # fixed
             check(self.value is not None, "value", "a value for a fixed parameter", self.value)
 
 
 @dataclass
 class AshaSettings:
-    grace_period: int = 1       # epochs every trial gets before it can be stopped
+    grace_period: int = 1  # epochs every trial gets before it can be stopped
     reduction_factor: float = 2
 
     def validate(self) -> None:
@@ -92,7 +109,7 @@ class StudySettings:
     max_concurrent: int | None = None  # None: as many as the cluster's CPUs/GPUs allow
     time_budget_s: float | None = None
     seed: int = 0
-    trial_driver_cpus: float = 0.1    # the Tune trial function only waits on its Train run
+    trial_driver_cpus: float = 0.1  # the Tune trial function only waits on its Train run
     # Trials started beyond what the cluster can train at once: their driver and Train
     # controller start up while the others train, and their workers start the moment a running
     # trial's CPUs are freed (`mg_ray.tune.study.max_concurrent_trials`).
@@ -106,11 +123,24 @@ class StudySettings:
 
     def validate(self) -> None:
         check(self.num_trials >= 1, "num_trials", "an integer >= 1", self.num_trials)
-        check(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent",
-              "an integer >= 1 or null", self.max_concurrent)
-        check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
-              "a number of seconds > 0 or null", self.time_budget_s)
-        check(self.trial_driver_cpus >= 0, "trial_driver_cpus", "a number >= 0", self.trial_driver_cpus)
+        check(
+            self.max_concurrent is None or self.max_concurrent >= 1,
+            "max_concurrent",
+            "an integer >= 1 or null",
+            self.max_concurrent,
+        )
+        check(
+            self.time_budget_s is None or self.time_budget_s > 0,
+            "time_budget_s",
+            "a number of seconds > 0 or null",
+            self.time_budget_s,
+        )
+        check(
+            self.trial_driver_cpus >= 0,
+            "trial_driver_cpus",
+            "a number >= 0",
+            self.trial_driver_cpus,
+        )
         check(self.standby_trials >= 0, "standby_trials", "an integer >= 0", self.standby_trials)
 
 
@@ -148,7 +178,10 @@ class SearchSpace:
         points = []
         for first in self.study.first_trials:
             point = dict(first)
-            if POSE_FRAMES in point and self.parameters.get(POSE_FRAMES, Parameter("fixed")).type == "categorical":
+            if (
+                POSE_FRAMES in point
+                and self.parameters.get(POSE_FRAMES, Parameter("fixed")).type == "categorical"
+            ):
                 rgb = point.get(RGB_FRAMES, self.fixed_value(RGB_FRAMES))
                 point[f"{POSE_FRAMES}|rgb={rgb}"] = point.pop(POSE_FRAMES)
             points.append(point)
@@ -186,14 +219,20 @@ class StageSpec:
     modality: Literal["rgb", "pose", "rgbpose"]
     init: dict[str, str] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
-    study: dict[str, Any] = field(default_factory=dict)  # overrides of the pipeline's study settings
+    study: dict[str, Any] = field(
+        default_factory=dict
+    )  # overrides of the pipeline's study settings
     parameters: dict[str, Parameter] = field(default_factory=dict)
 
     def validate(self) -> None:
         unknown = sorted(set(self.init) - set(STREAM_MODALITY))
         check(not unknown, "init", f"streams among {', '.join(STREAM_MODALITY)}", unknown)
-        check(not self.init or self.modality == "rgbpose", "init",
-              "no init for a single-stream stage (only an rgbpose stage merges single-stream runs)", self.init)
+        check(
+            not self.init or self.modality == "rgbpose",
+            "init",
+            "no init for a single-stream stage (only an rgbpose stage merges single-stream runs)",
+            self.init,
+        )
 
 
 @dataclass
@@ -203,23 +242,27 @@ class EnsembleSpec:
     members: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        check(len(self.members) >= 2 and len(set(self.members)) == len(self.members), "members",
-              "at least two different stage names", self.members)
+        check(
+            len(self.members) >= 2 and len(set(self.members)) == len(self.members),
+            "members",
+            "at least two different stage names",
+            self.members,
+        )
 
 
 @dataclass
 class Pipeline:
     """A search-space file with `stages`: the paper's recipe as one resumable study.
 
-        base: small
-        fixed: {...}               # every stage
-        study: {...}               # every stage's study settings (a stage's `study` overrides)
-        stages:                    # run in this order
-          rgb:   {modality: rgb, fixed: {...}}
-          pose:  {modality: pose, fixed: {...}}
-          fused: {modality: rgbpose, init: {rgb: rgb, pose: pose}, parameters: {...}}
-        ensemble: {members: [rgb, pose, fused]}
-        register: fused            # whose best trial is registered (default: the last stage)
+    base: small
+    fixed: {...}               # every stage
+    study: {...}               # every stage's study settings (a stage's `study` overrides)
+    stages:                    # run in this order
+      rgb:   {modality: rgb, fixed: {...}}
+      pose:  {modality: pose, fixed: {...}}
+      fused: {modality: rgbpose, init: {rgb: rgb, pose: pose}, parameters: {...}}
+    ensemble: {members: [rgb, pose, fused]}
+    register: fused            # whose best trial is registered (default: the last stage)
     """
 
     base: str = "small"
@@ -237,15 +280,28 @@ class Pipeline:
             for stream, source in stage.init.items():
                 key = f"stages.{name}.init.{stream}"
                 if source not in names[: names.index(name)]:
-                    raise ConfigError(f"{key}: expected a stage that comes before {name!r} "
-                                      f"(one of {', '.join(names[: names.index(name)]) or 'none'}), got {source!r}")
+                    raise ConfigError(
+                        f"{key}: expected a stage that comes before {name!r} "
+                        f"(one of {', '.join(names[: names.index(name)]) or 'none'}), got {source!r}"
+                    )
                 if self.stages[source].modality != STREAM_MODALITY[stream]:
-                    raise ConfigError(f"{key}: stage {source!r} trains modality {self.stages[source].modality!r}; "
-                                      f"a {stream} init needs a {STREAM_MODALITY[stream]!r} stage")
+                    raise ConfigError(
+                        f"{key}: stage {source!r} trains modality {self.stages[source].modality!r}; "
+                        f"a {stream} init needs a {STREAM_MODALITY[stream]!r} stage"
+                    )
         for member in self.ensemble.members if self.ensemble else ():
-            check(member in self.stages, "ensemble.members", f"stage names among {', '.join(names)}", member)
-        check(self.register is None or self.register in self.stages, "register",
-              f"a stage name among {', '.join(names)}", self.register)
+            check(
+                member in self.stages,
+                "ensemble.members",
+                f"stage names among {', '.join(names)}",
+                member,
+            )
+        check(
+            self.register is None or self.register in self.stages,
+            "register",
+            f"a stage name among {', '.join(names)}",
+            self.register,
+        )
 
     @property
     def register_stage(self) -> str:
@@ -259,8 +315,13 @@ class Pipeline:
         for stream, run_id in (init_runs or {}).items():
             fixed[f"model.{stream}_init"] = f"runs:/{run_id}"
         study = from_mapping(StudySettings, {**self.study, **stage.study}, "study")
-        return SearchSpace(base=self.base, fixed=fixed, study=study, parameters=dict(stage.parameters),
-                           source=f"{self.source}#stages.{name}")
+        return SearchSpace(
+            base=self.base,
+            fixed=fixed,
+            study=study,
+            parameters=dict(stage.parameters),
+            source=f"{self.source}#stages.{name}",
+        )
 
 
 def load_space(path: str | Path) -> SearchSpace | Pipeline:
@@ -275,7 +336,11 @@ def load_space(path: str | Path) -> SearchSpace | Pipeline:
             pipeline = from_mapping(Pipeline, {**data, "source": str(path)})
             for name in pipeline.stages:  # each stage as the study it runs, checked like any space
                 try:
-                    _validate_against_config(pipeline.stage_space(name, {s: "0" * 32 for s in pipeline.stages[name].init}))
+                    _validate_against_config(
+                        pipeline.stage_space(
+                            name, {s: "0" * 32 for s in pipeline.stages[name].init}
+                        )
+                    )
                 except ConfigError as err:
                     raise ConfigError(f"stages.{name}.{err}") from None
             return pipeline
@@ -335,7 +400,9 @@ def _validate_against_config(space: SearchSpace) -> None:
         raise ConfigError(f"base: {err}") from None
     for name, p in space.parameters.items():
         # one representative value per parameter, type-checked through the config loader
-        probe = p.value if p.type == "fixed" else (p.choices[0] if p.type == "categorical" else p.low)
+        probe = (
+            p.value if p.type == "fixed" else (p.choices[0] if p.type == "categorical" else p.low)
+        )
         if p.type == "int":
             probe = int(probe)
         try:
@@ -345,7 +412,9 @@ def _validate_against_config(space: SearchSpace) -> None:
         if p.type == "categorical":
             for choice in p.choices:
                 try:
-                    from_mapping(ExperimentConfig, apply_overrides(base, {**space.fixed, name: choice}))
+                    from_mapping(
+                        ExperimentConfig, apply_overrides(base, {**space.fixed, name: choice})
+                    )
                 except ConfigError as err:
                     raise ConfigError(f"parameters.{name}: choice {choice!r}: {err}") from None
     try:
@@ -358,27 +427,37 @@ def _validate_against_config(space: SearchSpace) -> None:
             p = space.parameters.get(name)
             key = f"study.first_trials[{i}].{name}"
             if p is None or p.type == "fixed":
-                raise ConfigError(f"{key}: expected one of the searched parameters "
-                                  f"({', '.join(n for n, q in space.parameters.items() if q.type != 'fixed')})")
+                raise ConfigError(
+                    f"{key}: expected one of the searched parameters "
+                    f"({', '.join(n for n, q in space.parameters.items() if q.type != 'fixed')})"
+                )
             if p.type == "categorical" and value not in p.choices:
                 raise ConfigError(f"{key}: expected one of {p.choices}, got {value!r}")
-            if p.type in ("float", "int") and not (isinstance(value, (int, float)) and p.low <= value <= p.high):
+            if p.type in ("float", "int") and not (
+                isinstance(value, (int, float)) and p.low <= value <= p.high
+            ):
                 raise ConfigError(f"{key}: expected a number in [{p.low}, {p.high}], got {value!r}")
         if RGB_FRAMES in first or POSE_FRAMES in first:
             rgb = first.get(RGB_FRAMES, space.fixed.get(RGB_FRAMES, base["data"]["rgb_frames"]))
             pose = first.get(POSE_FRAMES, space.fixed.get(POSE_FRAMES, base["data"]["pose_frames"]))
             if not _frames_ok(rgb, pose):
-                raise ConfigError(f"study.first_trials[{i}]: data.rgb_frames={rgb} with data.pose_frames={pose} "
-                                  f"builds no model (see mg_ray.models.check_frame_counts)")
+                raise ConfigError(
+                    f"study.first_trials[{i}]: data.rgb_frames={rgb} with data.pose_frames={pose} "
+                    f"builds no model (see mg_ray.models.check_frame_counts)"
+                )
 
     rgb_p, pose_p = space.parameters.get(RGB_FRAMES), space.parameters.get(POSE_FRAMES)
     rgb_values = _values(rgb_p, space.fixed.get(RGB_FRAMES, base["data"]["rgb_frames"]))
     pose_values = _values(pose_p, space.fixed.get(POSE_FRAMES, base["data"]["pose_frames"]))
     if pose_p is not None and pose_p.type in ("float", "int"):
-        raise ConfigError(f"parameters.{POSE_FRAMES}: expected type categorical or fixed (frame counts are "
-                          f"constrained by the model), got {pose_p.type}")
+        raise ConfigError(
+            f"parameters.{POSE_FRAMES}: expected type categorical or fixed (frame counts are "
+            f"constrained by the model), got {pose_p.type}"
+        )
     if rgb_p is not None and rgb_p.type in ("float", "int"):
-        raise ConfigError(f"parameters.{RGB_FRAMES}: expected type categorical or fixed, got {rgb_p.type}")
+        raise ConfigError(
+            f"parameters.{RGB_FRAMES}: expected type categorical or fixed, got {rgb_p.type}"
+        )
     for rgb in rgb_values:
         if not any(_frames_ok(rgb, pose) for pose in pose_values):
             raise ConfigError(

@@ -47,7 +47,9 @@ class StudyInterrupted(KeyboardInterrupt):
     """The study was interrupted (Ctrl-C); its state is saved and the same command resumes it."""
 
 
-def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, total: dict[str, float]) -> int:
+def max_concurrent_trials(
+    space: SearchSpace, cfg: ExperimentConfig, total: dict[str, float]
+) -> int:
     """Trials at once: as many as the cluster's CPUs (and GPUs) can train, plus the space's
     `standby_trials`, capped by `max_concurrent` and the number of trials.
 
@@ -57,7 +59,10 @@ def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, total: dict
     (`benchmarks/bench_trial_overhead.py` measures what that saves); more than that would only
     queue more workers."""
     res, study = cfg.resources, space.study
-    fits = math.floor(total.get("CPU", 0) / (res.num_workers * res.cpus_per_worker + study.trial_driver_cpus) + 1e-9)
+    fits = math.floor(
+        total.get("CPU", 0) / (res.num_workers * res.cpus_per_worker + study.trial_driver_cpus)
+        + 1e-9
+    )
     if res.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // res.num_workers))
     concurrent = min(max(1, fits) + study.standby_trials, study.num_trials)
@@ -68,13 +73,15 @@ def max_concurrent_trials(space: SearchSpace, cfg: ExperimentConfig, total: dict
 class Checked:
     """What `preflight` established about a study before anything started."""
 
-    base: dict[str, Any]      # the base training config, with the dataset root applied
-    probe: ExperimentConfig   # the config every trial starts from (fixed values applied)
+    base: dict[str, Any]  # the base training config, with the dataset root applied
+    probe: ExperimentConfig  # the config every trial starts from (fixed values applied)
     tracking_uri: str
-    request: dict[str, Any]   # the resource request of one trial, for `check_resources`
+    request: dict[str, Any]  # the resource request of one trial, for `check_resources`
 
 
-def preflight(space: SearchSpace, *, study_name: str, data_root: str | None, address: str | None) -> Checked:
+def preflight(
+    space: SearchSpace, *, study_name: str, data_root: str | None, address: str | None
+) -> Checked:
     """Every check that needs no cluster, before Ray starts: the config every trial starts from,
     the dataset (generated when it is the default synthetic one), the MLflow store, and on a
     local cluster the CPUs a trial needs."""
@@ -86,19 +93,28 @@ def preflight(space: SearchSpace, *, study_name: str, data_root: str | None, add
     tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
     tracking.check_store(tracking_uri)
     res = probe.resources
-    request = dict(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker, use_gpu=res.use_gpu,
-                   reserved_cpus=space.study.trial_driver_cpus, what=f"each trial of study {study_name!r}")
+    request = dict(
+        num_workers=res.num_workers,
+        cpus_per_worker=res.cpus_per_worker,
+        use_gpu=res.use_gpu,
+        reserved_cpus=space.study.trial_driver_cpus,
+        what=f"each trial of study {study_name!r}",
+    )
     check_local_resources(address, **request)
     return Checked(base, probe, tracking_uri, request)
 
 
 def check_storage(storage_path: str | Path | None, optuna_storage: str | None) -> tuple[Path, str]:
     """The Ray storage folder and the Optuna storage URL, both checked writable."""
-    storage = paths.ensure_writable(Path(storage_path or paths.ray_storage()).expanduser().resolve(),
-                                    "Ray storage (--storage-path)")
+    storage = paths.ensure_writable(
+        Path(storage_path or paths.ray_storage()).expanduser().resolve(),
+        "Ray storage (--storage-path)",
+    )
     optuna_storage = optuna_storage or paths.optuna_storage_url()
     if paths.sqlite_file(optuna_storage):
-        paths.ensure_writable_file(paths.sqlite_file(optuna_storage), f"Optuna storage {optuna_storage}")
+        paths.ensure_writable_file(
+            paths.sqlite_file(optuna_storage), f"Optuna storage {optuna_storage}"
+        )
     return storage, optuna_storage
 
 
@@ -130,36 +146,68 @@ def run_study(
     init_ray(address)
     check_resources(**checked.request)
     concurrency = max_concurrent_trials(space, checked.probe, ray.cluster_resources())
-    ctx = open_study(space, checked, study_name=study_name, storage=storage, optuna_storage=optuna_storage,
-                     concurrency=concurrency, parent_run_id=parent_run_id, extra_tags=tags)
+    ctx = open_study(
+        space,
+        checked,
+        study_name=study_name,
+        storage=storage,
+        optuna_storage=optuna_storage,
+        concurrency=concurrency,
+        parent_run_id=parent_run_id,
+        extra_tags=tags,
+    )
     client = tracking.client(ctx.tracking_uri)
 
     # the tuner: a new one, or the interrupted study's restored
-    tuner = build_tuner(space, ctx, checked.probe, storage=storage, concurrency=concurrency, verbose=verbose,
-                        callbacks=callbacks)
+    tuner = build_tuner(
+        space,
+        ctx,
+        checked.probe,
+        storage=storage,
+        concurrency=concurrency,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
     session = trial_state.begin(ctx)
     status = "FAILED"
     try:
         # fit, then close every trial's run and the study's
         results = tuner.fit()
-        epochs = {r.metrics["trial_id"]: int(r.metrics.get(trial_state.TIME_ATTR, 0))
-                  for r in results if r.metrics and "trial_id" in r.metrics}
+        epochs = {
+            r.metrics["trial_id"]: int(r.metrics.get(trial_state.TIME_ATTR, 0))
+            for r in results
+            if r.metrics and "trial_id" in r.metrics
+        }
         for trial_id in trial_state.close_unfinished(session, epochs):
-            print(f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}")
+            print(
+                f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}"
+            )
         detach_orphans(client, ctx.parent_run_id)
         if session.interrupted:
             status = "KILLED"
-            raise StudyInterrupted(f"study {study_name!r} interrupted; run the same command to resume it")
-        summary = summarise(client, ctx.parent_run_id, client.get_run(ctx.parent_run_id).info.experiment_id,
-                            study_name, metric=space.study.metric, mode=space.study.mode,
-                            searched=list(space.parameters), optuna_storage=optuna_storage,
-                            tracking_uri=ctx.tracking_uri)
+            raise StudyInterrupted(
+                f"study {study_name!r} interrupted; run the same command to resume it"
+            )
+        summary = summarise(
+            client,
+            ctx.parent_run_id,
+            client.get_run(ctx.parent_run_id).info.experiment_id,
+            study_name,
+            metric=space.study.metric,
+            mode=space.study.mode,
+            searched=list(space.parameters),
+            optuna_storage=optuna_storage,
+            tracking_uri=ctx.tracking_uri,
+        )
         summary["data_root"] = str(checked.probe.data.root)
         summary["study_run_id"] = ctx.parent_run_id
         if promote and summary.get("best_run_id"):
             summary["promotion"] = promote_run(
-                summary["best_run_id"], space.study.register_as, tracking_uri=ctx.tracking_uri,
-                metric=space.study.metric, mode=space.study.mode,
+                summary["best_run_id"],
+                space.study.register_as,
+                tracking_uri=ctx.tracking_uri,
+                metric=space.study.metric,
+                mode=space.study.mode,
                 context={"study": study_name, "trial": summary["best_trial_id"]},
             )
         status = "FINISHED"
@@ -175,8 +223,17 @@ def run_study(
         tracking.terminate_run(client, ctx.parent_run_id, status)
 
 
-def open_study(space: SearchSpace, checked: Checked, *, study_name: str, storage: Path, optuna_storage: str,
-               concurrency: int, parent_run_id: str | None, extra_tags: dict[str, str] | None) -> StudyContext:
+def open_study(
+    space: SearchSpace,
+    checked: Checked,
+    *,
+    study_name: str,
+    storage: Path,
+    optuna_storage: str,
+    concurrency: int,
+    parent_run_id: str | None,
+    extra_tags: dict[str, str] | None,
+) -> StudyContext:
     """The study's MLflow run, opened (or reopened, on resume: a changed space is refused), and
     the context every trial gets."""
     client = tracking.client(checked.tracking_uri)
@@ -185,27 +242,54 @@ def open_study(space: SearchSpace, checked: Checked, *, study_name: str, storage
     key, fingerprint = f"study/{study_name}", definition_fingerprint(space)
     tracking.check_definition(client, experiment_id, key, fingerprint, f"study {study_name!r}")
     study_run_id, _ = tracking.start_or_resume_run(
-        client, experiment_id, key, run_name=study_name, parent_run_id=parent_run_id,
-        tags={tags.STUDY: study_name, tags.ROLE: "study", tags.DEFINITION: fingerprint,
-              tags.SPACE_FILE: space.source, **(extra_tags or {})},
-        params={"study.name": study_name, "study.space": space.source,
-                **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
-                "study.max_concurrent_trials": concurrency},
+        client,
+        experiment_id,
+        key,
+        run_name=study_name,
+        parent_run_id=parent_run_id,
+        tags={
+            tags.STUDY: study_name,
+            tags.ROLE: "study",
+            tags.DEFINITION: fingerprint,
+            tags.SPACE_FILE: space.source,
+            **(extra_tags or {}),
+        },
+        params={
+            "study.name": study_name,
+            "study.space": space.source,
+            **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
+            "study.max_concurrent_trials": concurrency,
+        },
     )
     return StudyContext(
-        name=study_name, base=checked.base, space=space, tracking_uri=checked.tracking_uri,
-        experiment=experiment, parent_run_id=study_run_id,
-        train_storage=str(storage / f"{study_name}_train"), optuna_storage=optuna_storage,
+        name=study_name,
+        base=checked.base,
+        space=space,
+        tracking_uri=checked.tracking_uri,
+        experiment=experiment,
+        parent_run_id=study_run_id,
+        train_storage=str(storage / f"{study_name}_train"),
+        optuna_storage=optuna_storage,
         max_epochs=checked.probe.optim.epochs,
     )
 
 
-def build_tuner(space: SearchSpace, ctx: StudyContext, probe: ExperimentConfig, *, storage: Path,
-                concurrency: int, verbose: int, callbacks: list | None) -> tune.Tuner:
+def build_tuner(
+    space: SearchSpace,
+    ctx: StudyContext,
+    probe: ExperimentConfig,
+    *,
+    storage: Path,
+    concurrency: int,
+    verbose: int,
+    callbacks: list | None,
+) -> tune.Tuner:
     """Ray Tune's `Tuner` of the study: OptunaSearch (TPE, its study in the RDB storage), ASHA on
     the epochs a trial completed, `TrialRuns` for the trials' MLflow runs. An experiment that
     exists under `storage` is restored instead (the same command resumes a study)."""
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": space.study.trial_driver_cpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": space.study.trial_driver_cpus}
+    )
     ray_env.apply_defaults(ray_env.STUDY_DRIVER)
     experiment_path = storage / ctx.name
     if tune.Tuner.can_restore(str(experiment_path)):
@@ -213,19 +297,37 @@ def build_tuner(space: SearchSpace, ctx: StudyContext, probe: ExperimentConfig, 
         return tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
     study = space.study
     searcher = OptunaSearch(
-        space.sample, metric=study.metric, mode=study.mode, storage=optuna.storages.RDBStorage(ctx.optuna_storage),
-        study_name=ctx.name, seed=study.seed, points_to_evaluate=space.optuna_points() or None,
+        space.sample,
+        metric=study.metric,
+        mode=study.mode,
+        storage=optuna.storages.RDBStorage(ctx.optuna_storage),
+        study_name=ctx.name,
+        seed=study.seed,
+        points_to_evaluate=space.optuna_points() or None,
     )
     scheduler = FinishingASHA(
-        time_attr=trial_state.TIME_ATTR, metric=study.metric, mode=study.mode, max_t=probe.optim.epochs,
-        grace_period=study.asha.grace_period, reduction_factor=study.asha.reduction_factor,
+        time_attr=trial_state.TIME_ATTR,
+        metric=study.metric,
+        mode=study.mode,
+        max_t=probe.optim.epochs,
+        grace_period=study.asha.grace_period,
+        reduction_factor=study.asha.reduction_factor,
     )
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_trials,
-                                    max_concurrent_trials=concurrency, time_budget_s=study.time_budget_s),
-        run_config=tune.RunConfig(name=ctx.name, storage_path=str(storage), verbose=verbose,
-                                  callbacks=[trial_state.TrialRuns(ctx.name), *(callbacks or [])]),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=study.num_trials,
+            max_concurrent_trials=concurrency,
+            time_budget_s=study.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=ctx.name,
+            storage_path=str(storage),
+            verbose=verbose,
+            callbacks=[trial_state.TrialRuns(ctx.name), *(callbacks or [])],
+        ),
     )
 
 
@@ -243,5 +345,7 @@ def detach_orphans(mlflow_client, parent_run_id: str) -> None:
         mlflow_client.set_tag(run.info.run_id, tags.STATE, "orphaned")
         mlflow_client.delete_tag(run.info.run_id, tags.PARENT)
         tracking.terminate_run(mlflow_client, run.info.run_id, "KILLED")
-        print(f"MLflow run {run.info.run_id} (trial {run.data.tags.get(tags.TRIAL)}) belongs to no "
-              f"trial of the resumed study: tagged orphaned and detached from the study run")
+        print(
+            f"MLflow run {run.info.run_id} (trial {run.data.tags.get(tags.TRIAL)}) belongs to no "
+            f"trial of the resumed study: tagged orphaned and detached from the study run"
+        )

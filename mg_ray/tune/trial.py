@@ -33,22 +33,23 @@ class StudyContext:
     """What every trial needs to know about its study (passed with `tune.with_parameters`)."""
 
     name: str
-    base: dict[str, Any]          # base training config as a nested dict
+    base: dict[str, Any]  # base training config as a nested dict
     space: SearchSpace
     tracking_uri: str
     experiment: str
     parent_run_id: str
-    train_storage: str            # where the trials' Train runs (and checkpoints) live
-    optuna_storage: str           # Optuna RDB storage URL holding the study of the same name
-    max_epochs: int               # a trial that reported this many epochs completed
+    train_storage: str  # where the trials' Train runs (and checkpoints) live
+    optuna_storage: str  # Optuna RDB storage URL holding the study of the same name
+    max_epochs: int  # a trial that reported this many epochs completed
 
 
 def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
     """The full training config of one trial: base + fixed + sampled parameters."""
     sampled = {k: v for k, v in params.items() if "|" not in k}  # drop conditional helper names
     data = apply_overrides(ctx.base, trial_overrides(ctx.space, sampled))
-    data = apply_overrides(data, {"tracking.tracking_uri": ctx.tracking_uri,
-                                  "tracking.experiment": ctx.experiment})
+    data = apply_overrides(
+        data, {"tracking.tracking_uri": ctx.tracking_uri, "tracking.experiment": ctx.experiment}
+    )
     return from_mapping(ExperimentConfig, data)
 
 
@@ -71,10 +72,20 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     run = tracking.require_run(client, ctx.experiment, run_key(ctx, trial_id))
     if not run.data.params:  # the trial's first start (a resumed trial's run has them)
         describe_run(client, run.info.run_id, cfg)
-    with tracking.system_metrics(ctx.tracking_uri, run.info.run_id, enabled=cfg.tracking.system_metrics,
-                                 interval_s=cfg.tracking.system_metrics_interval_s):
-        fit(cfg, name=train_run_name(ctx, trial_id), storage_path=ctx.train_storage,
-            tracking_uri=ctx.tracking_uri, run_id=run.info.run_id, callbacks=[TuneReportCallback()])
+    with tracking.system_metrics(
+        ctx.tracking_uri,
+        run.info.run_id,
+        enabled=cfg.tracking.system_metrics,
+        interval_s=cfg.tracking.system_metrics_interval_s,
+    ):
+        fit(
+            cfg,
+            name=train_run_name(ctx, trial_id),
+            storage_path=ctx.train_storage,
+            tracking_uri=ctx.tracking_uri,
+            run_id=run.info.run_id,
+            callbacks=[TuneReportCallback()],
+        )
 
 
 def describe_run(client, run_id: str, cfg: ExperimentConfig) -> None:

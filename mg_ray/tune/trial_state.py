@@ -37,7 +37,10 @@ from mg_ray.tracking.models import log_run_model
 from mg_ray.tune.trial import StudyContext, run_key, train_run_name
 
 TIME_ATTR = "epochs_completed"  # the epochs a trial completed, as its Train run reports them
-TRAIN_ACTORS = ("TrainController", "RayTrainWorker")  # Ray Train's actors, as the State API names them
+TRAIN_ACTORS = (
+    "TrainController",
+    "RayTrainWorker",
+)  # Ray Train's actors, as the State API names them
 
 
 @dataclass
@@ -89,10 +92,18 @@ class TrialRuns(Callback):
         ctx = self.session.ctx
         client = tracking.client(ctx.tracking_uri)
         run_id, resumed = tracking.start_or_resume_run(
-            client, client.get_experiment_by_name(ctx.experiment).experiment_id, run_key(ctx, trial.trial_id),
-            run_name=f"{ctx.name}_{trial.trial_id}", parent_run_id=ctx.parent_run_id,
-            tags={tags.STUDY: ctx.name, tags.ROLE: "trial", tags.TRIAL: trial.trial_id,
-                  tags.TRAIN_RUN: train_run_name(ctx, trial.trial_id), tags.STORAGE_PATH: ctx.train_storage},
+            client,
+            client.get_experiment_by_name(ctx.experiment).experiment_id,
+            run_key(ctx, trial.trial_id),
+            run_name=f"{ctx.name}_{trial.trial_id}",
+            parent_run_id=ctx.parent_run_id,
+            tags={
+                tags.STUDY: ctx.name,
+                tags.ROLE: "trial",
+                tags.TRIAL: trial.trial_id,
+                tags.TRAIN_RUN: train_run_name(ctx, trial.trial_id),
+                tags.STORAGE_PATH: ctx.train_storage,
+            },
         )
         if resumed:  # how it ended before no longer holds
             client.set_tag(run_id, tags.STATE, "running")
@@ -123,7 +134,9 @@ def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True
     return ended
 
 
-def close(session: Session, trial_id: str, state: str, epochs: int, reason: str | None = None) -> None:
+def close(
+    session: Session, trial_id: str, state: str, epochs: int, reason: str | None = None
+) -> None:
     """End a trial's run: its state and the epochs Tune saw as tags, the matching run status."""
     run_id = session.open.pop(trial_id, None)
     if run_id is None:
@@ -136,7 +149,9 @@ def close(session: Session, trial_id: str, state: str, epochs: int, reason: str 
         client.set_tag(run_id, key, value)
     if state in ("completed", "stopped"):
         log_run_model(client, run_id, session.ctx.tracking_uri)
-    tracking.terminate_run(client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
+    tracking.terminate_run(
+        client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
+    )
     if state in ("completed", "stopped"):
         log_study_progress(client, session.ctx)
 
@@ -149,13 +164,23 @@ def log_study_progress(client, ctx: StudyContext) -> None:
     metric, mode = ctx.space.study.metric, ctx.space.study.mode
     experiment = client.get_experiment_by_name(ctx.experiment).experiment_id
     runs = client.search_runs(
-        [experiment], f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
-        max_results=10_000)
-    scores = [tracking.run_score(r, metric) for r in runs if r.data.tags.get(tags.STATE) in ("completed", "stopped")]
+        [experiment],
+        f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
+        max_results=10_000,
+    )
+    scores = [
+        tracking.run_score(r, metric)
+        for r in runs
+        if r.data.tags.get(tags.STATE) in ("completed", "stopped")
+    ]
     scores = [s for s in scores if s is not None]
     if scores:
-        client.log_metric(ctx.parent_run_id, f"best_so_far_{metric}", max(scores) if mode == "max" else min(scores),
-                          step=len(scores))
+        client.log_metric(
+            ctx.parent_run_id,
+            f"best_so_far_{metric}",
+            max(scores) if mode == "max" else min(scores),
+            step=len(scores),
+        )
 
 
 def epochs_seen(trial: Any) -> int:
@@ -172,15 +197,26 @@ def wait_for_train_actors_to_end(timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            alive = [a for a in list_actors(filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")],
-                                            limit=10_000, timeout=5, raise_on_missing_output=False)
-                     if a.class_name in TRAIN_ACTORS]
+            alive = [
+                a
+                for a in list_actors(
+                    filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")],
+                    limit=10_000,
+                    timeout=5,
+                    raise_on_missing_output=False,
+                )
+                if a.class_name in TRAIN_ACTORS
+            ]
         except Exception as err:  # noqa: BLE001 (the State API's failures: HTTP errors, timeouts, ...)
-            print(f"note: Ray's State API did not answer ({type(err).__name__}); not waiting for Train actors")
+            print(
+                f"note: Ray's State API did not answer ({type(err).__name__}); not waiting for Train actors"
+            )
             return
         if not alive:
             return
         if time.monotonic() > deadline:
-            print(f"warning: {len(alive)} Ray Train actor(s) of this study still alive after {timeout_s:g} s")
+            print(
+                f"warning: {len(alive)} Ray Train actor(s) of this study still alive after {timeout_s:g} s"
+            )
             return
         time.sleep(0.5)

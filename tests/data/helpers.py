@@ -35,7 +35,9 @@ def ref_point(arr: np.ndarray, mx: float, my: float, value: float, sigma: float)
     arr[st_y:ed_y, st_x:ed_x] = np.maximum(arr[st_y:ed_y, st_x:ed_x], patch)
 
 
-def ref_limb(arr: np.ndarray, a: np.ndarray, b: np.ndarray, sa: float, sb: float, sigma: float) -> None:
+def ref_limb(
+    arr: np.ndarray, a: np.ndarray, b: np.ndarray, sa: float, sb: float, sigma: float
+) -> None:
     h, w = arr.shape
     value = min(sa, sb)
     if value < EPS:
@@ -73,11 +75,23 @@ def ref_heatmaps(keypoint, score, size, sigma, limbs=None) -> np.ndarray:
         for mi in range(m):
             if limbs is None:
                 for j in range(v):
-                    ref_point(out[j, ti], keypoint[mi, ti, j, 0], keypoint[mi, ti, j, 1], score[mi, ti, j], sigma)
+                    ref_point(
+                        out[j, ti],
+                        keypoint[mi, ti, j, 0],
+                        keypoint[mi, ti, j, 1],
+                        score[mi, ti, j],
+                        sigma,
+                    )
             else:
                 for li, (ja, jb) in enumerate(limbs):
-                    ref_limb(out[li, ti], keypoint[mi, ti, ja], keypoint[mi, ti, jb],
-                             score[mi, ti, ja], score[mi, ti, jb], sigma)
+                    ref_limb(
+                        out[li, ti],
+                        keypoint[mi, ti, ja],
+                        keypoint[mi, ti, jb],
+                        score[mi, ti, ja],
+                        score[mi, ti, jb],
+                        sigma,
+                    )
     return out
 
 
@@ -105,12 +119,31 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 25, gop: int = 8) -> 
 
 def person_keypoints(t: int, center=(48.0, 40.0), scale=12.0, rng=None) -> np.ndarray:
     """A plausible COCO-17 upper-body-ish figure, float32 [T, 17, 2], slowly swaying."""
-    base = np.array([
-        [0, -2], [-0.3, -2.2], [0.3, -2.2], [-0.6, -2], [0.6, -2],
-        [-1, -1], [1, -1], [-1.3, 0], [1.3, 0], [-1, 0.8], [1, 0.8],
-        [-0.7, 1.2], [0.7, 1.2], [-0.7, 2], [0.7, 2], [-0.7, 2.6], [0.7, 2.6],
-    ], np.float32)
-    sway = np.sin(np.linspace(0, 2 * np.pi, t, dtype=np.float32))[:, None, None] * np.array([1.0, 0.0], np.float32)
+    base = np.array(
+        [
+            [0, -2],
+            [-0.3, -2.2],
+            [0.3, -2.2],
+            [-0.6, -2],
+            [0.6, -2],
+            [-1, -1],
+            [1, -1],
+            [-1.3, 0],
+            [1.3, 0],
+            [-1, 0.8],
+            [1, 0.8],
+            [-0.7, 1.2],
+            [0.7, 1.2],
+            [-0.7, 2],
+            [0.7, 2],
+            [-0.7, 2.6],
+            [0.7, 2.6],
+        ],
+        np.float32,
+    )
+    sway = np.sin(np.linspace(0, 2 * np.pi, t, dtype=np.float32))[:, None, None] * np.array(
+        [1.0, 0.0], np.float32
+    )
     kp = center + scale * base[None] + sway
     if rng is not None:
         kp = kp + rng.normal(0, 0.3, kp.shape)
@@ -128,28 +161,55 @@ def make_frames(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return frames
 
 
-def make_entry(frame_dir: str, label: int, t: int, h: int, w: int, persons: int = 1, seed: int = 0) -> dict:
+def make_entry(
+    frame_dir: str, label: int, t: int, h: int, w: int, persons: int = 1, seed: int = 0
+) -> dict:
     rng = np.random.default_rng(seed)
-    kp = np.stack([person_keypoints(t, center=(w / 2 + 10 * p, h / 2), scale=h / 8, rng=rng)
-                   for p in range(persons)])
+    kp = np.stack(
+        [
+            person_keypoints(t, center=(w / 2 + 10 * p, h / 2), scale=h / 8, rng=rng)
+            for p in range(persons)
+        ]
+    )
     score = rng.uniform(0.5, 1.0, kp.shape[:3]).astype(np.float32)
-    return {"frame_dir": frame_dir, "label": label, "img_shape": (h, w), "original_shape": (h, w),
-            "total_frames": t, "keypoint": kp, "keypoint_score": score, "subject": f"s{seed % 3}"}
+    return {
+        "frame_dir": frame_dir,
+        "label": label,
+        "img_shape": (h, w),
+        "original_shape": (h, w),
+        "total_frames": t,
+        "keypoint": kp,
+        "keypoint_score": score,
+        "subject": f"s{seed % 3}",
+    }
 
 
-def write_dataset(root: Path, num_clips: int = 6, num_classes: int = 3, t: int = 20,
-                  h: int = 64, w: int = 96, write_videos: bool = True,
-                  entries: list[dict] | None = None, split: dict | None = None) -> Path:
+def write_dataset(
+    root: Path,
+    num_clips: int = 6,
+    num_classes: int = 3,
+    t: int = 20,
+    h: int = 64,
+    w: int = 96,
+    write_videos: bool = True,
+    entries: list[dict] | None = None,
+    split: dict | None = None,
+) -> Path:
     """A tiny dataset folder in the agreed format; returns root."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if entries is None:
-        entries = [make_entry(f"clip{i:03d}", i % num_classes, t, h, w, persons=1 + (i % 2), seed=i)
-                   for i in range(num_clips)]
+        entries = [
+            make_entry(f"clip{i:03d}", i % num_classes, t, h, w, persons=1 + (i % 2), seed=i)
+            for i in range(num_clips)
+        ]
     names = [e["frame_dir"] for e in entries]
     if split is None:
-        split = {"train": names[: max(1, len(names) - 2)], "val": names[-2:-1] or names[:1],
-                 "test": names[-1:]}
+        split = {
+            "train": names[: max(1, len(names) - 2)],
+            "val": names[-2:-1] or names[:1],
+            "test": names[-1:],
+        }
     with open(root / "annotations.pkl", "wb") as f:
         pickle.dump({"split": split, "annotations": entries}, f)
     (root / "classes.txt").write_text("".join(f"class {i}\n" for i in range(num_classes)))
@@ -157,5 +217,8 @@ def write_dataset(root: Path, num_clips: int = 6, num_classes: int = 3, t: int =
     if write_videos:
         for i, e in enumerate(entries):
             eh, ew = e["img_shape"]
-            write_video(root / "videos" / f"{e['frame_dir']}.mp4", make_frames(e["total_frames"], eh, ew, seed=i))
+            write_video(
+                root / "videos" / f"{e['frame_dir']}.mp4",
+                make_frames(e["total_frames"], eh, ew, seed=i),
+            )
     return root

@@ -51,8 +51,14 @@ def test_without_dataset_json_defaults_to_coco17(root):
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_numpy_pickles_of_every_protocol_load(tmp_path, protocol):
-    obj = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float32(1.5), "i": np.int64(3),
-           "t": (1, "x", None, True), "set": {1, 2}, "d": np.dtype("f4")}
+    obj = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "s": np.float32(1.5),
+        "i": np.int64(3),
+        "t": (1, "x", None, True),
+        "set": {1, 2},
+        "d": np.dtype("f4"),
+    }
     (tmp_path / "x.pkl").write_bytes(pickle.dumps(obj, protocol=protocol))
     back = safe_load_pickle(tmp_path / "x.pkl")
     np.testing.assert_array_equal(back["a"], obj["a"])
@@ -84,19 +90,34 @@ def test_code_payload_is_refused_and_never_runs(root, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("mutate, field, message", [
-    (lambda e: e.pop("keypoint_score"), "keypoint_score", "missing key"),
-    (lambda e: e.__setitem__("keypoint_score", e["keypoint_score"][:, :-1]), "keypoint_score", "expected shape"),
-    (lambda e: e.__setitem__("keypoint", e["keypoint"][..., :1]), "keypoint", "expected shape"),
-    (lambda e: e.__setitem__("total_frames", 99), "keypoint", "total_frames = 99"),
-    (lambda e: e.__setitem__("keypoint", e["keypoint"][:, :, :5]), "keypoint", "expected V = 17"),
-    (lambda e: e["keypoint"].__setitem__((0, 3, 4, 0), np.nan), "keypoint", "NaN/inf"),
-    (lambda e: e["keypoint"].__setitem__((0, 3, 4, 1), np.inf), "keypoint", "NaN/inf"),
-    (lambda e: e.__setitem__("label", 3), "label", r"\[0, 3\)"),
-    (lambda e: e.__setitem__("label", -2), "label", r"\[0, 3\) .*or -1 / none for an unlabeled clip"),
-    (lambda e: e.__setitem__("img_shape", (720,)), "img_shape", "height, width"),
-    (lambda e: e.__setitem__("keypoint", e["keypoint"].tolist()), "keypoint", "numpy array"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, message",
+    [
+        (lambda e: e.pop("keypoint_score"), "keypoint_score", "missing key"),
+        (
+            lambda e: e.__setitem__("keypoint_score", e["keypoint_score"][:, :-1]),
+            "keypoint_score",
+            "expected shape",
+        ),
+        (lambda e: e.__setitem__("keypoint", e["keypoint"][..., :1]), "keypoint", "expected shape"),
+        (lambda e: e.__setitem__("total_frames", 99), "keypoint", "total_frames = 99"),
+        (
+            lambda e: e.__setitem__("keypoint", e["keypoint"][:, :, :5]),
+            "keypoint",
+            "expected V = 17",
+        ),
+        (lambda e: e["keypoint"].__setitem__((0, 3, 4, 0), np.nan), "keypoint", "NaN/inf"),
+        (lambda e: e["keypoint"].__setitem__((0, 3, 4, 1), np.inf), "keypoint", "NaN/inf"),
+        (lambda e: e.__setitem__("label", 3), "label", r"\[0, 3\)"),
+        (
+            lambda e: e.__setitem__("label", -2),
+            "label",
+            r"\[0, 3\) .*or -1 / none for an unlabeled clip",
+        ),
+        (lambda e: e.__setitem__("img_shape", (720,)), "img_shape", "height, width"),
+        (lambda e: e.__setitem__("keypoint", e["keypoint"].tolist()), "keypoint", "numpy array"),
+    ],
+)
 def test_bad_entries_name_file_clip_and_field(root, mutate, field, message):
     rewrite(root, lambda d: mutate(d["annotations"][2]))
     with pytest.raises(AnnotationError) as err:

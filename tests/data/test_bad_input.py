@@ -127,7 +127,9 @@ class Payload:
 def test_pickle_with_code_payload(tmp_path):
     root = write_dataset(tmp_path / "evil", write_videos=False)
     marker = tmp_path / "ran"
-    (root / "annotations.pkl").write_bytes(pickle.dumps({"split": {}, "annotations": [Payload(marker)]}))
+    (root / "annotations.pkl").write_bytes(
+        pickle.dumps({"split": {}, "annotations": [Payload(marker)]})
+    )
     with pytest.raises(AnnotationError, match="refused to load global"):
         load_index(root)
     assert not marker.exists()

@@ -98,18 +98,28 @@ def test_prepared_video_size_scales_keypoints(tmp_path):
     """A clip re-encoded at half size gives the same pose input: keypoints are rescaled from
     img_shape to the decoded size."""
     entry = make_entry("c", 0, 20, 96, 128, seed=3)
-    full = write_dataset(tmp_path / "full", entries=[entry], split={"train": ["c"], "val": ["c"], "test": ["c"]})
-    half = write_dataset(tmp_path / "half", entries=[entry], split={"train": ["c"], "val": ["c"], "test": ["c"]},
-                         write_videos=False)
+    full = write_dataset(
+        tmp_path / "full", entries=[entry], split={"train": ["c"], "val": ["c"], "test": ["c"]}
+    )
+    half = write_dataset(
+        tmp_path / "half",
+        entries=[entry],
+        split={"train": ["c"], "val": ["c"], "test": ["c"]},
+        write_videos=False,
+    )
     write_video(half / "videos" / "c.mp4", make_frames(20, 48, 64))
     a = build_dataset(cfg_for(full), "test", "test", num_clips=1)[0]["pose"]
     b = build_dataset(cfg_for(half), "test", "test", num_clips=1)[0]["pose"]
     # Same joints in the same places: heatmap centroids agree to a fraction of a heatmap pixel
     # (the crop box is rounded to whole pixels of each video, so values differ slightly).
     grid = torch.arange(16.0)
+
     def centroids(h):
         mass = h.sum((-1, -2)).clamp_min(1e-6)
-        return torch.stack([(h.sum(-2) * grid).sum(-1) / mass, (h.sum(-1) * grid).sum(-1) / mass], -1)
+        return torch.stack(
+            [(h.sum(-2) * grid).sum(-1) / mass, (h.sum(-1) * grid).sum(-1) / mass], -1
+        )
+
     visible = a.sum((-1, -2)) > 0.5
     assert visible.float().mean() > 0.5
     assert (centroids(a) - centroids(b))[visible].abs().max() < 0.6
@@ -118,15 +128,23 @@ def test_prepared_video_size_scales_keypoints(tmp_path):
 def test_clip_inputs_and_skeleton_files(root, tmp_path):
     index = load_index(root)
     ann = index.split("test")[0]
-    np.savez(tmp_path / "s.npz", keypoint=ann.keypoint, keypoint_score=ann.keypoint_score,
-             img_shape=np.array(ann.img_shape))
-    (tmp_path / "s.json").write_text(json.dumps({"keypoint": ann.keypoint[0].tolist(), "img_shape": list(ann.img_shape)}))
+    np.savez(
+        tmp_path / "s.npz",
+        keypoint=ann.keypoint,
+        keypoint_score=ann.keypoint_score,
+        img_shape=np.array(ann.img_shape),
+    )
+    (tmp_path / "s.json").write_text(
+        json.dumps({"keypoint": ann.keypoint[0].tolist(), "img_shape": list(ann.img_shape)})
+    )
     kp, score, shape = load_skeleton(tmp_path / "s.npz")
     assert kp.shape == ann.keypoint.shape and shape == ann.img_shape
     kp1, score1, _ = load_skeleton(tmp_path / "s.json")
     assert kp1.shape == (1, *ann.keypoint.shape[1:]) and (score1 == 1).all()
     params = PipelineParams(rgb_frames=4, pose_frames=8, rgb_size=64, heatmap_size=16)
-    out = clip_inputs(index.video_path(ann.frame_dir), kp, score, shape, params, mode="test", num_clips=2)
+    out = clip_inputs(
+        index.video_path(ann.frame_dir), kp, score, shape, params, mode="test", num_clips=2
+    )
     assert out.rgb.shape == (2, 3, 4, 64, 64) and out.pose.shape == (2, 17, 8, 16, 16)
     ds = MicroGestureDataset(index, "test", "test", num_clips=2, params=params)
     assert torch.equal(ds[0]["pose"], out.pose)
@@ -138,7 +156,9 @@ def test_clip_inputs_and_skeleton_files(root, tmp_path):
 def test_config_validation_names_keys():
     with pytest.raises(ConfigError, match="data.heatmap_size: expected rgb_size / 4"):
         from_mapping(DataConfig, {"rgb_size": 224, "heatmap_size": 32}, "data")
-    cfg = from_mapping(DataConfig, {"rgb_size": 224, "heatmap_size": 32, "allow_any_heatmap_size": True})
+    cfg = from_mapping(
+        DataConfig, {"rgb_size": 224, "heatmap_size": 32, "allow_any_heatmap_size": True}
+    )
     assert cfg.heatmap_size == 32
     with pytest.raises(ConfigError, match="data.frames: unknown key"):
         from_mapping(DataConfig, {"frames": 3}, "data")

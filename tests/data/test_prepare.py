@@ -161,15 +161,21 @@ def test_cli(tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     assert "nope" in capsys.readouterr().err
 
 
-def test_a_frame_dir_leaving_the_dataset_writes_nothing_outside_out(tiny_dataset: Path, tmp_path: Path):
+def test_a_frame_dir_leaving_the_dataset_writes_nothing_outside_out(
+    tiny_dataset: Path, tmp_path: Path
+):
     crafted = tmp_path / "crafted"
     shutil.copytree(tiny_dataset, crafted)
     data = _load(crafted)
     victim = data["annotations"][0]["frame_dir"]
-    (crafted / "videos" / f"{victim}.mp4").rename(crafted / "escape.mp4")  # a real video, outside videos/
+    (crafted / "videos" / f"{victim}.mp4").rename(
+        crafted / "escape.mp4"
+    )  # a real video, outside videos/
     data["annotations"][0]["frame_dir"] = "../escape"
     with open(crafted / "annotations.pkl", "wb") as f:
         pickle.dump(data, f)
-    with pytest.raises(prepare.PrepareError, match=r"frame_dir: expected a relative name .* got '\.\./escape'"):
+    with pytest.raises(
+        prepare.PrepareError, match=r"frame_dir: expected a relative name .* got '\.\./escape'"
+    ):
         prepare.prepare(crafted, tmp_path / "out", short_side=64, workers=1)
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape.mp4").exists()

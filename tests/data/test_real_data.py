@@ -21,25 +21,38 @@ CLASSES = imigue.default_classes()
 
 def test_layouts_are_data_and_joint_counts_identify_them():
     assert len(CLASSES) == 32 and CLASSES[0] == "turtle neck" and CLASSES[31] == "illustrative"
-    assert IMIGUE22.joints[:2] == ("Nose", "ShoulderCenter") and IMIGUE22.joints[-1] == "LeftFinger5"
+    assert (
+        IMIGUE22.joints[:2] == ("Nose", "ShoulderCenter") and IMIGUE22.joints[-1] == "LeftFinger5"
+    )
     assert IMIGUE22.joints == tuple(IMIGUE35.joints[i] for i in imigue.IMIGUE22_FROM_35)
     # the organisers' drawing: ShoulderCenter-Nose, shoulders, arms, face, each hand to its fingers
     named = {(IMIGUE22.joints[a], IMIGUE22.joints[b]) for a, b in IMIGUE22.limbs}
-    assert {("ShoulderCenter", "Nose"), ("ElbowRight", "HandRight"), ("EyeLeft", "EarLeft"),
-            ("HandLeft", "LeftFinger3"), ("HandRight", "RightFinger5")} <= named
+    assert {
+        ("ShoulderCenter", "Nose"),
+        ("ElbowRight", "HandRight"),
+        ("EyeLeft", "EarLeft"),
+        ("HandLeft", "LeftFinger3"),
+        ("HandRight", "RightFinger5"),
+    } <= named
     assert len(IMIGUE22.limbs) == 21 and len(IMIGUE22.left) == 10
     flip = IMIGUE22.flip_permutation()
     assert IMIGUE22.joints[flip[IMIGUE22.joints.index("HandLeft")]] == "HandRight"
-    assert {n: layout_for_joints(LAYOUTS[n].num_joints).name for n in LAYOUTS} == {n: n for n in LAYOUTS}
+    assert {n: layout_for_joints(LAYOUTS[n].num_joints).name for n in LAYOUTS} == {
+        n: n for n in LAYOUTS
+    }
     assert COCO18.joints[1] == "neck" and layout_for_joints(19) is None
 
 
 def miga_entry(name: str, label: int | None, rng, frames: int = 90) -> dict:
     """One clip as the MiGA 2023 winners' readlabel.py writes it: V = 22, T = 90, M = 1, 1080p."""
-    entry = {"frame_dir": name, "img_shape": (1080, 1920), "original_shape": (1080, 1920),
-             "total_frames": frames,
-             "keypoint": (rng.uniform(600, 1300, (1, frames, 22, 2))).astype(np.float32),
-             "keypoint_score": rng.uniform(0.3, 1.0, (1, frames, 22)).astype(np.float32)}
+    entry = {
+        "frame_dir": name,
+        "img_shape": (1080, 1920),
+        "original_shape": (1080, 1920),
+        "total_frames": frames,
+        "keypoint": (rng.uniform(600, 1300, (1, frames, 22, 2))).astype(np.float32),
+        "keypoint_score": rng.uniform(0.3, 1.0, (1, frames, 22)).astype(np.float32),
+    }
     if label is not None:
         entry["label"] = label
     return entry
@@ -68,8 +81,11 @@ def test_miga_per_split_pickles_load_with_the_22_joint_layout(miga, capsys):
     with pytest.raises(AnnotationError, match="split 'test': 3 of 3 clips carry no label"):
         index.labeled("test")
     (miga / "dataset.json").write_text(json.dumps({"layout": "coco17"}))
-    with pytest.raises(AnnotationError, match=r"expected V = 17 joints \(layout coco17, from .*dataset.json.*got 22 "
-                                              r"\(which is layout imigue22\)"):
+    with pytest.raises(
+        AnnotationError,
+        match=r"expected V = 17 joints \(layout coco17, from .*dataset.json.*got 22 "
+        r"\(which is layout imigue22\)",
+    ):
         load_index(miga)
     (miga / "dataset.json").unlink()
     assert cli.main(["check-data", str(miga)]) == 0
@@ -83,7 +99,9 @@ def test_a_skeleton_only_dataset_is_refused_for_rgb_models_and_an_unlabeled_test
     from mg_ray.data.config import DataConfig
 
     cfg = DataConfig(root=str(miga), rgb_size=64, heatmap_size=16)
-    with pytest.raises(AnnotationError, match="data.test_split: .*carry no label.*test_split: null"):
+    with pytest.raises(
+        AnnotationError, match="data.test_split: .*carry no label.*test_split: null"
+    ):
         ensure_dataset(cfg, rgb=False)
     cfg = DataConfig(root=str(miga), rgb_size=64, heatmap_size=16, test_split=None)
     ensure_dataset(cfg, rgb=False)
@@ -103,7 +121,9 @@ def raw_release(tmp_path: Path, videos: bool) -> dict[str, Path]:
         folder = src / vid
         folder.mkdir(parents=True)
         frames = 48
-        joints = np.c_[rng.uniform(0, 64, (frames * 35, 2)), rng.uniform(0.2, 1, frames * 35)].reshape(frames, 105)
+        joints = np.c_[
+            rng.uniform(0, 64, (frames * 35, 2)), rng.uniform(0.2, 1, frames * 35)
+        ].reshape(frames, 105)
         joints[:, 3 * 20 + 2] = 0  # an undetected joint (SmallToeLeft)
         lines = [",".join([str(t)] + [f"{v:.3f}" for v in row]) for t, row in enumerate(joints)]
         (folder / f"{vid}_light_hand.csv").write_text("\n".join(lines) + "\n")
@@ -118,34 +138,69 @@ def raw_release(tmp_path: Path, videos: bool) -> dict[str, Path]:
 
 def test_raw_release_converts_with_the_organisers_rules(tmp_path):
     raw = raw_release(tmp_path, videos=True)
-    out = imigue.convert(raw["src"], tmp_path / "ds", raw["split"], videos=raw["videos"], log=lambda *_: None)
+    out = imigue.convert(
+        raw["src"], tmp_path / "ds", raw["split"], videos=raw["videos"], log=lambda *_: None
+    )
     index = load_index(out)
     assert index.layout is IMIGUE22
     assert [a.frame_dir for a in index.split("train")] == ["0187_0", "0187_1", "0187_2"]
-    assert [a.label for a in index.split("train")] == [2, 31, 16]  # 3 -> 2, 99 -> 32 -> 31, 17 -> 16
+    assert [a.label for a in index.split("train")] == [
+        2,
+        31,
+        16,
+    ]  # 3 -> 2, 99 -> 32 -> 31, 17 -> 16
     first = index.split("train")[0]
-    assert first.total_frames == 10 and first.keypoint.shape == (1, 10, 22, 2) and first.extra["subject"] == "p1"
-    values = np.loadtxt(raw["src"] / "0187" / "0187_light_hand.csv", delimiter=",")[:, 1:].reshape(48, 35, 3)
-    np.testing.assert_allclose(first.keypoint[0], values[2:12][:, list(imigue.IMIGUE22_FROM_35), :2], atol=1e-3)
+    assert (
+        first.total_frames == 10
+        and first.keypoint.shape == (1, 10, 22, 2)
+        and first.extra["subject"] == "p1"
+    )
+    values = np.loadtxt(raw["src"] / "0187" / "0187_light_hand.csv", delimiter=",")[:, 1:].reshape(
+        48, 35, 3
+    )
+    np.testing.assert_allclose(
+        first.keypoint[0], values[2:12][:, list(imigue.IMIGUE22_FROM_35), :2], atol=1e-3
+    )
     from mg_ray.data.video import read_frames  # decord, as training reads them
 
     first_clip = read_frames(index.video_path("0187_0"), np.array([0, 9]))
     assert first_clip.num_frames == 10 and first_clip.frames.shape == (2, 48, 64, 3)
     assert read_frames(index.video_path("0204_1"), np.arange(12)).num_frames == 12
-    kept = imigue.convert(raw["src"], tmp_path / "all", raw["split"], layout="imigue35", log=lambda *_: None)
+    kept = imigue.convert(
+        raw["src"], tmp_path / "all", raw["split"], layout="imigue35", log=lambda *_: None
+    )
     all35 = load_index(kept)
     assert all35.layout is IMIGUE35 and not (kept / "videos").exists()
     assert (all35.split("val")[0].keypoint_score[0, :, 20] == 0).all()  # undetected stays score 0
-    with pytest.raises(video_io.DatasetWriteError if hasattr(video_io, "DatasetWriteError") else Exception):
-        imigue.convert(raw["src"], tmp_path / "ds", raw["split"], log=lambda *_: None)  # exists, no --force
+    with pytest.raises(
+        video_io.DatasetWriteError if hasattr(video_io, "DatasetWriteError") else Exception
+    ):
+        imigue.convert(
+            raw["src"], tmp_path / "ds", raw["split"], log=lambda *_: None
+        )  # exists, no --force
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda raw: (raw["src"] / "0187" / "0187_label.csv").write_text("3,2,11\n40,30,60\n"), r"0187_label.csv:2: gestureID 40"),
-    (lambda raw: (raw["src"] / "0187" / "0187_label.csv").write_text("3,2,99\n"), r"0187_label.csv:1: frames 2..99"),
-    (lambda raw: (raw["src"] / "0204" / "0204_light_hand.csv").write_text("0,1,2\n"), r"0204_light_hand.csv:1: expected 106 values"),
-    (lambda raw: raw["split"].write_text("0187,train\n"), r"split.csv: no split for video\(s\) \['0204'\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda raw: (raw["src"] / "0187" / "0187_label.csv").write_text("3,2,11\n40,30,60\n"),
+            r"0187_label.csv:2: gestureID 40",
+        ),
+        (
+            lambda raw: (raw["src"] / "0187" / "0187_label.csv").write_text("3,2,99\n"),
+            r"0187_label.csv:1: frames 2..99",
+        ),
+        (
+            lambda raw: (raw["src"] / "0204" / "0204_light_hand.csv").write_text("0,1,2\n"),
+            r"0204_light_hand.csv:1: expected 106 values",
+        ),
+        (
+            lambda raw: raw["split"].write_text("0187,train\n"),
+            r"split.csv: no split for video\(s\) \['0204'\]",
+        ),
+    ],
+)
 def test_raw_release_errors_name_file_and_line(tmp_path, mutate, message):
     raw = raw_release(tmp_path, videos=False)
     mutate(raw)
@@ -161,32 +216,63 @@ def _openpose_tree(tmp_path: Path, key: str, joints: int) -> dict[str, Path]:
     for clip in ("a", "b"):
         (root / clip).mkdir(parents=True)
         for i in range(4):
-            pose = np.c_[rng.uniform(5, 60, (joints, 2)), rng.uniform(0.2, 1, joints)].ravel().tolist()
+            pose = (
+                np.c_[rng.uniform(5, 60, (joints, 2)), rng.uniform(0.2, 1, joints)].ravel().tolist()
+            )
             person = {key: pose}
-            (root / clip / f"{clip}_{i:012d}_keypoints.json").write_text(json.dumps({"version": 1.1, "people": [person]}))
+            (root / clip / f"{clip}_{i:012d}_keypoints.json").write_text(
+                json.dumps({"version": 1.1, "people": [person]})
+            )
         video_io.write_video(videos / f"{clip}.mp4", np.zeros((4, 48, 64, 3), np.uint8))
     (tmp_path / "classes.txt").write_text("x\ny\n")
     (tmp_path / "labels.csv").write_text("clip,label,split\na,0,train\nb,1,val\n")
     return {"openpose": root, "videos": videos, "tmp": tmp_path}
 
 
-@pytest.mark.parametrize("key, layout, joints", [("pose_keypoints", "body25", 25), ("pose_keypoints_2d", "coco18", 18),
-                                                 ("pose_keypoints", "coco18", 18)])
+@pytest.mark.parametrize(
+    "key, layout, joints",
+    [
+        ("pose_keypoints", "body25", 25),
+        ("pose_keypoints_2d", "coco18", 18),
+        ("pose_keypoints", "coco18", 18),
+    ],
+)
 def test_openpose_1_1_and_coco18_convert(tmp_path, key, layout, joints):
     tree = _openpose_tree(tmp_path, key, joints)
-    out = openpose.convert(tree["openpose"], tmp_path / "labels.csv", tree["videos"], tmp_path / "ds",
-                           tmp_path / "classes.txt", layout=layout, log=lambda *_: None)
+    out = openpose.convert(
+        tree["openpose"],
+        tmp_path / "labels.csv",
+        tree["videos"],
+        tmp_path / "ds",
+        tmp_path / "classes.txt",
+        layout=layout,
+        log=lambda *_: None,
+    )
     index = load_index(out)
-    assert index.layout.name == layout and index.split("train")[0].keypoint.shape == (1, 4, joints, 2)
+    assert index.layout.name == layout and index.split("train")[0].keypoint.shape == (
+        1,
+        4,
+        joints,
+        2,
+    )
     assert index.split("train")[0].keypoint_score.min() > 0  # the values were read, not zeros
 
 
 def test_openpose_without_known_keys_is_an_error_and_normalised_coordinates_warn(tmp_path):
     tree = _openpose_tree(tmp_path, "pose_keypoints_3d", 25)
-    with pytest.raises(openpose.ConvertError, match=r"a_00000000000\d_keypoints.json: people\[0\]: none of the keys "
-                                                    r"pose_keypoints_2d / pose_keypoints"):
-        openpose.convert(tree["openpose"], tmp_path / "labels.csv", tree["videos"], tmp_path / "ds",
-                         tmp_path / "classes.txt", log=lambda *_: None)
+    with pytest.raises(
+        openpose.ConvertError,
+        match=r"a_00000000000\d_keypoints.json: people\[0\]: none of the keys "
+        r"pose_keypoints_2d / pose_keypoints",
+    ):
+        openpose.convert(
+            tree["openpose"],
+            tmp_path / "labels.csv",
+            tree["videos"],
+            tmp_path / "ds",
+            tmp_path / "classes.txt",
+            log=lambda *_: None,
+        )
     (tmp_path / "n").mkdir()
     tree = _openpose_tree(tmp_path / "n", "pose_keypoints_2d", 25)
     for path in (tmp_path / "n" / "op").rglob("*.json"):
@@ -196,8 +282,14 @@ def test_openpose_without_known_keys_is_an_error_and_normalised_coordinates_warn
         frame["people"][0]["pose_keypoints_2d"] = values.ravel().tolist()
         path.write_text(json.dumps(frame))
     said = []
-    openpose.convert(tree["openpose"], tmp_path / "n" / "labels.csv", tree["videos"], tmp_path / "n" / "ds",
-                     tmp_path / "n" / "classes.txt", log=said.append)
+    openpose.convert(
+        tree["openpose"],
+        tmp_path / "n" / "labels.csv",
+        tree["videos"],
+        tmp_path / "n" / "ds",
+        tmp_path / "n" / "classes.txt",
+        log=said.append,
+    )
     assert any("every coordinate in [0, 1]" in line for line in said)
 
 
@@ -206,22 +298,34 @@ def test_frame_dirs_that_leave_the_dataset_are_refused(miga, tmp_path):
         entries = [miga_entry(bad, 0, np.random.default_rng(0))]
         with open(miga / "train.pkl", "wb") as f:
             pickle.dump({"split": {"train": [bad]}, "annotations": entries}, f)
-        with pytest.raises(AnnotationError, match="frame_dir: expected a relative name inside the dataset"):
+        with pytest.raises(
+            AnnotationError, match="frame_dir: expected a relative name inside the dataset"
+        ):
             load_index(miga)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (miga / "videos").mkdir()
     (miga / "videos" / "linked").symlink_to(outside, target_is_directory=True)
     with open(miga / "train.pkl", "wb") as f:
-        pickle.dump({"split": {"train": ["linked/clip"]}, "annotations": [miga_entry("linked/clip", 0, np.random.default_rng(0))]}, f)
-    with pytest.raises(AnnotationError, match="clip folder 'linked': resolves to .*elsewhere, outside"):
+        pickle.dump(
+            {
+                "split": {"train": ["linked/clip"]},
+                "annotations": [miga_entry("linked/clip", 0, np.random.default_rng(0))],
+            },
+            f,
+        )
+    with pytest.raises(
+        AnnotationError, match="clip folder 'linked': resolves to .*elsewhere, outside"
+    ):
         load_index(miga)
 
 
 def test_small_pickles_cannot_allocate_much(tmp_path):
     bomb = tmp_path / "bomb.pkl"  # 46 bytes asking bytearray for 1.5 GB
-    bomb.write_bytes(b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\tbytearray\x94\x93\x94"
-                     b"J\x00\x00\x00`\x85\x94R\x94.")
+    bomb.write_bytes(
+        b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\tbytearray\x94\x93\x94"
+        b"J\x00\x00\x00`\x85\x94R\x94."
+    )
     with pytest.raises(AnnotationError, match=r"bytearray\(1610612736\).*refused"):
         safe_load_pickle(bomb)
 
@@ -234,5 +338,7 @@ def test_small_pickles_cannot_allocate_much(tmp_path):
     with pytest.raises(AnnotationError, match="numpy.ndarray called directly"):
         safe_load_pickle(big)
     fine = tmp_path / "fine.pkl"
-    fine.write_bytes(pickle.dumps({"a": np.zeros((3, 4), np.float32), "b": bytearray(b"ok")}, protocol=5))
+    fine.write_bytes(
+        pickle.dumps({"a": np.zeros((3, 4), np.float32), "b": bytearray(b"ok")}, protocol=5)
+    )
     assert safe_load_pickle(fine)["a"].shape == (3, 4)

@@ -28,7 +28,7 @@ def test_medium_clip_spreads_with_unit_offsets(n):
     rng = np.random.default_rng(2)
     for clip in sample_frames(n, 8, "train", num_clips=20, rng=rng):
         steps = np.diff(clip)
-        assert set(steps.tolist()) <= {1, 2}          # sorted, distinct, spread by +1 offsets
+        assert set(steps.tolist()) <= {1, 2}  # sorted, distinct, spread by +1 offsets
         assert clip[0] in (0, 1) and clip[-1] <= n - 1
         assert (steps == 2).sum() + (clip[0] == 1) <= n - 8
 

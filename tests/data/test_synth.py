@@ -110,7 +110,12 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path: Path):
         if video.read_bytes() == (b / "videos" / video.name).read_bytes():
             continue
         first = decord.VideoReader(str(video)).get_batch(list(range(16))).asnumpy().astype(np.int16)
-        second = decord.VideoReader(str(b / "videos" / video.name)).get_batch(list(range(16))).asnumpy().astype(np.int16)
+        second = (
+            decord.VideoReader(str(b / "videos" / video.name))
+            .get_batch(list(range(16)))
+            .asnumpy()
+            .astype(np.int16)
+        )
         assert np.abs(first - second).mean() < 0.5, video.name
     assert (a / "annotations.pkl").read_bytes() != (c / "annotations.pkl").read_bytes()
 

@@ -25,7 +25,9 @@ EDGE = float(np.exp(-4.5)) + 1e-6
 
 def pose(seed=0, m=2, t=4):
     rng = np.random.default_rng(seed)
-    kp = np.stack([person_keypoints(t, center=(20 + 10 * i, 28), scale=5, rng=rng) for i in range(m)])
+    kp = np.stack(
+        [person_keypoints(t, center=(20 + 10 * i, 28), scale=5, rng=rng) for i in range(m)]
+    )
     return kp, rng.uniform(0.2, 1, kp.shape[:3]).astype(np.float32)
 
 
@@ -113,7 +115,7 @@ def test_keypoints_stay_on_the_person(seed):
     frames = np.zeros((2, h, w, 3), np.uint8)
     for t in range(2):
         for x, y in kp[0, t].astype(int):
-            frames[t, y - 2:y + 3, x - 2:x + 3] = 255
+            frames[t, y - 2 : y + 3, x - 2 : x + 3] = 255
     box = random_resized_box(compact_box(kp, score, (h, w)), rng, (0.6, 1.0))
     ibox = integer_box(box)
     size = 64

@@ -25,17 +25,32 @@ def command(*args: str) -> list[str]:
 
 
 def run(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(*args), check=False, env=cli_env(home), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    assert done.returncode == 0, f"mg-ray {' '.join(args)} failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    done = subprocess.run(
+        command(*args),
+        check=False,
+        env=cli_env(home),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, (
+        f"mg-ray {' '.join(args)} failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    )
     return done
 
 
 def start(home: Path, *args: str, log: Path) -> subprocess.Popen:
     """Start `mg-ray ARGS` in its own session (so the test can kill it and its Ray cluster)."""
     with open(log, "w") as out:
-        return subprocess.Popen(command(*args), env=cli_env(home), cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command(*args),
+            env=cli_env(home),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def mlflow_client(home: Path):
@@ -49,7 +64,9 @@ def runs(client, filter_string: str = "") -> list:
     experiment = client.get_experiment_by_name("mg-ray")
     if experiment is None:
         return []
-    return client.search_runs([experiment.experiment_id], filter_string=filter_string, max_results=1000)
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=filter_string, max_results=1000
+    )
 
 
 def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
@@ -90,8 +107,11 @@ def ray_processes_of(home: Path, title: str = "RayTrainWorker") -> list[psutil.P
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if title in " ".join(proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE \
-                    and proc.environ().get("MG_RAY_HOME") == str(home):
+            if (
+                title in " ".join(proc.info["cmdline"] or [])
+                and proc.status() != psutil.STATUS_ZOMBIE
+                and proc.environ().get("MG_RAY_HOME") == str(home)
+            ):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

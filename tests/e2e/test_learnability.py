@@ -52,12 +52,18 @@ def test_small_preset_learns_the_default_synthetic_dataset(tmp_path):
     client = mlflow_client(home)
     best = {}
     for stage in ("rgb", "pose", "fused"):
-        [trial] = runs(client, f"tags.`mg_ray.study` = 'recipe.{stage}' and tags.`mg_ray.role` = 'trial'")
+        [trial] = runs(
+            client, f"tags.`mg_ray.study` = 'recipe.{stage}' and tags.`mg_ray.role` = 'trial'"
+        )
         best[stage] = trial.data.metrics
     fused = best["fused"]
     rgb_head, pose_head = fused["val_top1_rgb"], fused["val_top1_pose"]
-    print(f"single-stream models: rgb {best['rgb']['best_val_top1']:.2f}, pose {best['pose']['best_val_top1']:.2f}; "
-          f"fused model: {fused['val_top1']:.2f}, rgb head {rgb_head:.2f}, pose head {pose_head:.2f}")
+    print(
+        f"single-stream models: rgb {best['rgb']['best_val_top1']:.2f}, pose {best['pose']['best_val_top1']:.2f}; "
+        f"fused model: {fused['val_top1']:.2f}, rgb head {rgb_head:.2f}, pose head {pose_head:.2f}"
+    )
     assert fused["val_top1"] >= 0.30, best
-    assert fused["val_top1"] >= max(best["rgb"]["best_val_top1"], best["pose"]["best_val_top1"]), best
+    assert fused["val_top1"] >= max(best["rgb"]["best_val_top1"], best["pose"]["best_val_top1"]), (
+        best
+    )
     assert fused["val_top1"] >= max(rgb_head, pose_head), best

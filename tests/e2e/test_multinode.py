@@ -53,15 +53,25 @@ def free_port() -> int:
 
 def node_ports() -> list[str]:
     """Two raylets on one host: every port each node listens on is its own."""
-    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
 
 
 def group_alive(pgid: int) -> set[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], check=True, capture_output=True, text=True).stdout
-    return {int(pid) for pid, group, stat in (line.split() for line in out.splitlines())
-            if int(group) == pgid and not stat.startswith("Z")}
+    out = subprocess.run(
+        ["ps", "-e", "-o", "pid=,pgid=,stat="], check=True, capture_output=True, text=True
+    ).stdout
+    return {
+        int(pid)
+        for pid, group, stat in (line.split() for line in out.splitlines())
+        if int(group) == pgid and not stat.startswith("Z")
+    }
 
 
 def stop(node: subprocess.Popen) -> None:
@@ -83,12 +93,19 @@ def stop(node: subprocess.Popen) -> None:
 def wait_for_cpus(env: dict[str, str], address: str, cpus: int, log: Path) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        status = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status", f"--address={address}"],
-                                check=False, env=env, capture_output=True, text=True)
+        status = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "status", f"--address={address}"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if f"/{cpus}.0 CPU" in status.stdout:
             return
         time.sleep(1)
-    raise AssertionError(f"the cluster never had {cpus} CPUs:\n{status.stdout}{status.stderr}\n{log.read_text()[-3000:]}")
+    raise AssertionError(
+        f"the cluster never had {cpus} CPUs:\n{status.stdout}{status.stderr}\n{log.read_text()[-3000:]}"
+    )
 
 
 def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path):
@@ -96,42 +113,103 @@ def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path
     ray_temp = Path(f"/tmp/mgr-{secrets.token_hex(4)}")  # Ray's unix sockets: keep the path short
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
-    env = {**cli_env(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = {
+        **cli_env(home),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
     port = free_port()
     address = f"127.0.0.1:{port}"
-    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address=127.0.0.1",
-           "--num-cpus=1", "--disable-usage-stats"]
+    ray = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--disable-usage-stats",
+    ]
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(subprocess.Popen(
-            [*ray, "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-             f"--temp-dir={ray_temp}", *node_ports()],
-            env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        nodes.append(
+            subprocess.Popen(
+                [
+                    *ray,
+                    "--head",
+                    f"--port={port}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={free_port()}",
+                    f"--temp-dir={ray_temp}",
+                    *node_ports(),
+                ],
+                env=env,
+                stdout=(tmp_path / "head.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         wait_for_cpus(env, address, 1, tmp_path / "head.log")
-        nodes.append(subprocess.Popen(
-            [*ray, f"--address={address}", *node_ports()],
-            env=env, stdout=(tmp_path / "node2.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        nodes.append(
+            subprocess.Popen(
+                [*ray, f"--address={address}", *node_ports()],
+                env=env,
+                stdout=(tmp_path / "node2.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         wait_for_cpus(env, address, 2, tmp_path / "node2.log")
 
         space = tmp_path / "space.yaml"
         space.write_text(SPACE)
         done = subprocess.run(
-            [sys.executable, "-m", "mg_ray.cli", "tune", "--space", str(space), "--study", "mn", "--data",
-             str(tiny_dataset), "--address", address, "--storage-path", str(shared)],
-            check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+            [
+                sys.executable,
+                "-m",
+                "mg_ray.cli",
+                "tune",
+                "--space",
+                str(space),
+                "--study",
+                "mn",
+                "--data",
+                str(tiny_dataset),
+                "--address",
+                address,
+                "--storage-path",
+                str(shared),
+            ],
+            check=False,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
 
         # Ray's State API: every trial's worker group (one placement group) spans both nodes.
-        probe = ("import json, sys; from ray.util.state import list_actors; "
-                 "print(json.dumps([(a.placement_group_id, a.node_id) for a in list_actors("
-                 "address=sys.argv[1], filters=[('class_name', '=', 'RayTrainWorker')], detail=True, limit=1000)]))")
-        listed = subprocess.run([sys.executable, "-c", probe, address], check=True, env=env, capture_output=True,
-                                text=True, timeout=120)
+        probe = (
+            "import json, sys; from ray.util.state import list_actors; "
+            "print(json.dumps([(a.placement_group_id, a.node_id) for a in list_actors("
+            "address=sys.argv[1], filters=[('class_name', '=', 'RayTrainWorker')], detail=True, limit=1000)]))"
+        )
+        listed = subprocess.run(
+            [sys.executable, "-c", probe, address],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         groups: dict[str, set[str]] = {}
         for group, node in json.loads(listed.stdout.strip().splitlines()[-1]):
             groups.setdefault(group, set()).add(node)
-        assert len(groups) == 2 and all(len(group_nodes) == 2 for group_nodes in groups.values()), groups
+        assert len(groups) == 2 and all(len(group_nodes) == 2 for group_nodes in groups.values()), (
+            groups
+        )
     finally:
         for node in reversed(nodes):
             stop(node)

@@ -53,8 +53,11 @@ ensemble:
 
 
 def stage_runs(client, pipeline_run_id: str) -> dict[str, object]:
-    return {r.data.tags["mg_ray.stage"]: r for r in runs(client, f"tags.`mlflow.parentRunId` = '{pipeline_run_id}'")
-            if r.data.tags.get("mg_ray.role") == "study"}
+    return {
+        r.data.tags["mg_ray.stage"]: r
+        for r in runs(client, f"tags.`mlflow.parentRunId` = '{pipeline_run_id}'")
+        if r.data.tags.get("mg_ray.role") == "study"
+    }
 
 
 def children(client, run_id: str) -> list:
@@ -73,12 +76,19 @@ def test_pipeline_killed_in_the_fused_stage_resumes_and_keeps_its_lineage(tiny_d
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
-            fused = runs(client, "tags.`mg_ray.study` = 'recipe.fused' and tags.`mg_ray.role` = 'trial'") \
-                if (home / "mlflow.db").exists() else []
+            fused = (
+                runs(
+                    client, "tags.`mg_ray.study` = 'recipe.fused' and tags.`mg_ray.role` = 'trial'"
+                )
+                if (home / "mlflow.db").exists()
+                else []
+            )
             if fused and client.get_metric_history(fused[0].info.run_id, "val_top1"):
                 break
             time.sleep(0.5)
-        assert proc.poll() is None, "the pipeline ended first:\n" + (tmp_path / "first.log").read_text()[-4000:]
+        assert proc.poll() is None, (
+            "the pipeline ended first:\n" + (tmp_path / "first.log").read_text()[-4000:]
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -103,32 +113,57 @@ def test_pipeline_killed_in_the_fused_stage_resumes_and_keeps_its_lineage(tiny_d
     for stage in ("rgb", "pose"):
         [trial] = children(client, stages[stage].info.run_id)
         [earlier] = single[stage]
-        assert trial.info.run_id == earlier.info.run_id and trial.info.end_time == earlier.info.end_time
+        assert (
+            trial.info.run_id == earlier.info.run_id
+            and trial.info.end_time == earlier.info.end_time
+        )
     fused = children(client, stages["fused"].info.run_id)
     assert len(fused) == 2 == len({t.data.tags["mg_ray.trial_id"] for t in fused})
-    assert all(t.info.status in ("FINISHED", "KILLED") and t.data.tags["mg_ray.trial_state"] in ("completed", "stopped")
-               for t in fused)
+    assert all(
+        t.info.status in ("FINISHED", "KILLED")
+        and t.data.tags["mg_ray.trial_state"] in ("completed", "stopped")
+        for t in fused
+    )
     assert no_train_workers_left(home)
 
     # Lineage: every fused trial, and the registered version, name the runs they started from.
-    rgb_run, pose_run = (children(client, stages[s].info.run_id)[0].info.run_id for s in ("rgb", "pose"))
+    rgb_run, pose_run = (
+        children(client, stages[s].info.run_id)[0].info.run_id for s in ("rgb", "pose")
+    )
     for trial in fused:
-        assert trial.data.tags["mg_ray.init.rgb_run"] == rgb_run and trial.data.tags["mg_ray.init.pose_run"] == pose_run
+        assert (
+            trial.data.tags["mg_ray.init.rgb_run"] == rgb_run
+            and trial.data.tags["mg_ray.init.pose_run"] == pose_run
+        )
         assert trial.data.params["model.rgb_init"] == f"runs:/{rgb_run}"
     version = client.get_model_version_by_alias("pipeline-model", "champion")
     assert version.run_id in {t.info.run_id for t in fused}
-    assert version.tags["mg_ray.init.rgb_run"] == rgb_run and version.tags["mg_ray.init.pose_run"] == pose_run
+    assert (
+        version.tags["mg_ray.init.rgb_run"] == rgb_run
+        and version.tags["mg_ray.init.pose_run"] == pose_run
+    )
     assert version.tags["pipeline"] == "recipe" and version.tags["study"] == "recipe.fused"
-    assert float(version.tags["test_top1"]) >= 0 and version.tags["champion_decision"] == "no champion before"
+    assert (
+        float(version.tags["test_top1"]) >= 0
+        and version.tags["champion_decision"] == "no champion before"
+    )
 
     # The ensemble: a run of its own under the pipeline's, each member's scores beside its own.
-    [ensemble] = [r for r in children(client, pipeline.info.run_id) if r.data.tags.get("mg_ray.role") == "ensemble"]
-    assert {f"val_top1_{m}" for m in ("rgb", "pose", "fused")} | {"val_top1", "test_top1"} <= set(ensemble.data.metrics)
+    [ensemble] = [
+        r
+        for r in children(client, pipeline.info.run_id)
+        if r.data.tags.get("mg_ray.role") == "ensemble"
+    ]
+    assert {f"val_top1_{m}" for m in ("rgb", "pose", "fused")} | {"val_top1", "test_top1"} <= set(
+        ensemble.data.metrics
+    )
 
     # 3. Once more: nothing new is trained, logged or registered.
     count = len(runs(client))
     again = run(home, *args, timeout=600)
-    assert all(f"stage {s}: completed before" in again.stdout for s in ("rgb", "pose", "fused")), again.stdout[-3000:]
+    assert all(f"stage {s}: completed before" in again.stdout for s in ("rgb", "pose", "fused")), (
+        again.stdout[-3000:]
+    )
     assert "ensemble: logged before" in again.stdout
     assert len(runs(client)) == count
     assert len(client.search_model_versions("name = 'pipeline-model'")) == 1

@@ -84,7 +84,10 @@ def check_children(client, children: list, epochs: int) -> None:
     assert len({c.data.tags["mg_ray.trial_id"] for c in children}) == len(children)
     for child in children:
         ran = epochs_logged(client, child.info.run_id)
-        state, seen = child.data.tags["mg_ray.trial_state"], int(child.data.tags["mg_ray.trial_epochs"])
+        state, seen = (
+            child.data.tags["mg_ray.trial_state"],
+            int(child.data.tags["mg_ray.trial_epochs"]),
+        )
         assert child.info.status != "RUNNING" and child.info.end_time
         if state == "completed":
             assert child.info.status == "FINISHED" and ran == seen == epochs, (ran, seen)
@@ -97,7 +100,17 @@ def check_children(client, children: list, epochs: int) -> None:
 def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     home = tmp_path / "home"
     space = write_space(tmp_path, trials=2, epochs=1)
-    done = run(home, "tune", "--space", str(space), "--study", "s1", "--data", str(tiny_dataset), timeout=900)
+    done = run(
+        home,
+        "tune",
+        "--space",
+        str(space),
+        "--study",
+        "s1",
+        "--data",
+        str(tiny_dataset),
+        timeout=900,
+    )
     assert "Trial status" in done.stdout  # Tune's progress table
     assert "best trial" in done.stdout and "registered model tiny-model version 1" in done.stdout
     assert "mlflow ui --backend-store-uri" in done.stdout
@@ -110,9 +123,14 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     check_children(client, children, epochs=1)
     assert {c.data.tags["mg_ray.study"] for c in children} == {"s1"}
     files = artifact_paths(client, parent.info.run_id)
-    assert {"study/trials.csv", "study/best_config.yaml", "study/plots/optimization_history.png"} <= files
+    assert {
+        "study/trials.csv",
+        "study/best_config.yaml",
+        "study/plots/optimization_history.png",
+    } <= files
     assert {f for f in files if f.startswith("study/plots/")} >= {
-        f"study/plots/{name}.{ext}" for name, ext in [("param_importances", "png"), ("parallel_coordinate", "png")]
+        f"study/plots/{name}.{ext}"
+        for name, ext in [("param_importances", "png"), ("parallel_coordinate", "png")]
     } or len(children) < 2
 
     # Registry: version 1 with both aliases and its lineage.
@@ -145,10 +163,22 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
         return fake.info.run_id
 
     for delta, expect_champion in ((-0.5, "1"), (+0.5, "3")):
-        out = run(home, "promote", "--run", fake_run(champion_score + delta, tiny_dataset), "--name", "tiny-model")
-        assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == expect_champion, out.stdout
+        out = run(
+            home,
+            "promote",
+            "--run",
+            fake_run(champion_score + delta, tiny_dataset),
+            "--name",
+            "tiny-model",
+        )
+        assert (
+            str(client.get_model_version_by_alias("tiny-model", "champion").version)
+            == expect_champion
+        ), out.stdout
         assert ("champion stays version 1" in out.stdout) == (delta < 0)
-        decision = client.get_model_version("tiny-model", str(len(client.search_model_versions("name = 'tiny-model'"))))
+        decision = client.get_model_version(
+            "tiny-model", str(len(client.search_model_versions("name = 'tiny-model'")))
+        )
         assert "compared on the same data" in decision.tags["champion_decision"]
     # On another dataset (same clips, another fingerprint), the recorded scores do not decide: the
     # champion (version 3, recorded at champion_score + 0.5) is re-evaluated there first and
@@ -157,10 +187,16 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     shutil.copytree(tiny_dataset, other)
     meta = json.loads((other / "dataset.json").read_text())
     (other / "dataset.json").write_text(json.dumps({**meta, "fingerprint": "another-dataset"}))
-    out = run(home, "promote", "--run", fake_run(champion_score + 0.1, other), "--name", "tiny-model")
+    out = run(
+        home, "promote", "--run", fake_run(champion_score + 0.1, other), "--name", "tiny-model"
+    )
     v4 = client.get_model_version("tiny-model", "4")
-    assert "champion re-evaluated on this version's validation split" in v4.tags["champion_decision"], out.stdout
-    assert f"champion's {champion_score:.4f}" in v4.tags["champion_decision"]  # the model's real score
+    assert (
+        "champion re-evaluated on this version's validation split" in v4.tags["champion_decision"]
+    ), out.stdout
+    assert (
+        f"champion's {champion_score:.4f}" in v4.tags["champion_decision"]
+    )  # the model's real score
     assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == "4"
     latest = client.get_model_version_by_alias("tiny-model", "candidate")
     assert str(latest.version) == "4"
@@ -168,11 +204,25 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     out = run(home, "promote", "--run", v1.run_id, "--name", "tiny-model")
     assert "already registered as tiny-model version 1" in out.stdout, out.stdout
     assert len(client.search_model_versions("name = 'tiny-model'")) == 4
-    assert {a: str(client.get_model_version_by_alias("tiny-model", a).version)
-            for a in ("candidate", "champion")} == {"candidate": "4", "champion": "4"}
+    assert {
+        a: str(client.get_model_version_by_alias("tiny-model", a).version)
+        for a in ("candidate", "champion")
+    } == {"candidate": "4", "champion": "4"}
     # Running the finished study again trains nothing, adds no child run, registers nothing.
-    again = run(home, "tune", "--space", str(space), "--study", "s1", "--data", str(tiny_dataset), timeout=600)
-    assert "best model already registered as tiny-model version 1" in again.stdout, again.stdout[-3000:]
+    again = run(
+        home,
+        "tune",
+        "--space",
+        str(space),
+        "--study",
+        "s1",
+        "--data",
+        str(tiny_dataset),
+        timeout=600,
+    )
+    assert "best model already registered as tiny-model version 1" in again.stdout, again.stdout[
+        -3000:
+    ]
     assert len(client.search_model_versions("name = 'tiny-model'")) == 4
     assert len(study_runs(client, "s1")[1]) == 2
 
@@ -180,7 +230,9 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     from mg_ray.data import build_dataset, load_index
 
     clip = load_index(tiny_dataset).split("test")[0].frame_dir
-    out = run(home, "predict", "--model", "models:/tiny-model@champion", "--data", str(tiny_dataset), clip)
+    out = run(
+        home, "predict", "--model", "models:/tiny-model@champion", "--data", str(tiny_dataset), clip
+    )
     lines = [line.split() for line in out.stdout.splitlines() if line.startswith("  ")]
     assert len(lines) == 5 and sum(float(p) for p, *_ in lines) <= 1.0 + 1e-6
     assert all(float(a[0]) >= float(b[0]) for a, b in itertools.pairwise(lines))  # sorted
@@ -193,7 +245,9 @@ def test_study_run_tree_registry_promotion_and_predict(tiny_dataset, tmp_path):
     mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")  # whatever an earlier test set
     model = mlflow.pyfunc.load_model("models:/tiny-model@champion")
 
-    cfg = load_config(client.download_artifacts(v1.run_id, "config/resolved_config.yaml", str(tmp_path)), {})
+    cfg = load_config(
+        client.download_artifacts(v1.run_id, "config/resolved_config.yaml", str(tmp_path)), {}
+    )
     item = build_dataset(cfg.data, "test", mode="test", num_clips=1)[0]
     probs = model.predict({"rgb": item["rgb"][None].numpy(), "pose": item["pose"][None].numpy()})
     assert probs.shape == (1, 10) and np.isclose(probs.sum(), 1.0, atol=1e-4)
@@ -216,10 +270,14 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
         assert contexts == {"training", "validation", "test"}, contexts
         assert run_.data.tags["mlflow.source.name"] and "mlflow.source.git.commit" in run_.data.tags
         assert [o.model_id for o in run_.outputs.model_outputs], child.info.run_id
-        assert any(k.startswith("system/cpu_utilization") for k in run_.data.metrics), sorted(run_.data.metrics)
+        assert any(k.startswith("system/cpu_utilization") for k in run_.data.metrics), sorted(
+            run_.data.metrics
+        )
     v1 = client.get_model_version("tiny-model", "1")
     best = client.get_run(v1.run_id)
-    assert v1.source == f"models:/{best.outputs.model_outputs[0].model_id}"  # the version is the run's logged model
+    assert (
+        v1.source == f"models:/{best.outputs.model_outputs[0].model_id}"
+    )  # the version is the run's logged model
     history = client.get_metric_history(parent.info.run_id, "best_so_far_val_top1")
     assert [m.step for m in history] == [1, 2] and history[1].value >= history[0].value
     experiment = client.get_experiment(parent.info.experiment_id)
@@ -233,24 +291,58 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     port = free_port()
     url = link.group(1).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
     assert "workflowType=machine_learning" in url
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
-                               f"sqlite:///{home / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90)
         dom = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={home / 'chromium'}", "--virtual-time-budget=20000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=180, check=False).stdout
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={home / 'chromium'}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        ).stdout
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    assert 'col-id="attributes.`Run Name`"' in dom, dom[:2000]  # the runs table, not the traces view
-    row = dom[:dom.index(f'href="#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"')]
-    assert "runnamecellrenderer" in row[-3000:]  # the study run's row has the expander of its nested trials
+    assert 'col-id="attributes.`Run Name`"' in dom, dom[
+        :2000
+    ]  # the runs table, not the traces view
+    row = dom[
+        : dom.index(f'href="#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"')
+    ]
+    assert (
+        "runnamecellrenderer" in row[-3000:]
+    )  # the study run's row has the expander of its nested trials
     for child in children:  # nested, so not listed at the top level
-        assert f"runs/{child.info.run_id}\"" not in dom
+        assert f'runs/{child.info.run_id}"' not in dom
 
 
 def check_optuna_dashboard(home: Path, study: str, num_trials: int) -> None:
@@ -266,14 +358,25 @@ def check_optuna_dashboard(home: Path, study: str, num_trials: int) -> None:
         def log_message(self, *args):
             pass
 
-    httpd = make_server("127.0.0.1", 0, optuna_dashboard.wsgi(f"sqlite:///{home / 'optuna.db'}"), handler_class=Quiet)
+    httpd = make_server(
+        "127.0.0.1",
+        0,
+        optuna_dashboard.wsgi(f"sqlite:///{home / 'optuna.db'}"),
+        handler_class=Quiet,
+    )
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
         base = f"http://127.0.0.1:{httpd.server_port}"
-        studies = json.loads(urllib.request.urlopen(f"{base}/api/studies", timeout=30).read())["study_summaries"]
+        studies = json.loads(urllib.request.urlopen(f"{base}/api/studies", timeout=30).read())[
+            "study_summaries"
+        ]
         [found] = [x for x in studies if x["study_name"] == study]
-        detail = json.loads(urllib.request.urlopen(f"{base}/api/studies/{found['study_id']}?after=0", timeout=30).read())
+        detail = json.loads(
+            urllib.request.urlopen(
+                f"{base}/api/studies/{found['study_id']}?after=0", timeout=30
+            ).read()
+        )
         assert len(detail["trials"]) == num_trials, detail.keys()
     finally:
         httpd.shutdown()

@@ -52,10 +52,19 @@ parameters:
 """
 
 
-def write_space(folder: Path, *, trials: int, epochs: int, metric: str = "val_top1", fixed: str = "",
-                study: str = "") -> Path:
+def write_space(
+    folder: Path,
+    *,
+    trials: int,
+    epochs: int,
+    metric: str = "val_top1",
+    fixed: str = "",
+    study: str = "",
+) -> Path:
     path = folder / "space.yaml"
-    path.write_text(SPACE.format(trials=trials, epochs=epochs, metric=metric, fixed=fixed, study=study))
+    path.write_text(
+        SPACE.format(trials=trials, epochs=epochs, metric=metric, fixed=fixed, study=study)
+    )
     return path
 
 
@@ -65,7 +74,9 @@ def study_tree(client, study: str):
     return parent, children
 
 
-def check_closed(client, home: Path, study: str, trials: int, parent_status: str) -> dict[str, object]:
+def check_closed(
+    client, home: Path, study: str, trials: int, parent_status: str
+) -> dict[str, object]:
     """The properties every ending must leave; returns the children by trial id."""
     parent, children = study_tree(client, study)
     assert parent.info.status == parent_status and parent.info.end_time
@@ -73,7 +84,10 @@ def check_closed(client, home: Path, study: str, trials: int, parent_status: str
     for child in children:
         status, state = child.info.status, child.data.tags.get("mg_ray.trial_state")
         assert status in ("FINISHED", "KILLED", "FAILED") and child.info.end_time, (status, state)
-        assert {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED") == status, (status, state)
+        assert {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED") == status, (
+            status,
+            state,
+        )
         assert state in ("completed", "stopped", "failed", "interrupted")
     assert no_train_workers_left(home)
     return {c.data.tags["mg_ray.trial_id"]: c for c in children}
@@ -85,13 +99,26 @@ def test_asha_stops_a_trial_and_its_run_ends_stopped(tiny_dataset, tmp_path):
     # first (cutoff: their mean), so ASHA stops it after its first epoch.
     home = tmp_path / "home"
     space = write_space(tmp_path, trials=2, epochs=2, metric="lr")
-    run(home, "tune", "--space", str(space), "--study", "asha", "--data", str(tiny_dataset), "--no-promote")
+    run(
+        home,
+        "tune",
+        "--space",
+        str(space),
+        "--study",
+        "asha",
+        "--data",
+        str(tiny_dataset),
+        "--no-promote",
+    )
     client = mlflow_client(home)
     children = check_closed(client, home, "asha", trials=2, parent_status="FINISHED")
     by_state = {c.data.tags["mg_ray.trial_state"]: c for c in children.values()}
     assert set(by_state) == {"completed", "stopped"}, {t: c.data.tags for t, c in children.items()}
     stopped = by_state["stopped"]
-    assert stopped.data.tags["mg_ray.stop_reason"] == "asha" and stopped.data.tags["mg_ray.trial_epochs"] == "1"
+    assert (
+        stopped.data.tags["mg_ray.stop_reason"] == "asha"
+        and stopped.data.tags["mg_ray.trial_epochs"] == "1"
+    )
     assert stopped.data.params["optim.lr"] == "0.01"
     # its run holds the epochs Tune saw (a report racing the stop could add one)
     assert 1 <= epochs_logged(client, stopped.info.run_id) <= 2
@@ -115,12 +142,24 @@ def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
 def test_a_study_cut_by_its_time_budget_closes_the_cut_trial_and_runs_again(tiny_dataset, tmp_path):
     home = tmp_path / "home"
     space = write_space(tmp_path, trials=1, epochs=200, study="  time_budget_s: 40")
-    args = ("tune", "--space", str(space), "--study", "budget", "--data", str(tiny_dataset), "--no-promote")
+    args = (
+        "tune",
+        "--space",
+        str(space),
+        "--study",
+        "budget",
+        "--data",
+        str(tiny_dataset),
+        "--no-promote",
+    )
     done = run(home, *args)
     assert "cut by the time budget" in done.stdout, done.stdout[-3000:]
     client = mlflow_client(home)
     [child] = check_closed(client, home, "budget", trials=1, parent_status="FINISHED").values()
-    assert child.data.tags["mg_ray.trial_state"] == "stopped" and child.data.tags["mg_ray.stop_reason"] == "time_budget"
+    assert (
+        child.data.tags["mg_ray.trial_state"] == "stopped"
+        and child.data.tags["mg_ray.stop_reason"] == "time_budget"
+    )
     # Its run holds the epochs Tune saw, and perhaps the one that ended as the budget ran out
     # (logged before Tune got it); nothing after the run was ended.
     history = client.get_metric_history(child.info.run_id, "val_top1")
@@ -143,7 +182,11 @@ def test_ctrl_c_ends_the_study_killed_and_the_same_command_resumes_it(tiny_datas
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:  # interrupt once an epoch is in
-            trials = runs(client, "tags.`mg_ray.role` = 'trial'") if (home / "mlflow.db").exists() else []
+            trials = (
+                runs(client, "tags.`mg_ray.role` = 'trial'")
+                if (home / "mlflow.db").exists()
+                else []
+            )
             if trials and client.get_metric_history(trials[0].info.run_id, "val_top1"):
                 break
             time.sleep(0.5)
@@ -162,7 +205,10 @@ def test_ctrl_c_ends_the_study_killed_and_the_same_command_resumes_it(tiny_datas
     done = run(home, *args, timeout=900)
     assert "resuming study 'ctrlc'" in done.stdout, done.stdout[-3000:]
     [resumed] = check_closed(client, home, "ctrlc", trials=1, parent_status="FINISHED").values()
-    assert resumed.info.run_id == child.info.run_id and resumed.data.tags["mg_ray.trial_state"] == "completed"
+    assert (
+        resumed.info.run_id == child.info.run_id
+        and resumed.data.tags["mg_ray.trial_state"] == "completed"
+    )
     assert epochs_logged(client, resumed.info.run_id) == 2  # resumed, not rerun
     assert client.get_model_version_by_alias("endings-model", "champion")
 
@@ -174,8 +220,10 @@ def test_ray_processes_of_a_finished_study_are_gone(tmp_path):
     home = tmp_path / "home"
     # This interpreter itself, not "python" from PATH: a pyenv shim's helper processes carry the
     # same command line for a moment.
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # RayTrainWorker"],
-                            env={**os.environ, "MG_RAY_HOME": str(home)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)  # RayTrainWorker"],
+        env={**os.environ, "MG_RAY_HOME": str(home)},
+    )
     try:
         deadline = time.monotonic() + 10
         while [p.pid for p in ray_processes_of(home)] != [proc.pid] and time.monotonic() < deadline:

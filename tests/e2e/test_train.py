@@ -32,8 +32,17 @@ from tests.e2e.helpers import (
 pytestmark = pytest.mark.slow
 
 # The tiny dataset has 10 train clips: one step per epoch per worker at this batch size.
-TRAIN_ARGS = ("train", "--workers", "2", "--cpus-per-worker", "1", "--set", "data.test_clips=1",
-              "--set", "optim.warmup_epochs=0")
+TRAIN_ARGS = (
+    "train",
+    "--workers",
+    "2",
+    "--cpus-per-worker",
+    "1",
+    "--set",
+    "data.test_clips=1",
+    "--set",
+    "optim.warmup_epochs=0",
+)
 
 
 def fused_top1(model, dataset) -> tuple[float, np.ndarray]:
@@ -76,33 +85,63 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     client = mlflow_client(home)
     [mlrun] = runs(client, "tags.`mg_ray.train_run` = 'e2e-train'")
     assert mlrun.info.status == "FINISHED"
-    for key in ("val_top1", "val_top5", "val_mean_class_acc", "val_top1_rgb", "val_top1_pose", "train_loss", "lr"):
+    for key in (
+        "val_top1",
+        "val_top5",
+        "val_mean_class_acc",
+        "val_top1_rgb",
+        "val_top1_pose",
+        "train_loss",
+        "lr",
+    ):
         # (the logged model links the best epoch's val_* metrics by logging them once more)
-        assert sorted({m.step for m in client.get_metric_history(mlrun.info.run_id, key)}) == [0, 1], key
+        assert sorted({m.step for m in client.get_metric_history(mlrun.info.run_id, key)}) == [
+            0,
+            1,
+        ], key
     assert "test_top1" in mlrun.data.metrics
-    assert sum(m.value for m in client.get_metric_history(mlrun.info.run_id, "train_skipped_clips")) >= 2  # 1 a epoch
+    assert (
+        sum(m.value for m in client.get_metric_history(mlrun.info.run_id, "train_skipped_clips"))
+        >= 2
+    )  # 1 a epoch
     assert mlrun.data.params["optim.epochs"] == "2" and mlrun.data.params["data.root"] == str(data)
     files = artifact_paths(client, mlrun.info.run_id)
-    for expected in ("config/resolved_config.yaml", "best_model/model.pt",
-                     "evaluation/val_confusion_matrix.png", "evaluation/val_per_class_accuracy.csv",
-                     "evaluation/val_predictions.npz", "evaluation/val_predictions.csv",
-                     "evaluation/test_confusion_matrix.png", "evaluation/test_predictions.npz"):
+    for expected in (
+        "config/resolved_config.yaml",
+        "best_model/model.pt",
+        "evaluation/val_confusion_matrix.png",
+        "evaluation/val_per_class_accuracy.csv",
+        "evaluation/val_predictions.npz",
+        "evaluation/val_predictions.csv",
+        "evaluation/test_confusion_matrix.png",
+        "evaluation/test_predictions.npz",
+    ):
         assert expected in files, f"{expected} not in {sorted(files)}"
-    csv = (Path(client.download_artifacts(mlrun.info.run_id, "evaluation/val_per_class_accuracy.csv", str(tmp_path))))
+    csv = Path(
+        client.download_artifacts(
+            mlrun.info.run_id, "evaluation/val_per_class_accuracy.csv", str(tmp_path)
+        )
+    )
     assert "touch face" in csv.read_text()  # class names, not indices
 
     # The latest Ray checkpoint (epoch 1) in a fresh model reproduces epoch 1's val_top1.
-    cfg_file = client.download_artifacts(mlrun.info.run_id, "config/resolved_config.yaml", str(tmp_path))
+    cfg_file = client.download_artifacts(
+        mlrun.info.run_id, "config/resolved_config.yaml", str(tmp_path)
+    )
     cfg = load_config(cfg_file, {})
     val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1)  # all readable
     model_file = client.download_artifacts(mlrun.info.run_id, "best_model/model.pt", str(tmp_path))
     best_model, content = load_model_file(model_file)
-    [checkpoint] = sorted((home / "ray_results" / "e2e-train").glob("checkpoint_*/checkpoint.pt"))[-1:]
+    [checkpoint] = sorted((home / "ray_results" / "e2e-train").glob("checkpoint_*/checkpoint.pt"))[
+        -1:
+    ]
     state = safe_load(checkpoint)
     assert state["epoch"] == 1
     fresh = build_from_spec(content["spec"])
     fresh.load_state_dict(state["model"])
-    last_top1 = next(m.value for m in client.get_metric_history(mlrun.info.run_id, "val_top1") if m.step == 1)
+    last_top1 = next(
+        m.value for m in client.get_metric_history(mlrun.info.run_id, "val_top1") if m.step == 1
+    )
     assert fused_top1(fresh, val_set)[0] == pytest.approx(last_top1)
 
     # The logged best model reproduces best_val_top1 and the logged validation predictions.
@@ -110,26 +149,46 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     assert top1 == pytest.approx(mlrun.data.metrics["best_val_top1"])
     best_epoch = int(mlrun.data.metrics["best_epoch"])
     if best_epoch == 1:  # the logged predictions are the best epoch's
-        with np.load(client.download_artifacts(mlrun.info.run_id, "evaluation/val_predictions.npz", str(tmp_path))) as npz:
+        with np.load(
+            client.download_artifacts(
+                mlrun.info.run_id, "evaluation/val_predictions.npz", str(tmp_path)
+            )
+        ) as npz:
             np.testing.assert_allclose(npz["fused"], probs, atol=1e-4)
 
 
 def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset, tmp_path):
     home = tmp_path / "home"
     log = tmp_path / "train.log"
-    proc = start(home, *TRAIN_ARGS, "--data", str(tiny_dataset), "--epochs", "4", "--name", "e2e-kill", log=log)
+    proc = start(
+        home,
+        *TRAIN_ARGS,
+        "--data",
+        str(tiny_dataset),
+        "--epochs",
+        "4",
+        "--name",
+        "e2e-kill",
+        log=log,
+    )
     try:
         client = mlflow_client(home)
         deadline = time.monotonic() + 300
         victim = None
         while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            found = runs(client, "tags.`mg_ray.train_run` = 'e2e-kill'") if (home / "mlflow.db").exists() else []
+            found = (
+                runs(client, "tags.`mg_ray.train_run` = 'e2e-kill'")
+                if (home / "mlflow.db").exists()
+                else []
+            )
             epochs = epochs_logged(client, found[0].info.run_id) if found else 0
             workers = train_workers(proc.pid)
             if 1 <= epochs < 3 and workers:  # a checkpoint exists and training goes on
                 victim = workers[-1]
             time.sleep(0.5)
-        assert victim is not None, "never saw a finished epoch with workers alive:\n" + log.read_text()[-4000:]
+        assert victim is not None, (
+            "never saw a finished epoch with workers alive:\n" + log.read_text()[-4000:]
+        )
         victim.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=420) == 0, log.read_text()[-6000:]
     finally:

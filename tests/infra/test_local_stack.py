@@ -40,7 +40,9 @@ def port_open(port: int) -> bool:
 
 def http_status(url: str, headers: dict[str, str] | None = None) -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=10
+        ) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -48,9 +50,14 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int:
 
 def group_pids(pgid: int) -> set[int]:
     """Live (non-zombie) processes in a process group."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], check=False, capture_output=True, text=True).stdout
-    return {int(pid) for pid, group, stat in (line.split() for line in out.splitlines())
-            if int(group) == pgid and not stat.startswith("Z")}
+    out = subprocess.run(
+        ["ps", "-e", "-o", "pid=,pgid=,stat="], check=False, capture_output=True, text=True
+    ).stdout
+    return {
+        int(pid)
+        for pid, group, stat in (line.split() for line in out.splitlines())
+        if int(group) == pgid and not stat.startswith("Z")
+    }
 
 
 class Stack:
@@ -61,10 +68,17 @@ class Stack:
         self.stack_dir = self.home / "stack"
         # Ray keeps unix sockets in its temp dir: keep the path short (108-byte limit).
         self.ray_temp = Path(tempfile.mkdtemp(prefix="mgr-", dir="/tmp"))
-        self.ports = {name: free_port() for name in ("RAY", "DASHBOARD", "DASHBOARD_AGENT", "CLIENT", "MLFLOW")}
+        self.ports = {
+            name: free_port()
+            for name in ("RAY", "DASHBOARD", "DASHBOARD_AGENT", "CLIENT", "MLFLOW")
+        }
         venv_bin = str(Path(sys.executable).parent)
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "MG_RAY_"))},
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("RAY_", "MLFLOW_", "MG_RAY_"))
+            },
             "PATH": f"{venv_bin}:{os.environ['PATH']}",
             "MG_RAY_HOME": str(self.home),
             "MG_RAY_RAY_TEMP_DIR": str(self.ray_temp),
@@ -83,13 +97,25 @@ class Stack:
 
     def client_env(self) -> dict[str, str]:
         """The environment after `source infra/local/env.sh`."""
-        out = subprocess.run(["bash", "-c", f"source {LOCAL / 'env.sh'} && env -0"], env=self.env,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["bash", "-c", f"source {LOCAL / 'env.sh'} && env -0"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
 
     def run(self, script: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(LOCAL / script), *args], check=False, env=self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", str(LOCAL / script), *args],
+            check=False,
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def pid(self, name: str) -> int:
         return int((self.stack_dir / name).read_text())
@@ -125,14 +151,28 @@ def test_local_stack_starts_authenticates_and_stops(stack):
 
     # The CLI with env.sh's environment gets in; without it (and without ~/.ray/auth_token) not.
     client = stack.client_env()
-    assert client["RAY_ADDRESS"] == stack.dashboard and client["MLFLOW_TRACKING_URI"] == stack.mlflow
+    assert (
+        client["RAY_ADDRESS"] == stack.dashboard and client["MLFLOW_TRACKING_URI"] == stack.mlflow
+    )
     gcs = f"127.0.0.1:{stack.ports['RAY']}"
-    status = subprocess.run(["ray", "status", "--address", gcs], check=False, env=client, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        ["ray", "status", "--address", gcs],
+        check=False,
+        env=client,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
     anonymous = {**stack.env, "HOME": str(stack.home)}
-    refused = subprocess.run(["ray", "job", "list", "--address", stack.dashboard], check=False, env=anonymous,
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        ["ray", "job", "list", "--address", stack.dashboard],
+        check=False,
+        env=anonymous,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
 
     # A second start is a no-op.
@@ -145,8 +185,12 @@ def test_local_stack_starts_authenticates_and_stops(stack):
     while (group_pids(ray_pgid) | group_pids(mlflow_pgid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not group_pids(ray_pgid) | group_pids(mlflow_pgid)
-    assert not [pid for pid in ours if Path(f"/proc/{pid}").exists()
-                and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]]
+    assert not [
+        pid
+        for pid in ours
+        if Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    ]
     assert not any(port_open(stack.ports[name]) for name in ("RAY", "DASHBOARD", "MLFLOW"))
     assert not (stack.stack_dir / "ray-head.pid").exists()
     assert stack.run("stop.sh").returncode == 0  # idempotent
@@ -155,7 +199,7 @@ def test_local_stack_starts_authenticates_and_stops(stack):
 def readme_cluster_blocks() -> list[str]:
     """The bash blocks of README.md's "Running on a cluster" section, in order."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Running on a cluster"):]
+    section = text[text.index("## Running on a cluster") :]
     section = section[: section.index("\n## ", 1)]
     return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
 
@@ -189,24 +233,40 @@ def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
     *run_blocks, stop_block = readme_cluster_blocks()
     assert len(run_blocks) == 3 and "ray job submit" in run_blocks[1] and "stop.sh" in stop_block
     stack = Stack(tmp_path)
-    quick, synth_clip = "--space search_spaces/quick.yaml", "--data ~/.mg-ray/datasets/synth s04_000"
+    quick, synth_clip = (
+        "--space search_spaces/quick.yaml",
+        "--data ~/.mg-ray/datasets/synth s04_000",
+    )
     assert quick in run_blocks[1] and synth_clip in run_blocks[2]
     stand_in = tmp_path / "quick.yaml"  # study name: the file's stem, as the README's
     stand_in.write_text(TINY_QUICK)
     clip = load_index(tiny_dataset).split("test")[0].frame_dir
-    ours = lambda text: text.replace("http://127.0.0.1:8265", stack.dashboard).replace(
-        synth_clip, f"--data {tiny_dataset} {clip}").replace("~/.mg-ray", str(stack.home)).replace(
-        quick, f"--space {stand_in} --data {tiny_dataset}")
+    ours = lambda text: (
+        text.replace("http://127.0.0.1:8265", stack.dashboard)
+        .replace(synth_clip, f"--data {tiny_dataset} {clip}")
+        .replace("~/.mg-ray", str(stack.home))
+        .replace(quick, f"--space {stand_in} --data {tiny_dataset}")
+    )
     script = "set -euo pipefail\n" + "\n".join(ours(block) for block in run_blocks)
     try:
-        done = subprocess.run(["bash", "-c", script], check=False, env=stack.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=1500)
+        done = subprocess.run(
+            ["bash", "-c", script],
+            check=False,
+            env=stack.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-8000:]
         assert "succeeded" in output and "Trial status" in output  # the job log's progress table
         assert "registered model mg-ray-fused version 1" in output
         # the by-hand promotion of the same best trial registers nothing new
-        assert "already registered as mg-ray-fused version 1" in output and "Created version '2'" not in output
+        assert (
+            "already registered as mg-ray-fused version 1" in output
+            and "Created version '2'" not in output
+        )
         assert "true class" in output  # the prediction
 
         from mlflow import MlflowClient
@@ -214,8 +274,9 @@ def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
         client = MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
         experiment = client.get_experiment_by_name("mg-ray")
         [parent] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'study'")
-        children = client.search_runs([experiment.experiment_id],
-                                      f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        children = client.search_runs(
+            [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
         assert parent.info.status == "FINISHED" and len(children) == 1  # one trial
         assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
         assert {c.data.tags["mg_ray.trial_state"] for c in children} <= {"completed", "stopped"}
@@ -228,8 +289,15 @@ def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
         assert list((stack.home / "ray_results").glob("quick_train/*/checkpoint_*"))
         ray_pgid, mlflow_pgid = stack.pid("ray-head.pid"), stack.pid("mlflow.pid")
     finally:
-        stopped = subprocess.run(["bash", "-c", ours(stop_block)], check=False, env=stack.env, cwd=ROOT,
-                                 capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run(
+            ["bash", "-c", ours(stop_block)],
+            check=False,
+            env=stack.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         shutil.rmtree(stack.ray_temp, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     deadline = time.monotonic() + 10

@@ -48,7 +48,9 @@ def ray_requirement() -> str:
 def ray_pin() -> str:
     """The Ray minor release pyproject pins (`ray[...]==2.60.*` -> "2.60")."""
     match = re.search(r"==\s*([0-9]+\.[0-9]+)\.\*$", ray_requirement())
-    assert match, f"ray dependency {ray_requirement()!r} is not pinned to one minor release (==X.Y.*)"
+    assert match, (
+        f"ray dependency {ray_requirement()!r} is not pinned to one minor release (==X.Y.*)"
+    )
     return match.group(1)
 
 
@@ -74,7 +76,9 @@ def ray_pod_specs(cluster_spec: dict) -> list[dict]:
 
 def ray_cluster_specs() -> list[tuple[str, dict]]:
     specs = [(doc["metadata"]["name"], doc["spec"]) for doc in k8s_docs("RayCluster")]
-    specs += [(doc["metadata"]["name"], doc["spec"]["rayClusterSpec"]) for doc in k8s_docs("RayJob")]
+    specs += [
+        (doc["metadata"]["name"], doc["spec"]["rayClusterSpec"]) for doc in k8s_docs("RayJob")
+    ]
     return specs
 
 
@@ -106,9 +110,13 @@ def test_no_kubernetes_secret_objects_are_committed():
 def test_secret_env_values_come_from_secrets(path):
     for doc in load_all(path):
         for node in walk(doc):
-            if "name" in node and ("value" in node or "valueFrom" in node) and SECRET_NAME.search(str(node["name"])):
-                    assert "value" not in node, f"{path}: literal value for {node['name']}"
-                    assert "secretKeyRef" in node["valueFrom"], f"{path}: {node['name']}"
+            if (
+                "name" in node
+                and ("value" in node or "valueFrom" in node)
+                and SECRET_NAME.search(str(node["name"]))
+            ):
+                assert "value" not in node, f"{path}: literal value for {node['name']}"
+                assert "secretKeyRef" in node["valueFrom"], f"{path}: {node['name']}"
 
 
 # --- Ray on Kubernetes --------------------------------------------------------------------------
@@ -118,7 +126,10 @@ def test_ray_images_match_pyproject_ray_version():
     import ray
 
     version = ray_pin()
-    assert ray.__version__.startswith(f"{version}."), (ray.__version__, version)  # what the suite runs on
+    assert ray.__version__.startswith(f"{version}."), (
+        ray.__version__,
+        version,
+    )  # what the suite runs on
     images = [
         c["image"]
         for doc in k8s_docs()
@@ -183,7 +194,11 @@ def test_mlflow_server_uses_postgres_s3_and_basic_auth():
     assert '--artifacts-destination "$ARTIFACTS_DESTINATION"' in script
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_DB_URL"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
-    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"):
+    for name in (
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "AWS_SECRET_ACCESS_KEY",
+    ):
         assert "secretKeyRef" in env[name]["valueFrom"], name
     (config,) = k8s_docs("ConfigMap")
     assert config["data"]["ARTIFACTS_DESTINATION"].startswith("s3://")
@@ -251,9 +266,16 @@ def test_start_binds_loopback_and_enables_token_auth():
 def test_env_sh_prints_the_client_environment(tmp_path):
     out = subprocess.run(
         ["bash", str(LOCAL / "env.sh")],
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MG_RAY_HOME": str(tmp_path / "h"),
-             "MG_RAY_DASHBOARD_PORT": "18265", "MG_RAY_MLFLOW_PORT": "15000"},
-        capture_output=True, text=True, check=True,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "MG_RAY_HOME": str(tmp_path / "h"),
+            "MG_RAY_DASHBOARD_PORT": "18265",
+            "MG_RAY_MLFLOW_PORT": "15000",
+        },
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "export RAY_ADDRESS=http://127.0.0.1:18265" in out
     assert "export RAY_AUTH_MODE=token" in out

@@ -28,7 +28,7 @@ def labels_for(logits):
     """Half the batch labelled as predicted (true positives, different on each rank), half
     labelled otherwise (false negatives / positives)."""
     pred = logits.argmax(1)
-    return torch.cat([pred[: BATCH // 2], (pred[BATCH // 2:] + 1) % K]), pred
+    return torch.cat([pred[: BATCH // 2], (pred[BATCH // 2 :] + 1) % K]), pred
 
 
 def _worker(rank: int, store_file: str) -> None:
@@ -66,13 +66,15 @@ def _worker(rank: int, store_file: str) -> None:
             torch.testing.assert_close(criterion.refine["rgb"].prototypes, expected)
             for key, value in criterion.state_dict().items():  # bit for bit, on every rank
                 gathered = _gather(value[None])
-                assert all(torch.equal(gathered[0], other) for other in gathered[1:]), f"{key} differs across ranks"
+                assert all(torch.equal(gathered[0], other) for other in gathered[1:]), (
+                    f"{key} differs across ranks"
+                )
 
         for key, value in criterion.state_dict().items():
             assert not torch.equal(value, initial[key]), f"{key} never updated"
         # the ranks did see different features (so unsynchronised prototypes would diverge)
         emb = _gather(outputs["pose_embedding"].detach())
-        assert not torch.allclose(emb[:BATCH], emb[BATCH: 2 * BATCH])
+        assert not torch.allclose(emb[:BATCH], emb[BATCH : 2 * BATCH])
         # Every rank done before any tears gloo down. Not in `finally`: after a failed
         # assertion another rank may be waiting in a different collective.
         dist.barrier()
@@ -107,7 +109,9 @@ def check_full_batch_gradient(model, g) -> None:
     full = reference(_gather(rgb), _gather(pose))
     TwoStreamCriterion(K, reference.embed_dim)(full, _gather(labels))["loss"].backward()
     for (name, ddp), (_, ref) in zip(model.module.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(ddp.grad, ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ddp.grad, ref.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
     model.zero_grad()
     model.train()
 

@@ -39,8 +39,12 @@ def fake_checkpoint(kind: str, classes: int = K, seed: int = 0) -> dict[str, tor
     g = torch.Generator().manual_seed(seed)
     if kind == "rgbpose":
         shapes = peer_shapes("mmaction2_rgbposeconv3d_keys.txt")
-        shapes |= {"cls_head.fc_rgb.weight": [classes, 2048], "cls_head.fc_rgb.bias": [classes],
-                   "cls_head.fc_pose.weight": [classes, 512], "cls_head.fc_pose.bias": [classes]}
+        shapes |= {
+            "cls_head.fc_rgb.weight": [classes, 2048],
+            "cls_head.fc_rgb.bias": [classes],
+            "cls_head.fc_pose.weight": [classes, 512],
+            "cls_head.fc_pose.bias": [classes],
+        }
     else:
         shapes = peer_shapes("mmaction2_posec3d_slowonly_keys.txt")
         shapes |= {"cls_head.fc_cls.weight": [classes, 512], "cls_head.fc_cls.bias": [classes]}
@@ -64,8 +68,15 @@ def fake_checkpoint(kind: str, classes: int = K, seed: int = 0) -> dict[str, tor
 
 
 def bn(x, s, p):
-    return F.batch_norm(x, s[f"{p}.running_mean"], s[f"{p}.running_var"], s[f"{p}.weight"], s[f"{p}.bias"],
-                        training=False, eps=1e-5)
+    return F.batch_norm(
+        x,
+        s[f"{p}.running_mean"],
+        s[f"{p}.running_var"],
+        s[f"{p}.weight"],
+        s[f"{p}.bias"],
+        training=False,
+        eps=1e-5,
+    )
 
 
 def conv_module(x, s, p, stride=(1, 1, 1), relu=True):
@@ -83,8 +94,11 @@ def layer(x, s, p, spatial_stride):
         out = conv_module(x, s, f"{b}.conv1")
         out = conv_module(out, s, f"{b}.conv2", stride=stride)
         out = conv_module(out, s, f"{b}.conv3", relu=False)
-        identity = conv_module(x, s, f"{b}.downsample", stride=stride, relu=False) \
-            if f"{b}.downsample.conv.weight" in s else x
+        identity = (
+            conv_module(x, s, f"{b}.downsample", stride=stride, relu=False)
+            if f"{b}.downsample.conv.weight" in s
+            else x
+        )
         x = F.relu(out + identity)
         block += 1
     return x
@@ -100,8 +114,9 @@ def lateral_pose_to_rgb(x, s, p, r):  # rgb_path.layerN_lateral: Conv3d (7,1,1) 
 
 
 def lateral_rgb_to_pose(x, s, p, r):  # pose_path.layerN_lateral: DeConvModule, output r*T frames
-    out = F.conv_transpose3d(x, s[f"{p}.conv.weight"], stride=(r, 1, 1), padding=(3, 0, 0),
-                             output_padding=(r - 1, 0, 0))
+    out = F.conv_transpose3d(
+        x, s[f"{p}.conv.weight"], stride=(r, 1, 1), padding=(3, 0, 0), output_padding=(r - 1, 0, 0)
+    )
     return F.relu(bn(out, s, f"{p}.bn"))
 
 
@@ -111,12 +126,16 @@ def mmaction2_rgbpose(s, rgb, pose, r=4):
     x_rgb, x_pose = stem(rgb, s, R, 2), stem(pose, s, P, 1)
     x_rgb = layer(layer(x_rgb, s, f"{R}.layer1", 1), s, f"{R}.layer2", 2)
     x_pose = layer(x_pose, s, f"{P}.layer1", 2)
-    to_rgb, to_pose = lateral_pose_to_rgb(x_pose, s, f"{R}.layer2_lateral", r), \
-        lateral_rgb_to_pose(x_rgb, s, f"{P}.layer1_lateral", r)
+    to_rgb, to_pose = (
+        lateral_pose_to_rgb(x_pose, s, f"{R}.layer2_lateral", r),
+        lateral_rgb_to_pose(x_rgb, s, f"{P}.layer1_lateral", r),
+    )
     x_rgb, x_pose = torch.cat((x_rgb, to_rgb), 1), torch.cat((x_pose, to_pose), 1)
     x_rgb, x_pose = layer(x_rgb, s, f"{R}.layer3", 2), layer(x_pose, s, f"{P}.layer2", 2)
-    to_rgb, to_pose = lateral_pose_to_rgb(x_pose, s, f"{R}.layer3_lateral", r), \
-        lateral_rgb_to_pose(x_rgb, s, f"{P}.layer2_lateral", r)
+    to_rgb, to_pose = (
+        lateral_pose_to_rgb(x_pose, s, f"{R}.layer3_lateral", r),
+        lateral_rgb_to_pose(x_rgb, s, f"{P}.layer2_lateral", r),
+    )
     x_rgb, x_pose = torch.cat((x_rgb, to_rgb), 1), torch.cat((x_pose, to_pose), 1)
     return layer(x_rgb, s, f"{R}.layer4", 2), layer(x_pose, s, f"{P}.layer3", 2)
 
@@ -148,26 +167,44 @@ def rgbpose(tmp_path_factory):
 
 def test_rgbpose_import_uses_every_tensor_once_and_computes_mmaction2s_backbone(rgbpose):
     state, _, out, summary = rgbpose
-    assert summary == {"kind": "RGBPoseConv3D", "tensors": len(state), "num_classes": K, "modality": "rgbpose"}
+    assert summary == {
+        "kind": "RGBPoseConv3D",
+        "tensors": len(state),
+        "num_classes": K,
+        "modality": "rgbpose",
+    }
     model, content = load_model_file(out)  # the kind of file the training job writes
-    assert content["spec"]["kwargs"]["modality"] == "rgbpose" and content["spec"]["kwargs"]["fusion"] is True
+    assert (
+        content["spec"]["kwargs"]["modality"] == "rgbpose"
+        and content["spec"]["kwargs"]["fusion"] is True
+    )
     ours = model.state_dict()
-    imported = {tuple(v.flatten()[:4].tolist()) + (v.numel(),) for v in state.values() if v.numel() > 1}
+    imported = {
+        tuple(v.flatten()[:4].tolist()) + (v.numel(),) for v in state.values() if v.numel() > 1
+    }
     found = {tuple(v.flatten()[:4].tolist()) + (v.numel(),) for v in ours.values() if v.numel() > 1}
     assert imported <= found  # every mmaction2 tensor is somewhere in the model
 
     g = torch.Generator().manual_seed(1)
-    rgb, pose = torch.randn(1, 3, 8, 64, 64, generator=g), torch.rand(1, 17, 32, 16, 16, generator=g)
+    rgb, pose = (
+        torch.randn(1, 3, 8, 64, 64, generator=g),
+        torch.rand(1, 17, 32, 16, 16, generator=g),
+    )
     with torch.no_grad():
         expected_rgb, expected_pose = mmaction2_rgbpose(state, rgb, pose)
         feats = model.forward_features(rgb, pose)  # fusion on, its gates at their zero init
         logits = model.forward_head(feats)
-    assert expected_rgb.abs().mean() > 1e-3 and expected_pose.abs().mean() > 1e-3  # not a vanished signal
+    assert (
+        expected_rgb.abs().mean() > 1e-3 and expected_pose.abs().mean() > 1e-3
+    )  # not a vanished signal
     torch.testing.assert_close(feats["rgb"], expected_rgb, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(feats["pose"], expected_pose, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits["rgb_logits"], head(state, expected_rgb, "cls_head.fc_rgb"), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits["pose_logits"], head(state, expected_pose, "cls_head.fc_pose"),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits["rgb_logits"], head(state, expected_rgb, "cls_head.fc_rgb"), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        logits["pose_logits"], head(state, expected_pose, "cls_head.fc_pose"), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_the_fused_stage_starts_from_an_imported_file_named_as_both_streams(rgbpose, tmp_path):
@@ -210,14 +247,18 @@ def test_posec3d_import_is_a_pose_model_that_initialises_the_pose_stream(tmp_pat
         feats = model.forward_features(None, pose)
         logits = model.forward_head(feats)["pose_logits"]
     torch.testing.assert_close(feats["pose"], expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits, head(state, expected, "cls_head.fc_cls"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits, head(state, expected, "cls_head.fc_cls"), rtol=1e-4, atol=1e-5
+    )
     # --pose-init accepts it: the merge into the paper's two-stream model takes every pose tensor
     from mg_ray.models import paper
 
     fused = paper(K)
     merged = merge_stream_checkpoints({}, safe_load(out)["model"], fused)
     fused.load_state_dict(merged)
-    assert torch.equal(fused.state_dict()["backbone.pose.stem.0.weight"], state["backbone.conv1.conv.weight"])
+    assert torch.equal(
+        fused.state_dict()["backbone.pose.stem.0.weight"], state["backbone.conv1.conv.weight"]
+    )
 
 
 def _write(tmp_path, state, name="bad.pth"):
@@ -229,18 +270,31 @@ def _write(tmp_path, state, name="bad.pth"):
 def test_missing_extra_misshaped_and_other_class_count_are_named(tmp_path):
     good = fake_checkpoint("pose", seed=4)
     cases = {
-        "missing": ({k: v for k, v in good.items() if k != "backbone.layer2.1.conv2.conv.weight"},
-                    r"lacks tensors for \['backbone.pose.stages.1.1.conv2.weight'\]"),
-        "extra": ({**good, "backbone.extra.weight": torch.zeros(1)},
-                  r"no place in the model: \['backbone.extra.weight'\]"),
-        "shape": ({**good, "backbone.layer1.0.conv2.conv.weight": torch.zeros(32, 32, 3, 3, 3)},
-                  (r"backbone.layer1.0.conv2.conv.weight has shape \[32, 32, 3, 3, 3\], "
-                   r"backbone.pose.stages.0.0.conv2.weight needs \[32, 32, 1, 3, 3\]")),
-        "not mmaction2": ({"encoder.weight": torch.zeros(2)}, "neither an RGBPoseConv3D checkpoint"),
+        "missing": (
+            {k: v for k, v in good.items() if k != "backbone.layer2.1.conv2.conv.weight"},
+            r"lacks tensors for \['backbone.pose.stages.1.1.conv2.weight'\]",
+        ),
+        "extra": (
+            {**good, "backbone.extra.weight": torch.zeros(1)},
+            r"no place in the model: \['backbone.extra.weight'\]",
+        ),
+        "shape": (
+            {**good, "backbone.layer1.0.conv2.conv.weight": torch.zeros(32, 32, 3, 3, 3)},
+            (
+                r"backbone.layer1.0.conv2.conv.weight has shape \[32, 32, 3, 3, 3\], "
+                r"backbone.pose.stages.0.0.conv2.weight needs \[32, 32, 1, 3, 3\]"
+            ),
+        ),
+        "not mmaction2": (
+            {"encoder.weight": torch.zeros(2)},
+            "neither an RGBPoseConv3D checkpoint",
+        ),
     }
     for name, (state, message) in cases.items():
         with pytest.raises(CheckpointImportError, match=message):
-            import_checkpoint(_write(tmp_path, state, f"{name.replace(' ', '_')}.pth"), tmp_path / f"{name}.pt")
+            import_checkpoint(
+                _write(tmp_path, state, f"{name.replace(' ', '_')}.pth"), tmp_path / f"{name}.pt"
+            )
         assert not (tmp_path / f"{name}.pt").exists(), name
     source = _write(tmp_path, good, "good.pth")
     with pytest.raises(CheckpointImportError, match="head has 5 classes .*--reinit-head"):
@@ -249,7 +303,9 @@ def test_missing_extra_misshaped_and_other_class_count_are_named(tmp_path):
     assert summary["num_classes"] == 32
     model, _ = load_model_file(tmp_path / "k.pt")
     assert tuple(model.heads["pose"].fc.weight.shape) == (32, 512)
-    assert torch.equal(model.state_dict()["backbone.pose.stem.0.weight"], good["backbone.conv1.conv.weight"])
+    assert torch.equal(
+        model.state_dict()["backbone.pose.stem.0.weight"], good["backbone.conv1.conv.weight"]
+    )
 
 
 class Foreign:  # an object weights_only loading must refuse (mmengine's message hub, say)
@@ -263,6 +319,16 @@ def test_unsafe_pickles_existing_outputs_and_cli_errors(tmp_path, capsys):
         import_checkpoint(unsafe, tmp_path / "out.pt")
     existing = tmp_path / "existing.pt"
     existing.write_bytes(b"mine")
-    assert cli(["import-mmaction2", str(_write(tmp_path, fake_checkpoint("pose"))), "--out", str(existing)]) == 2
+    assert (
+        cli(
+            [
+                "import-mmaction2",
+                str(_write(tmp_path, fake_checkpoint("pose"))),
+                "--out",
+                str(existing),
+            ]
+        )
+        == 2
+    )
     assert "exists; choose a new path" in capsys.readouterr().err
     assert existing.read_bytes() == b"mine"

@@ -37,12 +37,17 @@ def count(model, prefix=""):
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix))
 
 
-@pytest.mark.parametrize("rgb_frames,pose_frames", [(8, 32), (4, 16), (8, 16), (16, 32), (4, 32), (8, 8)])
+@pytest.mark.parametrize(
+    "rgb_frames,pose_frames", [(8, 32), (4, 16), (8, 16), (16, 32), (4, 32), (8, 8)]
+)
 def test_small_shapes_for_frame_count_pairs(rgb_frames, pose_frames):
     model = small(K, rgb_frames=rgb_frames, pose_frames=pose_frames)
     out = model(*inputs(rgb_frames=rgb_frames, pose_frames=pose_frames))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "rgb_logits": (2, K), "pose_logits": (2, K), "rgb_embedding": (2, 64), "pose_embedding": (2, 64),
+        "rgb_logits": (2, K),
+        "pose_logits": (2, K),
+        "rgb_embedding": (2, 64),
+        "pose_embedding": (2, 64),
     }
     assert all(torch.isfinite(v).all() for v in out.values())
 
@@ -78,7 +83,10 @@ def test_single_stream_variants(modality):
     rgb, pose = inputs()
     out = model(rgb if modality == "rgb" else None, pose if modality == "pose" else None)
     assert set(out) == {f"{modality}_logits", f"{modality}_embedding"}
-    assert not any(("lateral" in n or "fusion" in n or "to_rgb" in n or "to_pose" in n) for n, _ in model.named_parameters())
+    assert not any(
+        ("lateral" in n or "fusion" in n or "to_rgb" in n or "to_pose" in n)
+        for n, _ in model.named_parameters()
+    )
     torch.testing.assert_close(fuse_probabilities(out), out[f"{modality}_logits"].softmax(-1))
 
 
@@ -100,10 +108,14 @@ def test_fusion_off_is_the_plain_two_stream_baseline():
     fused, plain = small(K, fusion=True), small(K, fusion=False)
     fused_keys = set(fused.state_dict())
     assert not any("fusion" in k for k in plain.state_dict())
-    assert set(plain.state_dict()) == {k for k in fused_keys if not k.startswith("backbone.fusion.")}
+    assert set(plain.state_dict()) == {
+        k for k in fused_keys if not k.startswith("backbone.fusion.")
+    }
     assert count(fused) - count(plain) == count(fused, "backbone.fusion.") > 0
     # same weights, fusion gates forced to zero (A = 0 -> X'' = X): identical outputs
-    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if not k.startswith("backbone.fusion.")})
+    plain.load_state_dict(
+        {k: v for k, v in fused.state_dict().items() if not k.startswith("backbone.fusion.")}
+    )
     with torch.no_grad():
         for module in fused.backbone.fusion:
             for layer in (module.rgb_back, module.pose_back):
@@ -118,17 +130,27 @@ def test_fusion_off_is_the_plain_two_stream_baseline():
 
 def test_fusion_gates_start_at_zero_unless_asked_otherwise():
     gated = small(K).backbone.fusion
-    assert all(not layer.weight.any() and not layer.bias.any()
-               for module in gated for layer in (module.rgb_back, module.pose_back))
+    assert all(
+        not layer.weight.any() and not layer.bias.any()
+        for module in gated
+        for layer in (module.rgb_back, module.pose_back)
+    )
     random = small(K, zero_init_residual=False).backbone.fusion
-    assert all(layer.weight.any() for module in random for layer in (module.rgb_back, module.pose_back))
+    assert all(
+        layer.weight.any() for module in random for layer in (module.rgb_back, module.pose_back)
+    )
 
 
 def test_fuse_probabilities_weighted_mean_of_softmaxes():
     g = torch.Generator().manual_seed(0)
-    out = {"rgb_logits": torch.randn(3, K, generator=g), "pose_logits": torch.randn(3, K, generator=g)}
+    out = {
+        "rgb_logits": torch.randn(3, K, generator=g),
+        "pose_logits": torch.randn(3, K, generator=g),
+    }
     fused = fuse_probabilities(out, (1.0, 3.0))
-    torch.testing.assert_close(fused, (out["rgb_logits"].softmax(-1) + 3 * out["pose_logits"].softmax(-1)) / 4)
+    torch.testing.assert_close(
+        fused, (out["rgb_logits"].softmax(-1) + 3 * out["pose_logits"].softmax(-1)) / 4
+    )
     torch.testing.assert_close(fused.sum(-1), torch.ones(3))
 
 
@@ -150,7 +172,9 @@ def test_merge_round_trip(fusion):
     pose_state = _trained_state(small(K, modality="pose"))
     fused = small(K, fusion=fusion)
     init = {k: v.clone() for k, v in fused.state_dict().items()}
-    merged = merge_stream_checkpoints({f"module.{k}": v for k, v in rgb_state.items()}, pose_state, fused)
+    merged = merge_stream_checkpoints(
+        {f"module.{k}": v for k, v in rgb_state.items()}, pose_state, fused
+    )
     fused.load_state_dict(merged)  # strict
     state = fused.state_dict()
     widened = 0
@@ -218,8 +242,16 @@ def test_pose_stem_ends_in_mmaction2s_stride_1_max_pool():
     backbone = small(K).backbone
     pose_pool, rgb_pool = backbone.pose.stem[-1], backbone.rgb.stem[-1]
     assert isinstance(pose_pool, torch.nn.MaxPool3d) and isinstance(rgb_pool, torch.nn.MaxPool3d)
-    assert (pose_pool.kernel_size, pose_pool.stride, pose_pool.padding) == ((1, 3, 3), (1, 1, 1), (0, 1, 1))
-    assert (rgb_pool.kernel_size, rgb_pool.stride, rgb_pool.padding) == ((1, 3, 3), (1, 2, 2), (0, 1, 1))
+    assert (pose_pool.kernel_size, pose_pool.stride, pose_pool.padding) == (
+        (1, 3, 3),
+        (1, 1, 1),
+        (0, 1, 1),
+    )
+    assert (rgb_pool.kernel_size, rgb_pool.stride, rgb_pool.padding) == (
+        (1, 3, 3),
+        (1, 2, 2),
+        (0, 1, 1),
+    )
     x = torch.rand(1, 17, 4, 16, 16)
     conv_bn_relu = backbone.pose.stem[:-1].eval()
     expected = torch.nn.functional.max_pool3d(conv_bn_relu(x), (1, 3, 3), (1, 1, 1), (0, 1, 1))
@@ -233,7 +265,11 @@ def _shipped_frame_pairs():
     pairs = set()
     for path in sorted(root.glob("*.yaml")):
         space = load_space(path)
-        spaces = [space.stage_space(name) for name in space.stages] if isinstance(space, Pipeline) else [space]
+        spaces = (
+            [space.stage_space(name) for name in space.stages]
+            if isinstance(space, Pipeline)
+            else [space]
+        )
         pairs |= {pair for stage in spaces for pair in stage.frame_pairs()}
     return sorted(pairs)
 
@@ -244,7 +280,14 @@ SHIPPED_PAIRS = _shipped_frame_pairs()
 def test_shipped_spaces_propose_the_expected_ratios():
     ratios = {pose // rgb for rgb, pose in SHIPPED_PAIRS}
     assert {1, 2, 4, 8} <= ratios  # quick.yaml's 8/8, 8/16, 4/16 and paper.yaml's 8/64
-    assert [lateral_kernel(r) for r in (1, 2, 4, 5, 6, 8)] == [7, 7, 7, 9, 11, 15]  # mmaction2's 7 while it suffices
+    assert [lateral_kernel(r) for r in (1, 2, 4, 5, 6, 8)] == [
+        7,
+        7,
+        7,
+        9,
+        11,
+        15,
+    ]  # mmaction2's 7 while it suffices
 
 
 @pytest.mark.parametrize("rgb_frames,pose_frames", SHIPPED_PAIRS)
@@ -255,22 +298,39 @@ def test_every_proposed_frame_pair_reads_and_writes_every_pose_frame(rgb_frames,
     r = check_frame_counts(rgb_frames, pose_frames)
     pose_impulses = torch.eye(pose_frames).reshape(pose_frames, 1, pose_frames, 1, 1)
     rgb_impulses = torch.eye(rgb_frames).reshape(rgb_frames, 1, rgb_frames, 1, 1)
-    readers = [pose_to_rgb_lateral(1, 1, r), CrossModalFusion(8, 8, 8, speed_ratio=r, num_heads=1).pose_proj]
-    writers = [RGBToPoseLateral(1, 1, r).conv, CrossModalFusion(8, 8, 8, speed_ratio=r, num_heads=1).pose_back]
+    readers = [
+        pose_to_rgb_lateral(1, 1, r),
+        CrossModalFusion(8, 8, 8, speed_ratio=r, num_heads=1).pose_proj,
+    ]
+    writers = [
+        RGBToPoseLateral(1, 1, r).conv,
+        CrossModalFusion(8, 8, 8, speed_ratio=r, num_heads=1).pose_back,
+    ]
     with torch.no_grad():
         for conv in readers:
             weight = torch.ones(1, 1, *conv.kernel_size)
-            out = torch.nn.functional.conv3d(pose_impulses, weight, stride=conv.stride, padding=conv.padding)
+            out = torch.nn.functional.conv3d(
+                pose_impulses, weight, stride=conv.stride, padding=conv.padding
+            )
             assert out.shape[2] == rgb_frames
             unread = [j for j in range(pose_frames) if not out[j].any()]
-            assert not unread, f"{type(conv).__name__} k={conv.kernel_size[0]} r={r}: pose frames {unread} never read"
+            assert not unread, (
+                f"{type(conv).__name__} k={conv.kernel_size[0]} r={r}: pose frames {unread} never read"
+            )
         for conv in writers:
             weight = torch.ones(1, 1, *conv.kernel_size)
-            out = torch.nn.functional.conv_transpose3d(rgb_impulses, weight, stride=conv.stride, padding=conv.padding,
-                                                       output_padding=conv.output_padding)
+            out = torch.nn.functional.conv_transpose3d(
+                rgb_impulses,
+                weight,
+                stride=conv.stride,
+                padding=conv.padding,
+                output_padding=conv.output_padding,
+            )
             assert out.shape[2] == pose_frames
             unwritten = [j for j in range(pose_frames) if not out[:, 0, j].any()]
-            assert not unwritten, f"k={conv.kernel_size[0]} r={r}: pose frames {unwritten} never written"
+            assert not unwritten, (
+                f"k={conv.kernel_size[0]} r={r}: pose frames {unwritten} never written"
+            )
     model = small(K, rgb_frames=rgb_frames, pose_frames=pose_frames)
     out = model(*inputs(rgb_frames=rgb_frames, pose_frames=pose_frames))
     assert tuple(out["pose_logits"].shape) == (2, K)
@@ -297,11 +357,13 @@ def test_project_max_equals_the_naive_form_in_values_and_gradients(r):
 
 def test_each_streams_fusion_gate_depends_on_the_other_streams_input():
     torch.manual_seed(0)
-    fusion = CrossModalFusion(16, 8, 16, speed_ratio=2, num_heads=2, dropout=0.0).eval()  # gates not zeroed
+    fusion = CrossModalFusion(
+        16, 8, 16, speed_ratio=2, num_heads=2, dropout=0.0
+    ).eval()  # gates not zeroed
     rgb, pose = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 6, 4, 4)
     rgb_out, pose_out = fusion(rgb, pose)
-    rgb_other, _ = fusion(rgb, pose + torch.randn_like(pose))   # same RGB, other pose
-    _, pose_other = fusion(rgb + torch.randn_like(rgb), pose)   # same pose, other RGB
+    rgb_other, _ = fusion(rgb, pose + torch.randn_like(pose))  # same RGB, other pose
+    _, pose_other = fusion(rgb + torch.randn_like(rgb), pose)  # same pose, other RGB
     assert (rgb_out - rgb_other).abs().max() > 1e-3
     assert (pose_out - pose_other).abs().max() > 1e-3
     # and through autograd: d(rgb output)/d(pose input) and d(pose output)/d(rgb input) are not zero
@@ -318,6 +380,8 @@ def test_stream_head_pools_the_embedding_as_configured(pool):
     logits, embedding = head(feature)
     pooled = feature.amax(dim=(2, 3, 4)) if pool == "max" else feature.mean(dim=(2, 3, 4))
     torch.testing.assert_close(embedding, head.embed(pooled))  # unnormalised: the loss normalises
-    torch.testing.assert_close(logits, head.fc(feature.mean(dim=(2, 3, 4))))  # the classifier averages
+    torch.testing.assert_close(
+        logits, head.fc(feature.mean(dim=(2, 3, 4)))
+    )  # the classifier averages
     with pytest.raises(ValueError, match="embed_pool: expected 'max' or 'avg'"):
         StreamHead(8, K, 4, dropout=0.0, embed_pool="sum")

@@ -1,6 +1,5 @@
 """PrototypeRefinementLoss and TwoStreamCriterion against a slow loop-by-loop reference."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,19 @@ torch.set_num_threads(1)
 K, D, N = 5, 8, 12
 
 
-def reference(e, logits, labels, prototypes, *, tau, rho, a, features="unit", probs_grad="keep", calibrate="all"):
+def reference(
+    e,
+    logits,
+    labels,
+    prototypes,
+    *,
+    tau,
+    rho,
+    a,
+    features="unit",
+    probs_grad="keep",
+    calibrate="all",
+):
     """L_PR and the updated prototypes, one sample and one class at a time, in float64 torch
     ops so that autograd gives the reference gradient too. Written from the formulas of
     REFERENCE.md section 6 (FR-Head's `get_score`), not from the module."""
@@ -56,7 +67,7 @@ def batch(kind: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, K, (N,), generator=g)
     f = 3 * torch.randn(N, D, generator=g)  # embeddings come unnormalised from the head
-    if kind == "mixed":      # random predictions: TPs, FNs and FPs
+    if kind == "mixed":  # random predictions: TPs, FNs and FPs
         logits = torch.randn(N, K, generator=g) * 2
         logits[: N // 2] += 6 * F.one_hot(labels[: N // 2], K)  # make sure some TPs exist
     elif kind == "all_correct":  # no FN, no FP
@@ -76,7 +87,9 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "defaults")
+@pytest.mark.parametrize(
+    "variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "defaults"
+)
 @pytest.mark.parametrize("kind", ["mixed", "all_correct", "all_wrong"])
 def test_loss_update_and_gradient_match_slow_reference(kind, variant):
     f, logits, labels = batch(kind)
@@ -102,7 +115,9 @@ def test_loss_update_and_gradient_match_slow_reference(kind, variant):
 
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
     torch.testing.assert_close(loss_fn.prototypes.double(), expected_protos, rtol=1e-6, atol=1e-6)
-    grad = lambda t: torch.zeros_like(t, dtype=torch.float64) if t.grad is None else t.grad.double()  # None: no path
+    grad = lambda t: (
+        torch.zeros_like(t, dtype=torch.float64) if t.grad is None else t.grad.double()
+    )  # None: no path
     torch.testing.assert_close(grad(e32), grad(e64), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad(logits32), grad(logits64), rtol=1e-4, atol=1e-6)
     if variant.get("probs_grad") == "detach":
@@ -111,7 +126,9 @@ def test_loss_update_and_gradient_match_slow_reference(kind, variant):
 
 def test_variants_change_the_loss_and_bad_values_are_named():
     f, logits, labels = batch("mixed")
-    losses = {str(v): PrototypeRefinementLoss(K, D, **v)(f, logits, labels).item() for v in VARIANTS}
+    losses = {
+        str(v): PrototypeRefinementLoss(K, D, **v)(f, logits, labels).item() for v in VARIANTS
+    }
     # every setting changes the value, except probs_grad, which changes only the gradient
     assert len(set(losses.values())) == len(VARIANTS) - 1, losses
     assert losses[str({})] == losses[str({"probs_grad": "detach"})]
@@ -155,7 +172,12 @@ def test_loss_gradient_reaches_embeddings_and_logits():
 
 def test_criterion_total_is_weighted_ce_plus_alpha_pr():
     f, logits, labels = batch("mixed")
-    outputs = {"rgb_logits": logits, "rgb_embedding": f, "pose_logits": logits.flip(0), "pose_embedding": f.flip(0)}
+    outputs = {
+        "rgb_logits": logits,
+        "rgb_embedding": f,
+        "pose_logits": logits.flip(0),
+        "pose_embedding": f.flip(0),
+    }
     crit = TwoStreamCriterion(K, D, alpha=0.3, stream_weights=(1.0, 2.0))
     refs = {s: PrototypeRefinementLoss(K, D, seed=i) for i, s in enumerate(("rgb", "pose"))}
     out = crit(outputs, labels)
@@ -172,7 +194,12 @@ def test_criterion_total_is_weighted_ce_plus_alpha_pr():
 
 def test_criterion_without_refinement_is_the_plain_ce_sum():
     f, logits, labels = batch("mixed")
-    outputs = {"rgb_logits": logits, "rgb_embedding": f, "pose_logits": logits.flip(0), "pose_embedding": f}
+    outputs = {
+        "rgb_logits": logits,
+        "rgb_embedding": f,
+        "pose_logits": logits.flip(0),
+        "pose_embedding": f,
+    }
     crit = TwoStreamCriterion(K, D, refinement=False)
     out = crit(outputs, labels)
     expected = F.cross_entropy(logits, labels) + F.cross_entropy(logits.flip(0), labels)

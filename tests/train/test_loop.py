@@ -14,7 +14,9 @@ def test_every_epoch_shuffles_the_shard_anew():
     by the epoch it is told: without `start_epoch`, every epoch sees the same order (a regression
     that once cost the learnability test's RGB model 0.15 of val top-1)."""
     dataset = list(range(40))
-    loader = DataLoader(dataset, sampler=DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True))
+    loader = DataLoader(
+        dataset, sampler=DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True)
+    )
     data = Data(train_set=dataset, val_set=dataset, train_loader=loader, val_loader=loader)
     orders = []
     for epoch in range(3):

@@ -31,7 +31,9 @@ def test_paper_preset_bf16_autocast_training_step():
     losses = criterion({k: v.float() for k, v in outputs.items()}, labels)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing, f"no finite gradient: {missing[:5]}"
     optimizer.step()
     assert torch.isfinite(losses["loss"])
@@ -66,13 +68,19 @@ def test_loop_epochs_and_evaluation_on_cuda_with_bf16():
     model = small(K).to(device, memory_format=input_layout(device))  # as the loop sets it up
     criterion = TwoStreamCriterion(K, model.embed_dim, alpha=0.1).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    train = torch.utils.data.DataLoader(Clips(200, seed=0), batch_size=10, shuffle=True, pin_memory=True)
+    train = torch.utils.data.DataLoader(
+        Clips(200, seed=0), batch_size=10, shuffle=True, pin_memory=True
+    )
     val = torch.utils.data.DataLoader(Clips(50, seed=1), batch_size=10)
     for _ in range(8):
-        stats = train_one_epoch(model, criterion, optimizer, train, device, torch.bfloat16, grad_clip=40.0)
+        stats = train_one_epoch(
+            model, criterion, optimizer, train, device, torch.bfloat16, grad_clip=40.0
+        )
     assert stats["train_samples_per_s"] > 0 and 0 <= stats["train_data_wait_frac"] <= 1
     predictions = evaluate(model, val, device, torch.bfloat16, (1.0, 1.0), world=1)
-    metrics = classification_metrics(predictions.stream_probs, predictions.fused, predictions.labels, "val")
+    metrics = classification_metrics(
+        predictions.stream_probs, predictions.fused, predictions.labels, "val"
+    )
     assert sorted(predictions.indices.tolist()) == list(range(50))
     assert metrics["val_top1"] >= 3 / K, metrics  # 3x chance
 

@@ -18,7 +18,9 @@ from tests.e2e.helpers import artifact_paths
 def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
-    run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
+    run_id, _ = tracking.start_or_resume_run(
+        client, tracking.get_or_create_experiment(client, "t"), "k"
+    )
     callback = MLflowLoggingCallback(uri, tracking.require_run(client, "t", "k").info.run_id)
 
     outbox = ArtifactOutbox()
@@ -28,12 +30,15 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     outbox.log_file(model, "best_model")
     labels = np.array([0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    outbox.log_classification_report("val", labels, probs, {"rgb": probs, "pose": probs}, ["left", "right"],
-                                      ["c0", "c1", "c2"])
+    outbox.log_classification_report(
+        "val", labels, probs, {"rgb": probs, "pose": probs}, ["left", "right"], ["c0", "c1", "c2"]
+    )
     first = tmp_path / "checkpoint_0"
     first.mkdir()
     outbox.move_into(first)
-    callback.after_report(None, [{"epoch": 0, "val_top1": 0.5}, {"epoch": 0}], Checkpoint.from_directory(first))
+    callback.after_report(
+        None, [{"epoch": 0, "val_top1": 0.5}, {"epoch": 0}], Checkpoint.from_directory(first)
+    )
 
     # The next epoch hands over only what was staged since; a report without a checkpoint (the
     # loop's replay of its final metrics after a resume) logs nothing.
@@ -41,16 +46,27 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
     second = tmp_path / "checkpoint_1"
     second.mkdir()
     outbox.move_into(second)
-    assert sorted(p.name for p in (second / OUTBOX_DIR).rglob("*") if p.is_file()) == ["model_spec.yaml"]
+    assert sorted(p.name for p in (second / OUTBOX_DIR).rglob("*") if p.is_file()) == [
+        "model_spec.yaml"
+    ]
     callback.after_report(None, [{"epoch": 1, "val_top1": 0.75}], Checkpoint.from_directory(second))
     callback.after_report(None, [{"epoch": 1, "val_top1": 0.75}], None)
     outbox.close()
 
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_top1")] == [(0, 0.5), (1, 0.75)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_top1")] == [
+        (0, 0.5),
+        (1, 0.75),
+    ]
     files = artifact_paths(client, run_id)
-    assert {"config/resolved_config.yaml", "config/model_spec.yaml", "best_model/model.pt",
-            "evaluation/val_confusion_matrix.png", "evaluation/val_per_class_accuracy.csv",
-            "evaluation/val_predictions.npz", "evaluation/val_predictions.csv"} <= files
+    assert {
+        "config/resolved_config.yaml",
+        "config/model_spec.yaml",
+        "best_model/model.pt",
+        "evaluation/val_confusion_matrix.png",
+        "evaluation/val_per_class_accuracy.csv",
+        "evaluation/val_predictions.npz",
+        "evaluation/val_predictions.csv",
+    } <= files
     csv = client.download_artifacts(run_id, "evaluation/val_predictions.csv", str(tmp_path / "dl"))
     assert "right" in Path(csv).read_text()  # class names survive the hand-over
 
@@ -60,7 +76,9 @@ def test_a_run_its_owner_ended_gets_nothing_more_and_a_missing_run_is_named(tmp_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
-    run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "k")
+    run_id, _ = tracking.start_or_resume_run(
+        client, tracking.get_or_create_experiment(client, "t"), "k"
+    )
     callback = pickle.loads(pickle.dumps(MLflowLoggingCallback(uri, run_id)))  # as Ray ships it
     callback.after_report(None, [{"epoch": 0, "val_top1": 0.5}], _empty_checkpoint(tmp_path))
     tracking.terminate_run(client, run_id, "KILLED")  # Tune stopped the trial, say

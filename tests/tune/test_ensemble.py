@@ -9,7 +9,9 @@ def test_weights_found_on_validation_beat_each_member():
     labels = rng.integers(0, 4, 200)
     onehot = np.eye(4)[labels]
     # member a is right on the first half, member b on the second half; noise elsewhere
-    a = np.where(np.arange(200)[:, None] < 100, onehot * 0.9 + 0.025, rng.dirichlet(np.ones(4), 200))
+    a = np.where(
+        np.arange(200)[:, None] < 100, onehot * 0.9 + 0.025, rng.dirichlet(np.ones(4), 200)
+    )
     b = np.where(np.arange(200)[:, None] >= 100, onehot * 0.6 + 0.1, rng.dirichlet(np.ones(4), 200))
     w = search_weights([a, b], labels)
     assert np.isclose(w.sum(), 1.0)

@@ -40,8 +40,15 @@ def test_a_pipeline_loads_and_each_stage_is_a_study(tmp_path):
     assert isinstance(pipeline, Pipeline) and list(pipeline.stages) == ["rgb", "pose", "fused"]
     assert pipeline.register_stage == "fused"  # the last stage by default
     fused = pipeline.stage_space("fused", {"rgb": "a" * 32, "pose": "b" * 32})
-    assert fused.fixed["model.modality"] == "rgbpose" and fused.fixed["model.rgb_init"] == "runs:/" + "a" * 32
-    assert fused.fixed["resources.num_workers"] == 2 and fused.study.num_trials == 3 and fused.study.seed == 0
+    assert (
+        fused.fixed["model.modality"] == "rgbpose"
+        and fused.fixed["model.rgb_init"] == "runs:/" + "a" * 32
+    )
+    assert (
+        fused.fixed["resources.num_workers"] == 2
+        and fused.study.num_trials == 3
+        and fused.study.seed == 0
+    )
     assert pipeline.stage_space("pose").fixed["optim.epochs"] == 3
     # the pose frame count is drawn under a name of its own per rgb value: so is its first trial
     assert fused.optuna_points() == [{"optim.lr": 0.01, "data.pose_frames|rgb=8": 16}]
@@ -54,21 +61,52 @@ def test_the_shipped_spaces_load():
     assert isinstance(load_space(ROOT / "search_spaces" / "quick.yaml"), Pipeline)
 
 
-@pytest.mark.parametrize("change, message", [
-    (("modality: rgbpose\n", "modality: rgbpose\n    bogus: 1\n"), "stages.fused.bogus: unknown key"),
-    (("  rgb: {modality: rgb,", "  rgb: {modality: depth,"), "stages.rgb.modality: expected one of"),
-    (("init: {rgb: rgb, pose: pose}", "init: {rgb: rgb, pose: later}"),
-     "stages.fused.init.pose: expected a stage that comes before 'fused' (one of rgb, pose), got 'later'"),
-    (("init: {rgb: rgb, pose: pose}", "init: {rgb: pose, pose: pose}"),
-     "stages.fused.init.rgb: stage 'pose' trains modality 'pose'; a rgb init needs a 'rgb' stage"),
-    (("  pose: {modality: pose,", "  pose: {modality: pose, init: {rgb: rgb},"), "stages.pose.init: expected no init"),
-    (("init: {rgb: rgb, pose: pose}", "init: {depth: rgb}"), "stages.fused.init: expected streams among rgb, pose"),
-    (("members: [rgb, pose, fused]", "members: [rgb, nope]"), "ensemble.members: expected stage names"),
-    (("ensemble:", "register: nope\nensemble:"), "register: expected a stage name"),
-    (("optim.lr: 0.01,", "optim.lr: 5.0,"), "stages.fused.study.first_trials[0].optim.lr: expected a number in"),
-    (("data.pose_frames: 16}]", "data.pose_frames: 12}]"), "first_trials[0].data.pose_frames: expected one of"),
-    (("optim.lr: {type: float", "loss.gamma: {type: float"), "stages.fused.parameters.loss.gamma: loss.gamma: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            ("modality: rgbpose\n", "modality: rgbpose\n    bogus: 1\n"),
+            "stages.fused.bogus: unknown key",
+        ),
+        (
+            ("  rgb: {modality: rgb,", "  rgb: {modality: depth,"),
+            "stages.rgb.modality: expected one of",
+        ),
+        (
+            ("init: {rgb: rgb, pose: pose}", "init: {rgb: rgb, pose: later}"),
+            "stages.fused.init.pose: expected a stage that comes before 'fused' (one of rgb, pose), got 'later'",
+        ),
+        (
+            ("init: {rgb: rgb, pose: pose}", "init: {rgb: pose, pose: pose}"),
+            "stages.fused.init.rgb: stage 'pose' trains modality 'pose'; a rgb init needs a 'rgb' stage",
+        ),
+        (
+            ("  pose: {modality: pose,", "  pose: {modality: pose, init: {rgb: rgb},"),
+            "stages.pose.init: expected no init",
+        ),
+        (
+            ("init: {rgb: rgb, pose: pose}", "init: {depth: rgb}"),
+            "stages.fused.init: expected streams among rgb, pose",
+        ),
+        (
+            ("members: [rgb, pose, fused]", "members: [rgb, nope]"),
+            "ensemble.members: expected stage names",
+        ),
+        (("ensemble:", "register: nope\nensemble:"), "register: expected a stage name"),
+        (
+            ("optim.lr: 0.01,", "optim.lr: 5.0,"),
+            "stages.fused.study.first_trials[0].optim.lr: expected a number in",
+        ),
+        (
+            ("data.pose_frames: 16}]", "data.pose_frames: 12}]"),
+            "first_trials[0].data.pose_frames: expected one of",
+        ),
+        (
+            ("optim.lr: {type: float", "loss.gamma: {type: float"),
+            "stages.fused.parameters.loss.gamma: loss.gamma: unknown key",
+        ),
+    ],
+)
 def test_a_bad_pipeline_is_refused_naming_the_key(tmp_path, change, message):
     old, new = change
     assert old in GOOD

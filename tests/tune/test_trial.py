@@ -20,11 +20,18 @@ def _reports_three_checkpoints(config):
     for epoch in range(3):
         with tempfile.TemporaryDirectory() as folder:
             Path(folder, "checkpoint.pt").write_text(str(epoch))
-            ray.train.report({"epoch": epoch, "val_top1": 0.1 * epoch},
-                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+            ray.train.report(
+                {"epoch": epoch, "val_top1": 0.1 * epoch},
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+            )
     reported = ray.train.get_all_reported_checkpoints()
-    ray.train.report({"epoch": 3, "reported": len(reported),
-                      "reported_epochs": [c.metrics["epoch"] for c in reported]})
+    ray.train.report(
+        {
+            "epoch": 3,
+            "reported": len(reported),
+            "reported_epochs": [c.metrics["epoch"] for c in reported],
+        }
+    )
 
 
 def _trial(config):
@@ -36,20 +43,32 @@ def _trial(config):
 
     from mg_ray.train.trainer import build_trainer
 
-    cfg = load_config("small", {"resources.num_workers": 1, "resources.cpus_per_worker": 0.5,
-                                "tracking.experiment": "t"})
-    build_trainer(cfg, name=f"t_{tune.get_context().get_trial_id()}", storage_path=config["storage"],
-                  tracking_uri=config["uri"], run_id=config["run_id"], callbacks=[TuneReportCallback()],
-                  train_loop=_reports_three_checkpoints,
-                  checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)).fit()
+    cfg = load_config(
+        "small",
+        {"resources.num_workers": 1, "resources.cpus_per_worker": 0.5, "tracking.experiment": "t"},
+    )
+    build_trainer(
+        cfg,
+        name=f"t_{tune.get_context().get_trial_id()}",
+        storage_path=config["storage"],
+        tracking_uri=config["uri"],
+        run_id=config["run_id"],
+        callbacks=[TuneReportCallback()],
+        train_loop=_reports_three_checkpoints,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+    ).fit()
 
 
-def test_get_all_reported_checkpoints_inside_a_trial_returns_every_epochs_checkpoint(ray_cluster, tmp_path):
+def test_get_all_reported_checkpoints_inside_a_trial_returns_every_epochs_checkpoint(
+    ray_cluster, tmp_path
+):
     from ray import tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
-    run_id, _ = tracking.start_or_resume_run(client, tracking.get_or_create_experiment(client, "t"), "trial")
+    run_id, _ = tracking.start_or_resume_run(
+        client, tracking.get_or_create_experiment(client, "t"), "trial"
+    )
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": 0.1}),
         param_space={"storage": str(tmp_path / "train"), "uri": uri, "run_id": run_id},
