@@ -30,7 +30,7 @@ class DataConfig:
     # Keypoint layout; None: the one named in dataset.json, else coco17.
     layout: str | None = None
 
-    # Sampling (REFERENCE.md section 2): RGB and pose indices drawn independently.
+    # Sampling (docs/data.md): RGB and pose indices drawn independently.
     rgb_frames: int = 8
     pose_frames: int = 32
     test_clips: int = 10
@@ -40,7 +40,7 @@ class DataConfig:
     heatmap_size: int = 56
     allow_any_heatmap_size: bool = False
 
-    # Heatmaps (REFERENCE.md section 3).
+    # Heatmaps (docs/data.md).
     heatmap: Literal["joints", "limbs"] = "joints"
     sigma: float = 0.7
 

@@ -1,4 +1,4 @@
-"""Joint and limb Gaussian heatmaps (REFERENCE.md section 3), vectorised.
+"""Joint and limb Gaussian heatmaps (docs/data.md), vectorised.
 
 Definition (the peer's GeneratePoseTarget, reproduced exactly):
 
@@ -175,7 +175,7 @@ def joint_heatmaps(
         width, height = x1 - x0, y1 - y0
         p = int(max(width.max(), height.max()))
         # Window pixels are laid out [P, P, N], items last: numpy's inner loops then run over
-        # the N items instead of P = 5 pixels, which made [N, P, P] broadcasts 3-4x slower.
+        # the N items instead of P = 5 pixels, which made [N, P, P] broadcasts several times slower.
         steps = np.arange(p)[:, None]  # [P, 1]
         # The exponent in float64, then exp in float32: the same rounding as the peer's code, so
         # the heatmaps (and the trainings on them) stay bit for bit what they were.

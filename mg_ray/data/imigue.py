@@ -1,6 +1,6 @@
 """`mg-ray convert-imigue`: the organisers' raw iMiGUE release as an mg-ray dataset.
 
-Input (REFERENCE.md section 1, as the organisers' ST-GCN baseline reads it):
+Input (docs/data.md, as the organisers' ST-GCN baseline reads it):
 
     <src>/<id>/<id>_light_hand.csv   no header; one row per frame of the long interview video:
                                      a frame column, then 35 joints x (x, y, confidence)

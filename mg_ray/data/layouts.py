@@ -226,7 +226,7 @@ COCO18 = KeypointLayout(
 )
 
 # The raw iMiGUE release (`<id>_light_hand.csv`): 35 joints in the organisers' order and names
-# (REFERENCE.md section 1; read by their ST-GCN baseline, mikecheninoulu/SMG).
+# (docs/data.md; read by their ST-GCN baseline, mikecheninoulu/SMG).
 _IMIGUE35_JOINTS = (
     "Nose",
     "ShoulderCenter",

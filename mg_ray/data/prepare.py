@@ -1,6 +1,6 @@
 """`mg-ray prepare`: re-encode a dataset's clips for cheap random access.
 
-Decoding 8 frames spread over a 1280x720 H.264 clip costs about 250 ms, mostly because every
+Decoding a few frames spread over a long-GOP HD clip is slow, mostly because every
 sampled frame needs the decoder to run from the previous keyframe at full resolution. Prepared
 clips have a short side of 256 (aspect kept, even sizes) and a keyframe every `gop` frames, so a
 random frame costs at most `gop` small decodes. Clips already at or below the short side keep

@@ -1,4 +1,4 @@
-"""Uniform frame sampling as PoseConv3D's UniformSampleFrames (REFERENCE.md section 2).
+"""Uniform frame sampling as PoseConv3D's UniformSampleFrames (docs/data.md).
 
 For a clip of n frames and clip length L:
 

@@ -2,7 +2,7 @@
 
 decord's `VideoReader` is opened inside the call and dropped at its end: readers must never be
 created in the DataLoader's parent process (with fork the worker hangs, with spawn a reader
-cannot be pickled) and long-lived readers grow in memory (shared/STACK.md).
+cannot be pickled) and long-lived readers grow in memory (docs/stack.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The fused prototype model: two-pathway RGB + pose 3D CNN, cross-modal fusion, prototypical
-refinement loss (shared/paper, REFERENCE.md sections 4-6)."""
+refinement loss (the paper's sections 2.2-2.3; docs/model.md)."""
 
 from mg_ray.models.fusion import CrossModalFusion
 from mg_ray.models.net import (

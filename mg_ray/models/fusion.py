@@ -1,4 +1,4 @@
-"""Cross-modal fusion at a lateral point (paper section 2.2, REFERENCE.md section 5).
+"""Cross-modal fusion at a lateral point (paper section 2.2; docs/model.md).
 
 Both features are projected to a shared width C' (RGB by a 1x1x1 conv, pose by a conv whose
 temporal kernel and stride equal the speed ratio, so both give T_rgb steps), max-pooled over
@@ -9,9 +9,8 @@ X'' = A * X + X, broadcast over H and W.
 
 The gate is a residual branch, and the backbone starts it at zero (`zero_init_gates`, with
 `zero_init_residual`): the two-stream model then starts as the plain baseline, and a model merged
-from single-stream checkpoints starts as exactly those two models. On the synthetic dataset a
-from-scratch small-preset run reached val top-1 0.45 with randomly initialised gates and peaked
-at 0.68 with zero-initialised ones (same recipe and seed).
+from single-stream checkpoints starts as exactly those two models. On the synthetic dataset zero-initialised gates
+trained better than random ones from scratch, with the same recipe and seed.
 """
 
 from __future__ import annotations
@@ -25,11 +24,12 @@ def project_max(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """conv(x).amax over H, W, computed cheaply: x [N, C, T*r, H, W] -> tokens [N, T, K] for a
     conv with kernel = stride = (r, 1, 1) (r = 1: a 1x1x1 conv).
 
-    Same values and gradients as `conv(x).amax(dim=(3, 4))` (up to ties), at a third of the
-    cost: the full-map projection runs once without autograd just to find each output channel's
+    Same values and gradients as `conv(x).amax(dim=(3, 4))` (up to ties), at a fraction of
+    the cost: the full-map projection runs once without autograd just to find each output channel's
     spatial argmax, and only the selected positions are projected again with autograd. The naive
     form back-propagates a dense [N, K, T, H, W] gradient that is zero everywhere but at the
-    maxima; on CPU its backward made the fusion cost ~2x the backbone step instead of a few %.
+    maxima, which made the fusion's backward dearer than the backbone's on CPU
+    (`benchmarks/bench_model.py` measures the step with fusion on and off).
     """
     n, c, frames, h, w = x.shape
     k, r = conv.out_channels, conv.kernel_size[0]

@@ -1,7 +1,7 @@
 """mmaction2 checkpoints onto MicroGestureNet: the key mapping and its checks.
 
 Two kinds of mmaction2 1.x checkpoint are understood (their key names and shapes, generated from
-mmaction2's own source, are in shared/peer/):
+mmaction2's own source, are what the tests check against; docs/mmaction2.md):
 
 - RGBPoseConv3D (backbone `rgb_path` / `pose_path` + RGBPoseHead `fc_rgb` / `fc_pose`) onto the
   two-stream model;

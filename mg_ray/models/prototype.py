@@ -1,4 +1,4 @@
-"""Prototypical refinement loss (paper section 2.3, REFERENCE.md section 6) and the two-stream
+"""Prototypical refinement loss (paper section 2.3; docs/model.md) and the two-stream
 criterion CE + alpha * L_PR.
 
 Per stream, with e the embedding [N, D], f = e / |e|, p = softmax(logits), y the labels:
@@ -20,7 +20,7 @@ the *updated* prototypes, so the TP features of this batch receive gradient thro
 class mean. The stored buffer is the detached update. In eval mode nothing is updated and the
 stored prototypes are used as they are.
 
-Where the sources differ (REFERENCE.md section 6), each choice is a setting (`LossConfig`):
+Where the sources differ (docs/model.md), each choice is a setting (`LossConfig`):
 
     features     "unit": the class means average f, so prototypes are means of unit vectors
                  (the default, what the learnability test was tuned with); "raw": they average

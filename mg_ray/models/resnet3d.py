@@ -1,7 +1,7 @@
 """ResNet3d SlowOnly pathway: bottleneck block, stage builder, stem + stages.
 
 Both pathways of the two-stream backbone are instances of `ResNet3dPathway`, differing only
-in widths, depths, strides and temporal kernels (REFERENCE.md section 4):
+in widths, depths, strides and temporal kernels (docs/model.md):
 
 - RGB:  stem (1,7,7) stride 2 + max-pool (1,3,3) stride 2, stages (3,4,6,3), base 64, spatial
   strides (1,2,2,2), temporal kernel 3 in the first conv of every block of stages 3-4.

@@ -1,4 +1,4 @@
-"""Two-pathway RGB + pose-heatmap backbone (RGBPoseConv3D style, REFERENCE.md section 4).
+"""Two-pathway RGB + pose-heatmap backbone (RGBPoseConv3D style, docs/model.md).
 
 RGB pathway (4 stages) and pose pathway (3 stages) run side by side; at two lateral points,
 after RGB stage 2 / pose stage 1 and after RGB stage 3 / pose stage 2, they exchange features:

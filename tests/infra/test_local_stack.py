@@ -2,7 +2,7 @@
 exactly those processes.
 
 Runs against a temporary MG_RAY_HOME and free ports, so it collides with no other stack on the
-machine. About 45 s on 2 cores (Ray head start-up dominates).
+machine. Ray head start-up dominates its time.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ parameters:
 def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
     """Start the stack, `ray job submit` a study, promote, predict and stop, with the README's
     commands as written, except: free ports, a temporary home, and in place of the quick study
-    (the paper's recipe, about 9 minutes here) a one-trial study of the same name on the tiny
+    (the paper's recipe, minutes of training) a one-trial study of the same name on the tiny
     dataset (tests/e2e covers the pipeline itself). Then check the study's MLflow run tree and
     the registry on the MLflow server, that outputs landed in the stack's home, and that no
     process is left behind."""
