@@ -5,9 +5,8 @@ key (`RUN_KEY`), never by its name.
 """
 
 RUN_KEY = "mg_ray.run_key"  # what finds a run again: study/<name>, <study>/<trial id>, ...
-PARENT = (
-    "mlflow.parentRunId"  # MLflow's nesting: a trial under its study, a stage under its pipeline
-)
+# MLflow's nesting: a trial under its study, a stage under its pipeline.
+PARENT = "mlflow.parentRunId"
 
 # A run's place in a study or pipeline.
 ROLE = "mg_ray.role"  # pipeline, study or trial

@@ -1,0 +1,74 @@
+"""Resource rules, written against given cluster totals (no Ray): `check_resources` refuses a
+request that could never be placed, naming what it needs and the fix, and
+`max_concurrent_trials` sizes a study's concurrency from the same totals."""
+
+from __future__ import annotations
+
+import pytest
+
+from mg_ray.cluster import ResourceError, check_resources
+from mg_ray.train.config import ExperimentConfig, ResourcesConfig
+from mg_ray.tune.space import SearchSpace, StudySettings
+from mg_ray.tune.study import max_concurrent_trials
+
+
+def test_a_request_that_fits_exactly_is_accepted():
+    check_resources(2, 0.95, False, reserved_cpus=0.1, total={"CPU": 2.0})
+    check_resources(2, 1.0, True, total={"CPU": 4.0, "GPU": 2.0})
+
+
+def test_too_many_cpus_is_refused_with_a_fractional_fix():
+    with pytest.raises(ResourceError) as err:
+        check_resources(
+            2, 1.0, False, reserved_cpus=0.1, what="a trial", total={"CPU": 2.0}, cluster="here"
+        )
+    message = str(err.value)
+    assert "a trial needs 2.1 CPUs (2 workers x 1 CPU + 0.1 for the trial driver)" in message
+    assert "here has 2" in message
+    assert "--cpus-per-worker 0.95" in message
+
+
+def test_a_driver_share_alone_over_the_cluster_asks_for_more_cpus():
+    with pytest.raises(ResourceError, match="add CPUs to the cluster"):
+        check_resources(1, 0.5, False, reserved_cpus=2.0, total={"CPU": 2.0})
+
+
+def test_gpus_missing_or_too_few_are_refused():
+    with pytest.raises(ResourceError, match="asks for 2 GPU\\(s\\) but the Ray cluster has 1"):
+        check_resources(2, 1.0, True, total={"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(ResourceError, match="use_gpu=false"):
+        check_resources(1, 1.0, True, total={"CPU": 8.0})
+
+
+def concurrency(total, *, workers=2, cpus=0.95, gpu=False, **study) -> int:
+    space = SearchSpace(study=StudySettings(**{"trial_driver_cpus": 0.1, **study}))
+    cfg = ExperimentConfig(
+        resources=ResourcesConfig(num_workers=workers, cpus_per_worker=cpus, use_gpu=gpu)
+    )
+    return max_concurrent_trials(space, cfg, total)
+
+
+@pytest.mark.parametrize(
+    ("total", "study", "expected"),
+    [
+        # 2 CPUs fit one 2 x 0.95 + 0.1 trial, plus one standby trial
+        ({"CPU": 2.0}, {"num_trials": 8}, 2),
+        ({"CPU": 2.0}, {"num_trials": 8, "standby_trials": 0}, 1),
+        # 8 CPUs fit four trials (4 x 2.0 = 8.0 exactly, float sums included)
+        ({"CPU": 8.0}, {"num_trials": 8, "standby_trials": 0}, 4),
+        # never more than the study's trials, nor than max_concurrent
+        ({"CPU": 8.0}, {"num_trials": 3}, 3),
+        ({"CPU": 8.0}, {"num_trials": 8, "max_concurrent": 2}, 2),
+        # a cluster too small still runs one trial at a time (check_resources refuses earlier)
+        ({"CPU": 1.0}, {"num_trials": 8, "standby_trials": 0}, 1),
+    ],
+)
+def test_max_concurrent_trials_from_cpus(total, study, expected):
+    assert concurrency(total, **study) == expected
+
+
+def test_max_concurrent_trials_is_bounded_by_gpus():
+    # 16 CPUs would fit 8 trials of 2 workers, but 3 GPUs give one 2-GPU trial
+    total = {"CPU": 16.0, "GPU": 3.0}
+    assert concurrency(total, cpus=1.0, gpu=True, num_trials=8, standby_trials=0) == 1
+    assert concurrency(total, cpus=1.0, gpu=True, num_trials=8) == 2

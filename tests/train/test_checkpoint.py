@@ -1,0 +1,98 @@
+"""A training checkpoint resumes a run exactly: after save and restore into freshly built objects,
+the next training steps give bit-identical weights, prototypes, optimiser state and lr to those
+of the run that never stopped."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mg_ray.models.net import small
+from mg_ray.models.prototype import TwoStreamCriterion
+from mg_ray.train.checkpoint import CHECKPOINT_FILE, Best, restore_checkpoint, save_checkpoint
+from mg_ray.train.config import OptimConfig
+from mg_ray.train.loop import lr_factor
+
+K, N = 5, 4
+
+
+def build(seed: int = 0):
+    """A small fused model, its criterion (prototypes), SGD with momentum and the loop's lr
+    schedule (warm-up then a milestone), as the training loop builds them."""
+    torch.manual_seed(seed)
+    model = small(K, rgb_frames=4, pose_frames=8, rgb_size=32, embed_dim=16)
+    criterion = TwoStreamCriterion(K, model.embed_dim, alpha=0.2, seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    optim_cfg = OptimConfig(epochs=6, warmup_epochs=2, milestones=[3])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim_cfg))
+    return dict(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    rgb = torch.rand(N, 3, 4, 32, 32, generator=g)
+    pose = torch.rand(N, 17, 8, 8, 8, generator=g)
+    return rgb, pose, torch.randint(0, K, (N,), generator=g)
+
+
+def epoch(run: dict, step: int) -> None:
+    """One step of training and the scheduler's epoch step, with dropout seeded per step."""
+    run["model"].train()
+    run["criterion"].train()
+    torch.manual_seed(step)
+    rgb, pose, labels = batch(step)
+    loss = run["criterion"](run["model"](rgb, pose), labels)["loss"]
+    run["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    run["optimizer"].step()
+    run["scheduler"].step()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for name in ("model", "criterion"):
+        sa, sb = a[name].state_dict(), b[name].state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key}"
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"].state.values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"].state.values()]
+    assert len(momentum_a) == len(momentum_b) > 0
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+    assert a["optimizer"].param_groups[0]["lr"] == b["optimizer"].param_groups[0]["lr"]
+
+
+def test_restored_run_continues_bit_identically(tmp_path):
+    straight = build()
+    for step in range(2):
+        epoch(straight, step)
+    best = Best.of(1, 0.4, straight["model"], straight["criterion"])
+    path = save_checkpoint(
+        tmp_path, **straight, epoch=1, best=best, metrics={"val_top1": 0.4, "epoch": 1}
+    )
+    assert path == tmp_path / CHECKPOINT_FILE
+
+    resumed_run = build(seed=7)  # different initial weights and prototypes: all must be replaced
+    resumed = restore_checkpoint(tmp_path, **resumed_run)
+    assert resumed.start_epoch == 2
+    assert resumed.last_metrics == {"val_top1": 0.4, "epoch": 1.0}
+    assert resumed.best.epoch == 1 and resumed.best.val_top1 == 0.4
+    for key, value in best.model.items():
+        assert torch.equal(resumed.best.model[key], value)
+    assert_same_state(straight, resumed_run)
+
+    for step in range(2, 5):  # across the warm-up's end and the milestone
+        epoch(straight, step)
+        epoch(resumed_run, step)
+    assert_same_state(straight, resumed_run)
+    assert math.isclose(straight["optimizer"].param_groups[0]["lr"], 0.05 * 0.1)
+
+
+def test_a_fresh_best_survives_the_round_trip_empty(tmp_path):
+    """A checkpoint saved before any validation (best epoch -1, no weights) restores as such."""
+    run = build()
+    save_checkpoint(tmp_path, **run, epoch=0, best=Best(), metrics={})
+    resumed = restore_checkpoint(tmp_path, **build())
+    assert resumed.start_epoch == 1
+    assert resumed.best.epoch == -1 and resumed.best.model is None
+    assert resumed.best.val_top1 == -math.inf

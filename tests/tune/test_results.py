@@ -1,0 +1,99 @@
+"""The best-trial rule (`results.ranked_trials`, `results.best_trials`) on a real sqlite MLflow
+store: among a study's completed trials, the best score (`best_val_top1` for val_top1, the metric
+itself otherwise), ties to the trial that started first, then to the smaller run id; trials that
+were stopped, failed, orphaned or have no score never win, and other studies are not looked at."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from mg_ray import tracking
+from mg_ray.tracking import tags
+from mg_ray.tune.results import NoTrialsError, best_trials, ranked_trials, study_runs
+
+EXPERIMENT = "results-test"
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment_id = client.create_experiment(EXPERIMENT)
+
+    def trial(study: str, state: str, start: int, run_id_hint: str = "", **metrics) -> str:
+        run = client.create_run(
+            experiment_id,
+            start_time=start,
+            run_name=f"{study}-{run_id_hint or start}",
+            tags={
+                tags.STUDY: study,
+                tags.ROLE: "trial",
+                tags.STATE: state,
+                tags.TRIAL: f"t{start}",
+            },
+        )
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    return SimpleNamespace(uri=uri, client=client, experiment_id=experiment_id, trial=trial)
+
+
+def names(runs) -> list[str]:
+    return [r.info.run_name for r in runs]
+
+
+def test_best_completed_trial_by_its_best_epoch(store):
+    uri, client, experiment_id, trial = store.uri, store.client, store.experiment_id, store.trial
+    trial("s", "completed", 1, best_val_top1=0.70, val_top1=0.95)  # last epoch high, best low
+    trial("s", "completed", 2, best_val_top1=0.80, val_top1=0.60)
+    trial("s", "stopped", 3, best_val_top1=0.99)  # ASHA stopped it: no logged best model
+    trial("s", "failed", 4, best_val_top1=0.99)
+    trial("s", "orphaned", 5, best_val_top1=0.99)
+    trial("s", "completed", 6)  # completed without a score
+    trial("other", "completed", 7, best_val_top1=1.0)
+
+    runs = study_runs(client, experiment_id, "s")
+    assert sorted(names(runs)) == ["s-1", "s-2", "s-3", "s-4", "s-6"]  # orphaned left out
+    assert names(ranked_trials(runs, "val_top1", "max")) == ["s-2", "s-1"]
+
+    best = best_trials("s", experiment=EXPERIMENT, metric="val_top1", mode="max", tracking_uri=uri)
+    assert names(best) == ["s-2"]
+    assert tracking.run_score(best[0], "val_top1") == 0.80
+    top = best_trials(
+        "s", experiment=EXPERIMENT, metric="val_top1", mode="max", tracking_uri=uri, top=5
+    )
+    assert names(top) == ["s-2", "s-1"]
+
+
+def test_ties_go_to_the_earlier_trial_then_the_smaller_run_id(store):
+    client, experiment_id, trial = store.client, store.experiment_id, store.trial
+    late = trial("s", "completed", 20, best_val_top1=0.5)
+    first = trial("s", "completed", 10, best_val_top1=0.5)
+    same_a = trial("s", "completed", 30, "a", best_val_top1=0.6)
+    same_b = trial("s", "completed", 30, "b", best_val_top1=0.6)
+    ranked = ranked_trials(study_runs(client, experiment_id, "s"), "val_top1", "max")
+    assert [r.info.run_id for r in ranked] == [*sorted([same_a, same_b]), first, late]
+
+
+def test_a_minimised_metric_is_scored_as_reported(store):
+    client, experiment_id, trial = store.client, store.experiment_id, store.trial
+    trial("s", "completed", 1, val_loss=0.3, best_val_loss=0.1)
+    trial("s", "completed", 2, val_loss=0.2)
+    ranked = ranked_trials(study_runs(client, experiment_id, "s"), "val_loss", "min")
+    assert names(ranked) == ["s-2", "s-1"]
+
+
+def test_no_completed_trial_is_an_error_naming_the_study(store):
+    uri, trial = store.uri, store.trial
+    trial("s", "stopped", 1, best_val_top1=0.5)
+    trial("s", "failed", 2)
+    with pytest.raises(NoTrialsError, match="study 's': 2 trial runs, none completed"):
+        best_trials("s", experiment=EXPERIMENT, metric="val_top1", mode="max", tracking_uri=uri)
+    with pytest.raises(NoTrialsError, match="study 'nope': no trial runs"):
+        best_trials("nope", experiment=EXPERIMENT, metric="val_top1", mode="max", tracking_uri=uri)
+    with pytest.raises(NoTrialsError, match="experiment 'missing'"):
+        best_trials("s", experiment="missing", metric="val_top1", mode="max", tracking_uri=uri)
