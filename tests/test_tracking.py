@@ -1,6 +1,10 @@
-"""MLflow run lifecycle against a real sqlite store: one run per key, resumed not duplicated."""
+"""MLflow run lifecycle against a real sqlite store: one run per key, resumed not duplicated, and
+a study's run reopened only with the definition it was started with."""
+
+import pytest
 
 from mg_ray import tracking
+from mg_ray.tracking import tags
 
 
 def test_run_found_again_by_key_and_terminated(tmp_path):
@@ -20,8 +24,26 @@ def test_run_found_again_by_key_and_terminated(tmp_path):
     )
 
 
-def test_unreachable_tracking_server_is_a_clear_error():
-    import pytest
+def test_a_run_started_with_another_definition_is_refused_untouched(tmp_path):
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.get_or_create_experiment(client, "t")
+    first, _ = tracking.start_or_resume_run(
+        client, exp, "study/s", tags={tags.DEFINITION: "aaa"}, what="study 's'"
+    )
+    tracking.terminate_run(client, first, "KILLED")
+    with pytest.raises(tracking.DefinitionChanged, match=f"study 's' already exists .*{first}"):
+        tracking.start_or_resume_run(
+            client, exp, "study/s", tags={tags.DEFINITION: "bbb"}, what="study 's'"
+        )
+    run = client.get_run(first)
+    assert run.info.status == "KILLED" and run.data.tags[tags.DEFINITION] == "aaa"
+    assert len(client.search_runs([exp])) == 1
+    again, resumed = tracking.start_or_resume_run(
+        client, exp, "study/s", tags={tags.DEFINITION: "aaa"}
+    )
+    assert resumed and again == first
 
+
+def test_unreachable_tracking_server_is_a_clear_error():
     with pytest.raises(ConnectionError, match="cannot be reached"):
         tracking.check_tracking_server("http://127.0.0.1:9", timeout_s=2)

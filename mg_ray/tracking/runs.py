@@ -58,15 +58,12 @@ def require_run(mlflow_client: MlflowClient, experiment: str, run_key: str):
     return run
 
 
-def check_definition(
-    mlflow_client: MlflowClient, experiment_id: str, run_key: str, fingerprint: str, what: str
-) -> None:
-    """Refuse to reuse `what` (e.g. "study 'quick'"), whose run is found by `run_key`, with a
-    definition other than the one it was started with (`fingerprint`)."""
-    existing = find_run(mlflow_client, experiment_id, run_key)
-    if existing is not None and existing.data.tags.get(DEFINITION) != fingerprint:
+def check_definition(run, fingerprint: str | None, what: str) -> None:
+    """Refuse to reuse `what` (e.g. "study 'quick'"), whose existing run is `run`, with a
+    definition other than the one it was started with (`fingerprint`; None: nothing to check)."""
+    if fingerprint is not None and run.data.tags.get(DEFINITION) != fingerprint:
         raise DefinitionChanged(
-            f"{what} already exists (MLflow run {existing.info.run_id}) with a different definition; "
+            f"{what} already exists (MLflow run {run.info.run_id}) with a different definition; "
             f"resume it with the same space file, or choose another --study name"
         )
 
@@ -80,13 +77,20 @@ def start_or_resume_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     params: Mapping[str, object] | None = None,
+    what: str | None = None,
 ) -> tuple[str, bool]:
-    """Return (run_id, resumed). A run found by `run_key` is reopened (status RUNNING again)."""
+    """Return (run_id, resumed). A run found by `run_key` is reopened (status RUNNING again).
+
+    When `tags` carry a definition fingerprint (`DEFINITION`: a study's space, a pipeline's
+    file), a found run started with another one is refused first, with `DefinitionChanged`
+    naming `what` (default: the key), and nothing is changed."""
+    tags = dict(tags or {})
     run = find_run(mlflow_client, experiment_id, run_key)
     if run is not None:
+        check_definition(run, tags.get(DEFINITION), what or f"run {run_key!r}")
         mlflow_client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, True
-    all_tags = {RUN_KEY: run_key, **source_tags(), **(tags or {})}
+    all_tags = {RUN_KEY: run_key, **source_tags(), **tags}
     if parent_run_id:
         all_tags[PARENT] = parent_run_id
     run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -63,14 +63,12 @@ def run_pipeline(
     client = tracking.client(tracking_uri)
     experiment_id = tracking.get_or_create_experiment(client, experiment)
     fingerprint = definition_fingerprint(pipeline)
-    tracking.check_definition(
-        client, experiment_id, f"pipeline/{name}", fingerprint, f"pipeline {name!r}"
-    )
-    pipeline_run_id, _ = tracking.start_or_resume_run(
+    pipeline_run_id, _ = tracking.start_or_resume_run(  # a changed file is refused here
         client,
         experiment_id,
         f"pipeline/{name}",
         run_name=name,
+        what=f"pipeline {name!r}",
         tags={
             tags.PIPELINE: name,
             tags.ROLE: "pipeline",
@@ -112,13 +110,13 @@ def run_pipeline(
                 summary["stages"][stage] = run_study(
                     pipeline.stage_space(stage, init_runs),
                     study_name=study,
-                    data_root=data_root,
                     storage_path=storage_path,
                     promote=False,
                     address=address,
                     verbose=verbose,
                     parent_run_id=pipeline_run_id,
                     tags={tags.PIPELINE: name, tags.STAGE: stage},
+                    checked=checked[stage],
                 )
             space = pipeline.stage_space(stage)
             best[stage] = best_trials(

@@ -353,7 +353,7 @@ def load_space(path: str | Path) -> SearchSpace | Pipeline:
 
 def definition_fingerprint(space: SearchSpace | Pipeline) -> str:
     """What a study (or pipeline) was started with: the same name with another fingerprint is
-    refused (`mg_ray.tracking.check_definition`)."""
+    refused (`mg_ray.tracking.start_or_resume_run`)."""
     return fingerprint(space)
 
 

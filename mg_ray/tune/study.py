@@ -20,7 +20,7 @@ Ctrl-C ends KILLED, registers nothing and raises `StudyInterrupted`; the same co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,17 @@ class Checked:
     tracking_uri: str
     request: dict[str, Any]  # the resource request of one trial, for `check_resources`
 
+    def for_space(self, space: SearchSpace) -> Checked:
+        """The same checks for `space` where it differs from the checked one only in fixed values
+        that need no check of their own: a pipeline's stage once the runs it starts from are
+        known (checked before with placeholder run ids)."""
+        return replace(self, probe=probe_config(space, self.base))
+
+
+def probe_config(space: SearchSpace, base: dict[str, Any]) -> ExperimentConfig:
+    """The config every trial of `space` starts from: `base` with the fixed values applied."""
+    return from_mapping(ExperimentConfig, apply_overrides(base, trial_overrides(space, {})))
+
 
 def preflight(
     space: SearchSpace, *, study_name: str, data_root: str | None, address: str | None
@@ -88,7 +99,7 @@ def preflight(
     base = base_config_dict(space)
     if data_root is not None:
         base = apply_overrides(base, {"data.root": str(data_root)})
-    probe = from_mapping(ExperimentConfig, apply_overrides(base, trial_overrides(space, {})))
+    probe = probe_config(space, base)
     ensure_dataset(probe.data, rgb=probe.model.modality != "pose")
     tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
     tracking.check_store(tracking_uri)
@@ -132,16 +143,21 @@ def run_study(
     address: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    checked: Checked | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the study; returns a summary dict. Every check runs before any trial, and
     those that need no cluster (config, dataset, stores, a local cluster's CPUs) before Ray
     starts. `address`: the Ray cluster to connect to (default: RAY_ADDRESS or a local one).
     `parent_run_id`, `tags`: the study's MLflow run is nested under that run, with those tags (a
-    pipeline's stage)."""
+    pipeline's stage). `checked`: `preflight`'s result when the caller ran it already (a
+    pipeline checks every stage before the first starts)."""
     # setup: checks, the cluster, the study's MLflow run
     if num_trials is not None:
         space.study.num_trials = num_trials
-    checked = preflight(space, study_name=study_name, data_root=data_root, address=address)
+    if checked is None:
+        checked = preflight(space, study_name=study_name, data_root=data_root, address=address)
+    else:
+        checked = checked.for_space(space)
     storage, optuna_storage = check_storage(storage_path, optuna_storage)
     init_ray(address)
     check_resources(**checked.request)
@@ -240,12 +256,12 @@ def open_study(
     experiment = checked.probe.tracking.experiment
     experiment_id = tracking.get_or_create_experiment(client, experiment)
     key, fingerprint = f"study/{study_name}", definition_fingerprint(space)
-    tracking.check_definition(client, experiment_id, key, fingerprint, f"study {study_name!r}")
-    study_run_id, _ = tracking.start_or_resume_run(
+    study_run_id, _ = tracking.start_or_resume_run(  # a changed space is refused here
         client,
         experiment_id,
         key,
         run_name=study_name,
+        what=f"study {study_name!r}",
         parent_run_id=parent_run_id,
         tags={
             tags.STUDY: study_name,
