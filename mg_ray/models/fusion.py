@@ -9,8 +9,8 @@ X'' = A * X + X, broadcast over H and W.
 
 The gate is a residual branch, and the backbone starts it at zero (`zero_init_gates`, with
 `zero_init_residual`): the two-stream model then starts as the plain baseline, and a model merged
-from single-stream checkpoints starts as exactly those two models. On the synthetic dataset zero-initialised gates
-trained better than random ones from scratch, with the same recipe and seed.
+from single-stream checkpoints starts as exactly those two models. On the synthetic dataset,
+zero-initialised gates trained better than random ones from scratch (same recipe and seed).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def project_max(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     conv with kernel = stride = (r, 1, 1) (r = 1: a 1x1x1 conv).
 
     Same values and gradients as `conv(x).amax(dim=(3, 4))` (up to ties), at a fraction of
-    the cost: the full-map projection runs once without autograd just to find each output channel's
-    spatial argmax, and only the selected positions are projected again with autograd. The naive
+    the cost: the full-map projection runs once without autograd just to find each output
+    channel's spatial argmax, and only the selected positions are projected again with autograd. The naive
     form back-propagates a dense [N, K, T, H, W] gradient that is zero everywhere but at the
     maxima, which made the fusion's backward dearer than the backbone's on CPU
     (`benchmarks/bench_model.py` measures the step with fusion on and off).

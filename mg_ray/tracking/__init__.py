@@ -12,7 +12,6 @@ The names most callers need are here: `from mg_ray import tracking; tracking.cli
 
 from mg_ray.tracking.runs import (
     DefinitionChanged,
-    check_definition,
     find_run,
     git_commit,
     lineage,
@@ -39,7 +38,6 @@ from mg_ray.tracking.store import (
 
 __all__ = [
     "DefinitionChanged",
-    "check_definition",
     "check_store",
     "check_tracking_server",
     "client",

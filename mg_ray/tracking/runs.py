@@ -58,7 +58,7 @@ def require_run(mlflow_client: MlflowClient, experiment: str, run_key: str):
     return run
 
 
-def check_definition(run, fingerprint: str | None, what: str) -> None:
+def _check_definition(run, fingerprint: str | None, what: str) -> None:
     """Refuse to reuse `what` (e.g. "study 'quick'"), whose existing run is `run`, with a
     definition other than the one it was started with (`fingerprint`; None: nothing to check)."""
     if fingerprint is not None and run.data.tags.get(DEFINITION) != fingerprint:
@@ -87,7 +87,7 @@ def start_or_resume_run(
     tags = dict(tags or {})
     run = find_run(mlflow_client, experiment_id, run_key)
     if run is not None:
-        check_definition(run, tags.get(DEFINITION), what or f"run {run_key!r}")
+        _check_definition(run, tags.get(DEFINITION), what or f"run {run_key!r}")
         mlflow_client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, True
     all_tags = {RUN_KEY: run_key, **source_tags(), **tags}
