@@ -26,9 +26,9 @@ def project_max(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
 
     Same values and gradients as `conv(x).amax(dim=(3, 4))` (up to ties), at a fraction of
     the cost: the full-map projection runs once without autograd just to find each output
-    channel's spatial argmax, and only the selected positions are projected again with autograd.
-    The naive form back-propagates a dense [N, K, T, H, W] gradient that is zero everywhere but at the
-    maxima, which made the fusion's backward dearer than the backbone's on CPU
+    channel's spatial argmax, and only the selected positions are projected again with
+    autograd. The naive form back-propagates a dense [N, K, T, H, W] gradient that is zero
+    everywhere but at the maxima, which made the fusion's backward dearer than the backbone's on CPU
     (`benchmarks/bench_model.py` measures the step with fusion on and off).
     """
     n, c, frames, h, w = x.shape
