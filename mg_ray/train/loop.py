@@ -14,6 +14,7 @@ into the run its driver owns (`mg_ray.train.outbox`).
 from __future__ import annotations
 
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -43,7 +44,7 @@ from mg_ray.models import (
 )
 from mg_ray.train.checkpoint import Best, Resumed, restore_checkpoint, save_checkpoint, unwrap
 from mg_ray.train.config import ExperimentConfig
-from mg_ray.train.outbox import ArtifactOutbox
+from mg_ray.train.outbox import REPORTED_AGAIN, ArtifactOutbox
 
 STREAMS = ("rgb", "pose")
 
@@ -147,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resumed.start_epoch >= cfg.optim.epochs and resumed.last_metrics is not None:
         # Resumed after the last epoch (the driver died between the final report and the end of
         # the run): report the final metrics again, so whoever waits for them (Tune) gets them.
-        ray.train.report(resumed.last_metrics)
+        report_final_again(resumed.last_metrics, ray.train.get_checkpoint() if rank == 0 else None)
     if outbox is not None:
         outbox.close()
 
@@ -244,6 +245,21 @@ def report(metrics: dict[str, Any], outbox, write_checkpoint) -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_checkpoint(folder)
         outbox.move_into(folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def report_final_again(metrics: dict[str, Any], checkpoint) -> None:
+    """The final report once more, after a resume past the last epoch; rank 0 (`checkpoint` not
+    None) hands the final checkpoint over again. Its staged artifacts (the test predictions, the
+    best model) then reach MLflow even when the driver died while the first hand-over was being
+    logged; the callback logs only what the run lacks (`outbox.REPORTED_AGAIN`)."""
+    metrics = {**metrics, REPORTED_AGAIN: 1}
+    if checkpoint is None:
+        ray.train.report(metrics)
+        return
+    with checkpoint.as_directory() as restored, tempfile.TemporaryDirectory() as folder:
+        # a copy: the stored checkpoint may be deleted once the new one is kept (num_to_keep)
+        shutil.copytree(restored, folder, dirs_exist_ok=True)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -22,6 +22,9 @@ import numpy as np
 from ray.train import UserCallback
 
 OUTBOX_DIR = "mlflow_outbox"  # inside a reported checkpoint folder
+# A metric the loop adds to its final report when it reports it again after a resume (see
+# `MLflowLoggingCallback`); it is not logged.
+REPORTED_AGAIN = "reported_again"
 ARTIFACTS, REPORTS = "artifacts", "reports"
 
 
@@ -99,8 +102,10 @@ class MLflowLoggingCallback(UserCallback):
 
     Created by the driver with the id of the run its owner opened, it runs in the controller and
     opens MLflow at the first report (the import and the store, while the workers train on). A
-    report without a checkpoint is the loop's replay of its final metrics after a resume (already
-    logged): it is skipped. Once the run's owner has ended it (a trial that Tune stopped, say,
+    report without a checkpoint is skipped (the loop makes none). A run resumed past
+    its last epoch reports its final metrics and checkpoint again, marked `REPORTED_AGAIN`: the
+    driver may have died while the first report was being logged, so its artifacts are logged
+    again (the same paths) and, of its metrics, those the run lacks. Once the run's owner has ended it (a trial that Tune stopped, say,
     whose workers train on until Tune's stop reaches them), nothing more is logged into it.
     """
 
@@ -123,7 +128,12 @@ class MLflowLoggingCallback(UserCallback):
         if not self.run_logger.is_running():
             return
         reported = metrics[0]  # rank 0's
-        self.run_logger.log_metrics(reported, step=int(reported.get("epoch", 0)))
+        if reported.get(REPORTED_AGAIN):  # log only what the first report did not get to log
+            logged = self.run_logger.client.get_run(self.run_id).data.metrics
+            reported = {
+                k: v for k, v in reported.items() if k != REPORTED_AGAIN and logged.get(k) != v
+            }
+        self.run_logger.log_metrics(reported, step=int(metrics[0].get("epoch", 0)))
         with checkpoint.as_directory() as folder:
             outbox = Path(folder) / OUTBOX_DIR
             if outbox.is_dir():

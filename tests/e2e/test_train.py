@@ -3,6 +3,8 @@ sqlite MLflow store, on the tiny synthetic dataset.
 
 - A 2-epoch run: its MLflow run is FINISHED with metrics for every epoch and every artifact, and
   both the Ray checkpoint and the logged best model reproduce the logged validation accuracy.
+- Resumed past its last epoch (the driver died while the final report was being logged), the run
+  logs what it lacked.
 - A worker killed mid-training: the worker group restarts from the last checkpoint and the run
   finishes as one MLflow run.
 """
@@ -155,6 +157,20 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
             )
         ) as npz:
             np.testing.assert_allclose(npz["fused"], probs, atol=1e-4)
+
+    # The driver died while the final report was being logged: its metrics are in, its test
+    # predictions are not (removed here from the run's artifact folder). Resumed, the run has
+    # no epoch left; it reports its final checkpoint again, and what was missing is logged.
+    evaluation = Path(mlrun.info.artifact_uri.removeprefix("file://")) / "evaluation"
+    for lost in evaluation.glob("test_*"):
+        lost.unlink()
+    again = run(
+        home, *TRAIN_ARGS, "--data", str(data), "--epochs", "2", "--name", "e2e-train", "--resume"
+    )
+    assert "resumed from the checkpoint of epoch 1" in again.stdout + again.stderr
+    assert "evaluation/test_predictions.npz" in artifact_paths(client, mlrun.info.run_id)
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test_top1")] == [1]
+    assert client.get_run(mlrun.info.run_id).info.status == "FINISHED"
 
 
 def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset, tmp_path):

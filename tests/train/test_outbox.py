@@ -11,7 +11,13 @@ import pytest
 from ray.train import Checkpoint
 
 from mg_ray import tracking
-from mg_ray.train.outbox import OUTBOX_DIR, ArtifactOutbox, MLflowLoggingCallback
+from mg_ray.tracking.reports import RunLogger
+from mg_ray.train.outbox import (
+    OUTBOX_DIR,
+    REPORTED_AGAIN,
+    ArtifactOutbox,
+    MLflowLoggingCallback,
+)
 from tests.e2e.helpers import artifact_paths
 
 
@@ -40,8 +46,8 @@ def test_staged_artifacts_and_metrics_reach_the_run(tmp_path):
         None, [{"epoch": 0, "val_top1": 0.5}, {"epoch": 0}], Checkpoint.from_directory(first)
     )
 
-    # The next epoch hands over only what was staged since; a report without a checkpoint (the
-    # loop's replay of its final metrics after a resume) logs nothing.
+    # The next epoch hands over only what was staged since; a report without a checkpoint logs
+    # nothing.
     outbox.log_text("b: 2\n", "config/model_spec.yaml")
     second = tmp_path / "checkpoint_1"
     second.mkdir()
@@ -94,3 +100,34 @@ def _empty_checkpoint(tmp_path):
     folder = tmp_path / "empty_checkpoint"
     folder.mkdir(exist_ok=True)
     return Checkpoint.from_directory(folder)
+
+
+def test_the_final_report_again_logs_what_the_run_lacks_and_nothing_twice(tmp_path):
+    """A run resumed past its last epoch reports its final metrics and checkpoint again
+    (`loop.report_final_again`): the driver died while the first report was being logged, here
+    after its metrics and before its test predictions. Those are logged now; the metrics are not
+    logged a second time."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id, _ = tracking.start_or_resume_run(
+        client, tracking.get_or_create_experiment(client, "t"), "k"
+    )
+    outbox = ArtifactOutbox()
+    labels = np.array([0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    outbox.log_classification_report("test", labels, probs, {"rgb": probs}, ["a", "b"], ["x", "y"])
+    final = tmp_path / "checkpoint_final"
+    final.mkdir()
+    outbox.move_into(final)
+    outbox.close()
+    metrics = {"epoch": 1, "val_top1": 0.75, "test_top1": 1.0}
+    RunLogger(uri, run_id).log_metrics(metrics, step=1)  # the first report got this far
+
+    callback = MLflowLoggingCallback(uri, run_id)
+    again = {**metrics, REPORTED_AGAIN: 1, "epochs_completed": 2}
+    callback.after_report(None, [again], Checkpoint.from_directory(final))
+
+    assert "evaluation/test_predictions.npz" in artifact_paths(client, run_id)
+    assert [m.step for m in client.get_metric_history(run_id, "test_top1")] == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "epochs_completed")] == [1]
+    assert REPORTED_AGAIN not in client.get_run(run_id).data.metrics
