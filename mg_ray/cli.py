@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # subcommand -> (module, one-line help)
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:  # evaluated only when something is raised
         print(f"mg-ray {name}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM once Ray is up (cluster.Terminated)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"mg-ray {name}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -69,6 +74,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.models.mmaction2 import CheckpointImportError
     from mg_ray.paths import StorageError
     from mg_ray.tracking.models import ModelNotFoundError
+    from mg_ray.tune.lock import StudyLocked
     from mg_ray.tune.results import NoTrialsError
 
     return (
@@ -85,6 +91,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelNotFoundError,
         CheckpointImportError,
         NoTrialsError,
+        StudyLocked,
         FileNotFoundError,
         ConnectionError,
     )

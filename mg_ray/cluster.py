@@ -4,12 +4,15 @@
 `check_resources` refuses, with the fix, a training request that the cluster can never place (Ray
 would wait for it forever). For a local cluster the same check runs before Ray starts
 (`check_local_resources`), on the CPUs Ray will find, so a bad request fails in a second.
+Once connected, SIGTERM raises `Terminated`, an interruption like Ctrl-C.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 
 
 class ResourceError(RuntimeError):
@@ -19,6 +22,17 @@ class ResourceError(RuntimeError):
 def cluster_address(address: str | None = None) -> str | None:
     """The cluster to connect to: `address`, else RAY_ADDRESS, else None (a private local one)."""
     return address or os.environ.get("RAY_ADDRESS") or None
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM (`ray job stop`, `timeout`, systemd, Kubernetes): an interruption,
+    handled where Ctrl-C is. `signum` gives the exit status 128 + signum."""
+
+    signum = signal.SIGTERM
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signal.Signals(signum).name}")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -44,6 +58,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             dashboard_host="127.0.0.1",
             log_to_driver=True,
         )
+    # A Ray driver turns SIGTERM into sys.exit(15) (ray.init installs that handler), which code
+    # that closes runs on an interruption does not catch: make it one (Terminated).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def local_resources() -> dict[str, float]:
@@ -75,25 +93,45 @@ def check_resources(
         import ray
 
         total = ray.cluster_resources()
+    request = dict(num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
+    short = shortfall(**request, reserved_cpus=reserved_cpus, total=total, cluster=cluster)
+    if short is None:
+        return
+    if short.startswith("asks for"):  # GPUs
+        raise ResourceError(
+            f"{what} {short}. Fix: set resources.use_gpu=false (--cpu) or connect to a cluster "
+            "with GPU nodes."
+        )
+    fit_cpus = max(0.0, total.get("CPU", 0.0) - reserved_cpus) / num_workers
+    hint = (
+        f"use fewer workers, or --cpus-per-worker {fit_cpus:.2g} (fractional CPUs work)"
+        if fit_cpus > 0
+        else "add CPUs to the cluster"
+    )
+    raise ResourceError(f"{what} {short}: it would never start. Fix: {hint}.")
+
+
+def shortfall(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    *,
+    reserved_cpus: float = 0.0,
+    total: dict[str, float],
+    cluster: str = "the Ray cluster",
+) -> str | None:
+    """What one request lacks in `total` (a cluster's resources), or None when it fits."""
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     need = num_workers * cpus_per_worker + reserved_cpus
     if need > cpus + 1e-9:
-        fit_cpus = max(0.0, cpus - reserved_cpus) / num_workers
-        hint = (
-            f"use fewer workers, or --cpus-per-worker {fit_cpus:.2g} (fractional CPUs work)"
-            if fit_cpus > 0
-            else "add CPUs to the cluster"
-        )
-        raise ResourceError(
-            f"{what} needs {need:g} CPUs ({num_workers} workers x {cpus_per_worker:g} CPU"
+        return (
+            f"needs {need:g} CPUs ({num_workers} workers x {cpus_per_worker:g} CPU"
             + (f" + {reserved_cpus:g} for the trial driver" if reserved_cpus else "")
-            + f") but {cluster} has {cpus:g}: it would never start. Fix: {hint}."
+            + f") but {cluster} has {cpus:g}"
         )
     if use_gpu and gpus < num_workers:
-        raise ResourceError(
-            f"{what} asks for {num_workers} GPU(s) but {cluster} has {gpus:g}. "
-            f"Fix: set resources.use_gpu=false (--cpu) or connect to a cluster with GPU nodes."
-        )
+        return f"asks for {num_workers} GPU(s) but {cluster} has {gpus:g}"
+    return None
 
 
 def check_local_resources(address: str | None, **request) -> None:

@@ -30,7 +30,9 @@ TRIAL: dict[str, tuple[str, str]] = {
             "a standby trial (`study.standby_trials`) waits for the running trials' CPUs as long as "
             "one of them trains; with Ray Train's default of 60 s it logs a startup-timeout error "
             "every minute meanwhile (the error itself names this variable as the way to raise it). "
-            "Requests no cluster can ever place are refused before the study starts."
+            "Requests no cluster can ever place are refused before the study starts, and a "
+            "cluster that shrinks below one trial (a node lost) ends the study after "
+            "`study.placement_timeout_s` (`mg_ray.tune.watch`)."
         ),
     ),
 }

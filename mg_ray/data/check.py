@@ -8,7 +8,9 @@ so a wrong path or split name fails in a second, not inside the workers.
 from __future__ import annotations
 
 import argparse
+import fcntl
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,18 @@ from mg_ray import paths
 from mg_ray.data.annotations import UNLABELED, AnnotationError, load_index
 from mg_ray.data.config import DataConfig
 from mg_ray.data.synth import generate
+
+
+def generate_once(root: Path, make: Callable[[Path], object]) -> None:
+    """`make(root)` unless `root` exists, one process at a time: two drivers started together
+    in a fresh home would both generate, and the second would then refuse to replace the first's
+    dataset. The second waits on a lock file beside `root` and finds the dataset there."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.generating", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not root.exists():
+            print(f"synthetic dataset not found; generating it in {root}")
+            make(root)
 
 
 def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
@@ -31,8 +45,7 @@ def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
             f"other folders, and `ray job submit` runs the job in a temporary copy of the project)"
         )
     if not root.exists() and root.resolve() == paths.synthetic_dataset().resolve():
-        print(f"synthetic dataset not found; generating it in {root}")
-        generate(root)
+        generate_once(root, generate)
     if not root.exists():
         raise FileNotFoundError(f"data.root: dataset folder {root} does not exist")
     index = load_index(

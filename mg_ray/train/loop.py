@@ -13,6 +13,7 @@ into the run its driver owns (`mg_ray.train.outbox`).
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 import tempfile
@@ -72,10 +73,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
     training = dict(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
-    resumed = resume(ray.train.get_checkpoint(), training, rank)
-    best = resumed.best or Best()
     # rank 0 stages its artifacts; they reach MLflow with each epoch's checkpoint
-    outbox = open_outbox(cfg, spec, data.class_names, resumed.start_epoch) if rank == 0 else None
+    outbox = open_outbox(cfg, spec, data.class_names) if rank == 0 else None
+    resumed = resume(ray.train.get_checkpoint(), training, rank, kept_checkpoints, outbox)
+    best = resumed.best or Best()
     setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
     training_started_at = time.time()
 
@@ -212,27 +213,55 @@ class Data:
         return cls(train_set, val_set, train_loader, val_loader)
 
 
-def resume(checkpoint, training: dict[str, Any], rank: int) -> Resumed:
+def resume(checkpoint, training: dict[str, Any], rank: int, older=list, outbox=None) -> Resumed:
     """Ray Train's checkpoint of this run (a restarted worker group, a resumed study) loaded into
-    the model, criterion, optimiser and scheduler of `training`; a fresh start without one."""
+    the model, criterion, optimiser and scheduler of `training`; a fresh start without one.
+
+    Rank 0's `outbox` stages again what the checkpoint handed over to MLflow, and its epoch's
+    metrics: a kill between that report and its logging loses nothing (`ArtifactOutbox.adopt`).
+
+    A checkpoint that cannot be loaded (truncated, corrupt: `restore_checkpoint` reads the whole
+    file before it changes anything) is skipped with a warning naming its file; then the other
+    checkpoints Ray Train kept (`older()`, newest first) are tried, and without a loadable one
+    training starts over. Ray Train itself would reload the bad file on every retry."""
     if checkpoint is None:
         return Resumed()
-    with checkpoint.as_directory() as folder:
-        resumed = restore_checkpoint(folder, **training)
-    print(f"[rank {rank}] resumed from the checkpoint of epoch {resumed.start_epoch - 1}")
-    return resumed
+    tried = set()
+    for candidate in itertools.chain([checkpoint], older()):
+        if candidate.path in tried:
+            continue
+        tried.add(candidate.path)
+        try:
+            with candidate.as_directory() as folder:
+                resumed = restore_checkpoint(folder, **training)
+                if outbox is not None:
+                    outbox.adopt(folder)
+                    if resumed.last_metrics is not None:
+                        outbox.stage_epoch_metrics(resumed.last_metrics)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"[rank {rank}] warning: skipping checkpoint {candidate.path}: {err}")
+            continue
+        print(f"[rank {rank}] resumed from the checkpoint of epoch {resumed.start_epoch - 1}")
+        return resumed
+    print(f"[rank {rank}] warning: no loadable checkpoint; training starts over at epoch 0")
+    return Resumed()
 
 
-def open_outbox(
-    cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[str], start_epoch: int
-):
-    """Rank 0's outbox, with the run's configuration staged when the run starts."""
+def kept_checkpoints() -> list:
+    """The checkpoints Ray Train kept for this run, newest epoch first."""
+    reported = ray.train.get_all_reported_checkpoints()
+    ordered = sorted(reported, key=lambda r: r.metrics.get("epoch", -1), reverse=True)
+    return [r.checkpoint for r in ordered]
+
+
+def open_outbox(cfg: ExperimentConfig, spec: dict[str, Any], class_names: list[str]):
+    """Rank 0's outbox, with the run's configuration staged each time the run (re)starts: the
+    first hand-over may have been lost to a kill, and logging it again writes the same files."""
     outbox = ArtifactOutbox()
-    if start_epoch == 0:
-        outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
-        outbox.log_text(
-            dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml"
-        )
+    outbox.log_text(dump_yaml(cfg), "config/resolved_config.yaml")
+    outbox.log_text(
+        dump_yaml({"model_spec": spec, "class_names": class_names}), "config/model_spec.yaml"
+    )
     return outbox
 
 

@@ -12,6 +12,7 @@ callback, so a trial's epoch is in MLflow before Tune (or ASHA) sees it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ OUTBOX_DIR = "mlflow_outbox"  # inside a reported checkpoint folder
 # A metric the loop adds to its final report when it reports it again after a resume (see
 # `MLflowLoggingCallback`); it is not logged.
 REPORTED_AGAIN = "reported_again"
-ARTIFACTS, REPORTS = "artifacts", "reports"
+ARTIFACTS, REPORTS, EPOCHS = "artifacts", "reports", "epochs"
 
 
 class ArtifactOutbox:
@@ -69,6 +70,22 @@ class ArtifactOutbox:
             **{f"probs_{s}": p for s, p in stream_probs.items()},
         )
 
+    def stage_epoch_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Stage one epoch's reported metrics again (after a resume), so the run gets them if
+        the first report of that epoch never reached MLflow."""
+        folder = self._staging / EPOCHS
+        folder.mkdir(parents=True, exist_ok=True)
+        epoch = int(metrics["epoch"])
+        (folder / f"{epoch}.json").write_text(json.dumps(dict(metrics), default=float))
+
+    def adopt(self, checkpoint_folder: str | Path) -> None:
+        """Stage again what a restored checkpoint handed over. A kill between a report and its
+        logging (the driver, the controller) would otherwise lose that epoch's artifacts for
+        good; logging them twice writes the same paths again."""
+        handed_over = Path(checkpoint_folder) / OUTBOX_DIR
+        if handed_over.is_dir():
+            shutil.copytree(handed_over, self._staging, dirs_exist_ok=True)
+
     def move_into(self, checkpoint_folder: str | Path) -> None:
         """Hand everything staged so far to the checkpoint about to be reported."""
         target = Path(checkpoint_folder) / OUTBOX_DIR
@@ -80,7 +97,16 @@ class ArtifactOutbox:
 
 
 def replay(outbox: Path, logger) -> None:
-    """Log a checkpoint's staged files into the run of `logger` (a `tracking.reports.RunLogger`)."""
+    """Log a checkpoint's staged files into the run of `logger` (a `tracking.reports.RunLogger`):
+    its artifacts, its classification reports, and the metrics of earlier epochs (staged again
+    after a resume) that the run lacks."""
+    restaged = sorted((outbox / EPOCHS).glob("*.json")) if (outbox / EPOCHS).is_dir() else []
+    if restaged:
+        logged = {m.step for m in logger.client.get_metric_history(logger.run_id, "epoch")}
+        for path in restaged:
+            metrics = json.loads(path.read_text())
+            if int(metrics["epoch"]) not in logged:
+                logger.log_metrics(metrics, step=int(metrics["epoch"]))
     if (outbox / ARTIFACTS).is_dir():  # one call, the staged folder tree as the artifact tree
         logger.client.log_artifacts(logger.run_id, str(outbox / ARTIFACTS))
     for report in sorted((outbox / REPORTS).glob("*.npz")) if (outbox / REPORTS).is_dir() else ():

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             )
     except StudyInterrupted as err:
         print(f"mg-ray tune: {err} (nothing was registered)", file=sys.stderr)
-        return 130
+        return 128 + err.signum
     print()
     if isinstance(space, Pipeline):
         for stage, stage_summary in summary["stages"].items():

@@ -24,6 +24,7 @@ from mg_ray.cluster import init_ray
 from mg_ray.registry import promote_run
 from mg_ray.tracking import tags
 from mg_ray.tune.ensemble import ensemble
+from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import best_trials
 from mg_ray.tune.space import Pipeline, definition_fingerprint
 from mg_ray.tune.study import StudyInterrupted, check_storage, preflight, run_study
@@ -44,7 +45,31 @@ def run_pipeline(
     verbose: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) every stage, the ensemble and the registration; returns a summary with
-    each stage's summary under "stages"."""
+    each stage's summary under "stages". A second driver of the pipeline is refused first."""
+    storage, _ = check_storage(storage_path, None)
+    with driver_lock(storage, name, "pipeline"):
+        return _run_pipeline(
+            pipeline,
+            name=name,
+            data_root=data_root,
+            storage_path=storage,
+            promote=promote,
+            address=address,
+            verbose=verbose,
+        )
+
+
+def _run_pipeline(
+    pipeline: Pipeline,
+    *,
+    name: str,
+    data_root: str | None,
+    storage_path: Path,
+    promote: bool,
+    address: str | None,
+    verbose: int,
+) -> dict[str, Any]:
+    """`run_pipeline` once the pipeline's lock is held."""
     # Every stage's checks before Ray starts: a bad last stage fails now, not after the first.
     checked = {
         stage: preflight(
@@ -55,7 +80,6 @@ def run_pipeline(
         )
         for stage, spec in pipeline.stages.items()
     }
-    check_storage(storage_path, None)
     first = next(iter(checked.values()))
     tracking_uri, experiment = first.tracking_uri, first.probe.tracking.experiment
     init_ray(address)

@@ -108,11 +108,7 @@ def summarise(
         best = ranked[0]
         score = tracking.run_score(best, metric)
         params = {name: best.data.params[name] for name in searched if name in best.data.params}
-        with tempfile.TemporaryDirectory() as folder:
-            config = mlflow_client.download_artifacts(
-                best.info.run_id, "config/resolved_config.yaml", folder
-            )
-            logger.log_file(Path(config).rename(Path(folder) / "best_config.yaml"), "study")
+        log_best_config(mlflow_client, best.info.run_id, logger)
         mlflow_client.log_metric(parent_run_id, tracking.score_name(metric), score)
         for name, value in params.items():
             mlflow_client.set_tag(parent_run_id, f"best.{name}", value)
@@ -125,6 +121,21 @@ def summarise(
         )
     log_optuna_plots(study, optuna_storage, logger)
     return summary
+
+
+def log_best_config(mlflow_client, run_id: str, logger) -> None:
+    """The best trial's resolved config as the study's `study/best_config.yaml`. A run without
+    one (a kill lost it before the run resumed) is named in a warning, not a failed study."""
+    staged = {f.path for f in mlflow_client.list_artifacts(run_id, "config")}
+    if "config/resolved_config.yaml" not in staged:
+        print(
+            f"warning: the best trial's run {run_id} has no config/resolved_config.yaml; "
+            "the study's summary goes without study/best_config.yaml"
+        )
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        config = mlflow_client.download_artifacts(run_id, "config/resolved_config.yaml", folder)
+        logger.log_file(Path(config).rename(Path(folder) / "best_config.yaml"), "study")
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:

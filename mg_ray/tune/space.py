@@ -114,6 +114,13 @@ class StudySettings:
     # controller start up while the others train, and their workers start the moment a running
     # trial's CPUs are freed (`mg_ray.tune.study.max_concurrent_trials`).
     standby_trials: int = 1
+    # Tune restarts a trial whose function failed (its node was lost, say) this many times; the
+    # restarted trial resumes from its Train run's last checkpoint (Tune's `FailureConfig`).
+    # Ray Train restarts a failed worker group on its own (`resources.max_failures`).
+    trial_max_failures: int = 1
+    # How long the study waits while its cluster is too small for one trial (a node lost and not
+    # back) before it stops, resumable (`mg_ray.tune.watch`); null waits for ever.
+    placement_timeout_s: float | None = 600
     # Configurations tried first, before the searcher's own draws (OptunaSearch's
     # `points_to_evaluate`): a known-good setting the search should start from. Each maps
     # searched parameters to values; parameters it leaves out are drawn.
@@ -142,6 +149,18 @@ class StudySettings:
             self.trial_driver_cpus,
         )
         check(self.standby_trials >= 0, "standby_trials", "an integer >= 0", self.standby_trials)
+        check(
+            self.placement_timeout_s is None or self.placement_timeout_s > 0,
+            "placement_timeout_s",
+            "a number of seconds > 0 or null",
+            self.placement_timeout_s,
+        )
+        check(
+            self.trial_max_failures >= 0,
+            "trial_max_failures",
+            "an integer >= 0",
+            self.trial_max_failures,
+        )
 
 
 @dataclass

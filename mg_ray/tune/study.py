@@ -14,12 +14,14 @@ trials that were running resume their Train runs from their last checkpoints. Tr
 found by key, never duplicated. A study name used with a different search space is refused.
 
 Endings: every trial's run ends with its state (`mg_ray.tune.trial_state`). A study interrupted by
-Ctrl-C ends KILLED, registers nothing and raises `StudyInterrupted`; the same command resumes it.
+Ctrl-C or SIGTERM (`ray job stop`) ends KILLED, registers nothing and raises `StudyInterrupted`;
+the same command resumes it.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,14 +39,21 @@ from mg_ray.registry import promote_run
 from mg_ray.tracking import tags
 from mg_ray.train.config import ExperimentConfig
 from mg_ray.tune import trial_state
+from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import summarise
 from mg_ray.tune.scheduling import FinishingASHA
 from mg_ray.tune.space import SearchSpace, base_config_dict, definition_fingerprint, trial_overrides
 from mg_ray.tune.trial import StudyContext, run_trial
+from mg_ray.tune.watch import ResourceWatch, StudyStalled
 
 
 class StudyInterrupted(KeyboardInterrupt):
-    """The study was interrupted (Ctrl-C); its state is saved and the same command resumes it."""
+    """The study was interrupted (Ctrl-C, SIGTERM); its state is saved and the same command
+    resumes it. `signum`: the signal (the process exits 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def max_concurrent_trials(
@@ -147,10 +156,47 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or resume) the study; returns a summary dict. Every check runs before any trial, and
     those that need no cluster (config, dataset, stores, a local cluster's CPUs) before Ray
-    starts. `address`: the Ray cluster to connect to (default: RAY_ADDRESS or a local one).
-    `parent_run_id`, `tags`: the study's MLflow run is nested under that run, with those tags (a
-    pipeline's stage). `checked`: `preflight`'s result when the caller ran it already (a
-    pipeline checks every stage before the first starts)."""
+    starts; a second driver of the study is refused first (`lock.driver_lock`). `address`: the
+    Ray cluster to connect to (default: RAY_ADDRESS or a local one). `parent_run_id`, `tags`:
+    the study's MLflow run is nested under that run, with those tags (a pipeline's stage).
+    `checked`: `preflight`'s result when the caller ran it already (a pipeline checks every stage
+    before the first starts)."""
+    storage, optuna_storage = check_storage(storage_path, optuna_storage)
+    with driver_lock(storage, study_name):
+        return _run_study(
+            space,
+            study_name=study_name,
+            data_root=data_root,
+            num_trials=num_trials,
+            storage=storage,
+            optuna_storage=optuna_storage,
+            promote=promote,
+            verbose=verbose,
+            callbacks=callbacks,
+            address=address,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            checked=checked,
+        )
+
+
+def _run_study(
+    space: SearchSpace,
+    *,
+    study_name: str,
+    data_root: str | None,
+    num_trials: int | None,
+    storage: Path,
+    optuna_storage: str,
+    promote: bool,
+    verbose: int,
+    callbacks: list | None,
+    address: str | None,
+    parent_run_id: str | None,
+    tags: dict[str, str] | None,
+    checked: Checked | None,
+) -> dict[str, Any]:
+    """`run_study` once the study's lock is held: setup, the tuner, fit, close."""
     # setup: checks, the cluster, the study's MLflow run
     if num_trials is not None:
         space.study.num_trials = num_trials
@@ -158,7 +204,6 @@ def run_study(
         checked = preflight(space, study_name=study_name, data_root=data_root, address=address)
     else:
         checked = checked.for_space(space)
-    storage, optuna_storage = check_storage(storage_path, optuna_storage)
     init_ray(address)
     check_resources(**checked.request)
     concurrency = max_concurrent_trials(space, checked.probe, ray.cluster_resources())
@@ -182,13 +227,17 @@ def run_study(
         storage=storage,
         concurrency=concurrency,
         verbose=verbose,
-        callbacks=callbacks,
+        callbacks=[
+            ResourceWatch(checked.request, space.study.placement_timeout_s),
+            *(callbacks or []),
+        ],
     )
     session = trial_state.begin(ctx)
     status = "FAILED"
     try:
         # fit, then close every trial's run and the study's
         results = tuner.fit()
+        session.restore_signals()
         epochs = {
             r.metrics["trial_id"]: int(r.metrics.get(trial_state.TIME_ATTR, 0))
             for r in results
@@ -202,7 +251,8 @@ def run_study(
         if session.interrupted:
             status = "KILLED"
             raise StudyInterrupted(
-                f"study {study_name!r} interrupted; run the same command to resume it"
+                f"study {study_name!r} interrupted; run the same command to resume it",
+                session.signum,
             )
         summary = summarise(
             client,
@@ -228,11 +278,17 @@ def run_study(
             )
         status = "FINISHED"
         return summary
-    except KeyboardInterrupt:  # also a second Ctrl-C, which Tune lets through
+    except StudyStalled:  # its trials resume with the same command, as after Ctrl-C
         session.interrupted = True
         status = "KILLED"
         raise
+    except KeyboardInterrupt as err:  # also a second Ctrl-C, which Tune lets through
+        session.interrupted = True
+        session.signum = getattr(err, "signum", session.signum)
+        status = "KILLED"
+        raise
     finally:
+        session.restore_signals()
         # Runs still open here: the study failed, or a second Ctrl-C came. Their trials end with
         # this process (a local cluster) or with its Ray job, so nothing is waited for.
         trial_state.close_unfinished(session, {}, wait=False)
@@ -310,7 +366,12 @@ def build_tuner(
     experiment_path = storage / ctx.name
     if tune.Tuner.can_restore(str(experiment_path)):
         print(f"resuming study {ctx.name!r} from {experiment_path}")
-        return tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+        # Unfinished trials go on from their checkpoints; failed ones stay failed. Tune requeues
+        # errored trials outside `max_concurrent_trials`: more trial functions than the cluster
+        # fits would then hold the CPUs their worker groups wait for, and the resumed study would
+        # wait for ever. A failure worth retrying (a lost node) was retried in its session
+        # (`study.trial_max_failures`).
+        return tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=False)
     study = space.study
     searcher = OptunaSearch(
         space.sample,
@@ -328,6 +389,7 @@ def build_tuner(
         max_t=probe.optim.epochs,
         grace_period=study.asha.grace_period,
         reduction_factor=study.asha.reduction_factor,
+        history=trial_state.RunHistory(ctx),  # its rungs rebuilt when the study is resumed
     )
     return tune.Tuner(
         trainable,
@@ -343,6 +405,7 @@ def build_tuner(
             storage_path=str(storage),
             verbose=verbose,
             callbacks=[trial_state.TrialRuns(ctx.name), *(callbacks or [])],
+            failure_config=tune.FailureConfig(max_failures=study.trial_max_failures),
         ),
     )
 

@@ -9,14 +9,15 @@ reports the trial's end:
     stopped      KILLED    ASHA stopped it (stop reason `asha`), or the time budget ran out
                            (`time_budget`)
     failed       FAILED    its Train run raised
-    interrupted  KILLED    the study was interrupted (Ctrl-C) while it ran; the same command
-                           resumes it, and reopens its run
+    interrupted  KILLED    the study was interrupted (Ctrl-C, SIGTERM: `ray job stop`) while it
+                           ran; the same command resumes it, and reopens its run
 
 Tune tells its callbacks nothing about the trials still running when the study ends early
-(`time_budget_s`, Ctrl-C): `close_unfinished` ends those once `Tuner.fit()` has returned and
-the trials' Train workers are gone. `Session.interrupted` says whether the study ended because
-of a Ctrl-C: Tune catches the first one and returns from `fit()` normally, so this callback wraps
-the SIGINT handler Tune installs (in `setup`, which Tune calls after installing it).
+(`time_budget_s`, an interruption): `close_unfinished` ends those once `Tuner.fit()` has returned
+and the trials' Train workers are gone. `Session.interrupted` says whether the study ended because
+of a Ctrl-C or a SIGTERM: Tune catches the first SIGINT and returns from `fit()` normally, so this
+callback wraps the SIGINT handler Tune installs (in `setup`, which Tune calls after installing
+it) and hands a SIGTERM to the same handler; `Session.restore_signals` undoes that after `fit()`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class Session:
     ctx: StudyContext
     open: dict[str, str] = field(default_factory=dict)  # trial id -> run id, opened and not ended
     interrupted: bool = False
+    signum: int = signal.SIGINT  # the signal that interrupted it
+    sigterm_before: Any = None  # the SIGTERM handler `TrialRuns.setup` replaced
+
+    def restore_signals(self) -> None:
+        """Put back the SIGTERM handler of before `fit()` (Tune restores its SIGINT one)."""
+        if self.sigterm_before is not None:
+            signal.signal(signal.SIGTERM, self.sigterm_before)
+            self.sigterm_before = None
 
 
 _sessions: dict[str, Session] = {}
@@ -77,15 +86,20 @@ class TrialRuns(Callback):
             return
         tune_handler = signal.getsignal(signal.SIGINT)
         session = self.session
+        session.sigterm_before = signal.getsignal(signal.SIGTERM)
 
-        def on_sigint(signum, frame):
-            session.interrupted = True
+        def on_stop(signum, frame):
+            # The first SIGINT or SIGTERM stops the study as Tune stops it on Ctrl-C (the
+            # experiment state saved, `fit()` returns); a second one ends it at once.
+            session.interrupted, session.signum = True, signum
+            session.restore_signals()
             if callable(tune_handler):
-                tune_handler(signum, frame)
+                tune_handler(signal.SIGINT, frame)
             else:
                 raise KeyboardInterrupt
 
-        signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGTERM, on_stop)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         """Open the trial's run before its function runs (the function fills in its config)."""
@@ -107,6 +121,8 @@ class TrialRuns(Callback):
         )
         if resumed:  # how it ended before no longer holds
             client.set_tag(run_id, tags.STATE, "running")
+            if tags.STOP_REASON in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, tags.STOP_REASON)
         self.session.open[trial.trial_id] = run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -114,6 +130,13 @@ class TrialRuns(Callback):
             close(self.session, trial.trial_id, "completed", epochs_seen(trial))
         else:
             close(self.session, trial.trial_id, "stopped", epochs_seen(trial), reason="asha")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """A failed trial Tune restarts (`study.trial_max_failures`): its run stays open."""
+        run_id = self.session.open.get(trial.trial_id)
+        if run_id is not None:
+            tracking.client(self.session.ctx.tracking_uri).set_tag(run_id, tags.STATE, "retrying")
+        print(f"trial {trial.trial_id} failed; Tune restarts it from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         close(self.session, trial.trial_id, "failed", epochs_seen(trial))
@@ -130,15 +153,20 @@ def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True
     state, reason = ("interrupted", None) if session.interrupted else ("stopped", "time_budget")
     ended = list(session.open)
     for trial_id in ended:
-        close(session, trial_id, state, epochs.get(trial_id, 0), reason=reason)
+        try:
+            close(session, trial_id, state, epochs.get(trial_id, 0), reason=reason)
+        except Exception as err:  # noqa: BLE001 (one run that cannot be closed must not keep the others open)
+            print(f"warning: trial {trial_id}: its MLflow run could not be closed ({err})")
     return ended
 
 
 def close(
     session: Session, trial_id: str, state: str, epochs: int, reason: str | None = None
 ) -> None:
-    """End a trial's run: its state and the epochs Tune saw as tags, the matching run status."""
-    run_id = session.open.pop(trial_id, None)
+    """End a trial's run: its state and the epochs Tune saw as tags, the matching run status. The
+    trial stays among the open ones until its run has ended: cut short (a second Ctrl-C, say), the
+    study's last `close_unfinished` ends it."""
+    run_id = session.open.get(trial_id)
     if run_id is None:
         return
     client = tracking.client(session.ctx.tracking_uri)
@@ -152,6 +180,7 @@ def close(
     tracking.terminate_run(
         client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
     )
+    session.open.pop(trial_id, None)
     if state in ("completed", "stopped"):
         log_study_progress(client, session.ctx)
 
@@ -181,6 +210,29 @@ def log_study_progress(client, ctx: StudyContext) -> None:
             max(scores) if mode == "max" else min(scores),
             step=len(scores),
         )
+
+
+@dataclass
+class RunHistory:
+    """What a study's trial reported before, read back from its MLflow run: (epochs completed,
+    the study metric) per epoch, the last value logged at each step. `FinishingASHA` replays it
+    into its rungs when a resumed study restores the trial."""
+
+    ctx: StudyContext
+
+    def __call__(self, trial_id: str) -> list[tuple[int, float]]:
+        client = tracking.client(self.ctx.tracking_uri)
+        experiment = client.get_experiment_by_name(self.ctx.experiment)
+        run = (
+            tracking.find_run(client, experiment.experiment_id, run_key(self.ctx, trial_id))
+            if experiment is not None
+            else None
+        )
+        if run is None:
+            return []
+        history = client.get_metric_history(run.info.run_id, self.ctx.space.study.metric)
+        by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+        return [(step + 1, value) for step, value in sorted(by_step.items())]
 
 
 def epochs_seen(trial: Any) -> int:

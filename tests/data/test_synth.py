@@ -287,3 +287,27 @@ def test_synth_is_learnable_from_pose_and_rgb():
     assert acc["rgb"] >= 2.5 * chance  # RGB alone: manner (+ some location)
     assert rgb_pairs >= 0.85 and pose_pairs <= 0.75  # RGB sees what keypoints cannot
     assert acc["fused"] >= max(acc["pose"], acc["rgb"]) + 0.05  # the two add up
+
+
+def test_two_drivers_in_a_fresh_home_generate_the_default_dataset_once(tmp_path):
+    """`check.generate_once`: the second of two drivers started together waits for the first's
+    dataset instead of racing it (and being told to pass --force)."""
+    import threading
+    import time
+
+    from mg_ray.data.check import generate_once
+
+    root = tmp_path / "home" / "synthetic"
+    made = []
+
+    def make(folder):
+        time.sleep(0.3)  # the second driver arrives while the first generates
+        folder.mkdir()
+        made.append(threading.current_thread().name)
+
+    threads = [threading.Thread(target=generate_once, args=(root, make)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and root.is_dir()

@@ -4,8 +4,8 @@ synthetic dataset, the real `mg-ray tune` entry point in a subprocess).
 After each ending: the study run is terminated, there is exactly one child run per trial, each
 child is FINISHED / KILLED / FAILED with its `mg_ray.trial_state` tag, none is RUNNING, and no
 Ray Train worker of the study is left. Covered here: a trial stopped by ASHA, a failed trial, a
-study cut by its time budget (and the same command run again), Ctrl-C (and the same command run
-again, which resumes). A completed study and a SIGKILLed driver resumed with the same command are
+study cut by its time budget (and the same command run again), Ctrl-C and SIGTERM (and the same
+command run again, which resumes). A completed study and a SIGKILLed driver resumed with the same command are
 in tests/e2e/test_study.py.
 """
 
@@ -21,7 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import epochs_logged, mlflow_client, no_train_workers_left, run, runs, start
+from tests.e2e.helpers import (
+    cli_env,
+    command,
+    epochs_logged,
+    mlflow_client,
+    no_train_workers_left,
+    run,
+    runs,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +142,8 @@ def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
     space = write_space(tmp_path, trials=1, epochs=2, fixed="  data.skip_bad: false")
     done = run(home, "tune", "--space", str(space), "--study", "failed", "--data", str(data))
     assert "1 trials {'failed': 1}" in done.stdout, done.stdout[-3000:]
+    # Tune restarted it once (`study.trial_max_failures`: what a lost node needs) before it failed
+    assert "failed; Tune restarts it from its last checkpoint" in done.stdout, done.stdout[-3000:]
     client = mlflow_client(home)
     [child] = check_closed(client, home, "failed", trials=1, parent_status="FINISHED").values()
     assert child.data.tags["mg_ray.trial_state"] == "failed" and child.info.status == "FAILED"
@@ -172,44 +183,122 @@ def test_a_study_cut_by_its_time_budget_closes_the_cut_trial_and_runs_again(tiny
     check_closed(client, home, "budget", trials=1, parent_status="FINISHED")
 
 
-def test_ctrl_c_ends_the_study_killed_and_the_same_command_resumes_it(tiny_dataset, tmp_path):
-    home = tmp_path / "home"
-    space = write_space(tmp_path, trials=1, epochs=2)
-    args = ("tune", "--space", str(space), "--study", "ctrlc", "--data", str(tiny_dataset))
-    log = tmp_path / "first.log"
-    proc = start(home, *args, log=log)
+def interrupt_after(
+    proc, home: Path, log: Path, epochs: int, signum: int, group: bool, meanwhile=None
+) -> int:
+    """Send `signum` once the study's trial has `epochs` epochs in MLflow; the exit status.
+    `meanwhile()` runs first, once the study holds its lock."""
     client = mlflow_client(home)
     try:
+        if meanwhile is not None:
+            deadline = time.monotonic() + 120
+            lock = home / "ray_results" / "stopped-by-signal.study-driver.json"
+            while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            meanwhile()
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:  # interrupt once an epoch is in
+        while time.monotonic() < deadline and proc.poll() is None:
+            # (the store is read once the study has created it)
             trials = (
                 runs(client, "tags.`mg_ray.role` = 'trial'")
                 if (home / "mlflow.db").exists()
                 else []
             )
-            if trials and client.get_metric_history(trials[0].info.run_id, "val_top1"):
+            if trials and epochs_logged(client, trials[0].info.run_id) >= epochs:
                 break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the study ended before Ctrl-C:\n" + log.read_text()[-4000:]
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
-        assert proc.wait(timeout=180) == 130, log.read_text()[-4000:]
+            time.sleep(0.3)
+        assert proc.poll() is None, "the study ended before the signal:\n" + log.read_text()[-4000:]
+        if group:
+            os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal sends: the whole group
+        else:
+            proc.send_signal(signum)  # what `timeout`, systemd and Kubernetes send: the driver
+        return proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def check_interrupted(client, home: Path, log: Path, first_run_id: str | None = None) -> str:
     assert "interrupted; run the same command to resume it" in log.read_text()
-    [child] = check_closed(client, home, "ctrlc", trials=1, parent_status="KILLED").values()
+    [child] = check_closed(
+        client, home, "stopped-by-signal", trials=1, parent_status="KILLED"
+    ).values()
     assert child.data.tags["mg_ray.trial_state"] == "interrupted"
+    assert "mg_ray.stop_reason" not in child.data.tags  # an interruption is not a stop
+    assert first_run_id in (None, child.info.run_id)
     assert not client.search_registered_models()  # an interrupted study promotes nothing
+    return child.info.run_id
+
+
+def test_ctrl_c_and_sigterm_interrupt_the_study_and_the_same_command_resumes_it(
+    tiny_dataset, tmp_path
+):
+    """Ctrl-C (SIGINT to the process group), then SIGTERM to the driver alone (`timeout`,
+    systemd, Kubernetes; `ray job stop` sends it to the driver and its children): each is an
+    interruption (exit 130 / 143, the study run KILLED, its trial `interrupted`), and the same
+    command resumes the trial where it was. A second driver of the running study is refused; a
+    truncated latest checkpoint is skipped on the last resume."""
+    home = tmp_path / "home"
+    space = write_space(tmp_path, trials=1, epochs=6)
+    args = (
+        "tune",
+        "--space",
+        str(space),
+        "--study",
+        "stopped-by-signal",
+        "--data",
+        str(tiny_dataset),
+    )
+    client = mlflow_client(home)
+
+    first = tmp_path / "first.log"
+    proc = start(home, *args, log=first)
+
+    def second_driver() -> None:  # refused at once, naming the running one; nothing is touched
+        refused = subprocess.run(
+            command(*args),
+            check=False,
+            env=cli_env(home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert f"study 'stopped-by-signal' is already running: driver pid {proc.pid}" in (
+            refused.stderr
+        ), refused.stderr[-2000:]
+
+    status = interrupt_after(proc, home, first, 1, signal.SIGINT, True, meanwhile=second_driver)
+    assert status == 130, first.read_text()[-4000:]
+    run_id = check_interrupted(client, home, first)
+
+    second = tmp_path / "second.log"
+    status = interrupt_after(start(home, *args, log=second), home, second, 3, signal.SIGTERM, False)
+    assert status == 143, second.read_text()[-4000:]
+    assert "resuming study 'stopped-by-signal'" in second.read_text()
+    check_interrupted(client, home, second, run_id)
+
+    # The trial's checkpoints but its oldest are truncated (a disk that filled up, say): the
+    # resume skips the one Ray Train holds as latest, with a warning naming it, and takes an
+    # older one. (Which is latest is Ray Train's to say: a kill between writing a checkpoint and
+    # registering it leaves a newer folder Ray Train never uses.)
+    _oldest, *newer = sorted(
+        (home / "ray_results" / "stopped-by-signal_train").glob("*/checkpoint_*/checkpoint.pt"),
+        key=lambda f: f.parent.name,
+    )
+    for checkpoint in newer:
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
 
     done = run(home, *args, timeout=900)
-    assert "resuming study 'ctrlc'" in done.stdout, done.stdout[-3000:]
-    [resumed] = check_closed(client, home, "ctrlc", trials=1, parent_status="FINISHED").values()
-    assert (
-        resumed.info.run_id == child.info.run_id
-        and resumed.data.tags["mg_ray.trial_state"] == "completed"
-    )
-    assert epochs_logged(client, resumed.info.run_id) == 2  # resumed, not rerun
+    out = done.stdout + done.stderr
+    assert "resuming study 'stopped-by-signal'" in done.stdout, done.stdout[-3000:]
+    assert any(f"skipping checkpoint {c.parent}" in out for c in newer), out[-3000:]
+    [resumed] = check_closed(
+        client, home, "stopped-by-signal", trials=1, parent_status="FINISHED"
+    ).values()
+    assert resumed.info.run_id == run_id and resumed.data.tags["mg_ray.trial_state"] == "completed"
+    assert epochs_logged(client, resumed.info.run_id) == 6  # resumed twice, not rerun
     assert client.get_model_version_by_alias("endings-model", "champion")
 
 

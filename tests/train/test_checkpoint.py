@@ -108,3 +108,30 @@ def test_a_fresh_best_survives_the_round_trip_empty(tmp_path):
     assert resumed.start_epoch == 1
     assert resumed.best.epoch == -1 and resumed.best.model is None
     assert resumed.best.val_top1 == -math.inf
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_skipped_for_an_older_one(tmp_path, capsys):
+    """The loop's `resume`: a truncated latest checkpoint is named in a warning and the older one
+    Ray Train kept is loaded; with none loadable, training starts over (nothing half-loaded)."""
+    from ray.train import Checkpoint
+
+    from mg_ray.train.loop import resume
+
+    run = build()
+    folders = {e: tmp_path / f"checkpoint_{e}" for e in (1, 2)}
+    for e, folder in folders.items():
+        folder.mkdir()
+        save_checkpoint(folder, **run, epoch=e, best=Best(), metrics={"epoch": e})
+    latest = folders[2] / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[:1000])  # a disk that filled up mid-write, say
+    kept = [Checkpoint.from_directory(folders[e]) for e in (2, 1)]
+
+    resumed = resume(kept[0], build(seed=7), rank=0, older=lambda: kept)
+    assert resumed.start_epoch == 2  # the older checkpoint (epoch 1)
+    assert f"skipping checkpoint {folders[2]}" in capsys.readouterr().out
+
+    fresh = build(seed=7)
+    before = {k: v.clone() for k, v in fresh["model"].state_dict().items()}
+    resumed = resume(kept[0], fresh, rank=0)  # no older one
+    assert resumed.start_epoch == 0 and "training starts over" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in fresh["model"].state_dict().items())

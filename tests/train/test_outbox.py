@@ -131,3 +131,41 @@ def test_the_final_report_again_logs_what_the_run_lacks_and_nothing_twice(tmp_pa
     assert [m.step for m in client.get_metric_history(run_id, "test_top1")] == [1]
     assert [m.step for m in client.get_metric_history(run_id, "epochs_completed")] == [1]
     assert REPORTED_AGAIN not in client.get_run(run_id).data.metrics
+
+
+def test_a_resume_hands_over_again_what_a_kill_kept_from_mlflow(tmp_path):
+    """Killed between epoch 1's report and its logging: the run has epoch 0 only. The resumed
+    rank 0 adopts the restored checkpoint's outbox and stages epoch 1's metrics again
+    (`loop.resume`); epoch 2's report then logs epoch 1's metrics and artifacts, and epoch 0's
+    metrics, already there, are not logged twice."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id, _ = tracking.start_or_resume_run(
+        client, tracking.get_or_create_experiment(client, "t"), "k"
+    )
+    callback = MLflowLoggingCallback(uri, run_id)
+    callback.after_report(None, [{"epoch": 0, "val_top1": 0.5}], _empty_checkpoint(tmp_path))
+
+    before = ArtifactOutbox()  # epoch 1: reported, never logged
+    before.log_text("a: 1\n", "config/resolved_config.yaml")
+    lost = tmp_path / "checkpoint_1"
+    lost.mkdir()
+    before.move_into(lost)
+    before.close()
+
+    outbox = ArtifactOutbox()  # the resumed rank 0
+    outbox.adopt(lost)
+    outbox.stage_epoch_metrics({"epoch": 1, "val_top1": np.float32(0.75)})
+    outbox.stage_epoch_metrics({"epoch": 0, "val_top1": 0.5})  # one the run has
+    outbox.log_text("b: 2\n", "config/model_spec.yaml")
+    second = tmp_path / "checkpoint_2"
+    second.mkdir()
+    outbox.move_into(second)
+    outbox.close()
+    callback.after_report(None, [{"epoch": 2, "val_top1": 1.0}], Checkpoint.from_directory(second))
+
+    history = client.get_metric_history(run_id, "val_top1")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.75), (2, 1.0)]
+    assert {"config/resolved_config.yaml", "config/model_spec.yaml"} <= artifact_paths(
+        client, run_id
+    )

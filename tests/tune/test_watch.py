@@ -1,0 +1,51 @@
+"""`ResourceWatch` against given cluster totals (no Ray): a cluster too small for one trial is
+named once, forgiven when it grows back, and ends the study after `placement_timeout_s`."""
+
+from __future__ import annotations
+
+import pytest
+
+from mg_ray.tune.watch import ResourceWatch, StudyStalled
+
+REQUEST = dict(
+    num_workers=2,
+    cpus_per_worker=0.9,
+    use_gpu=False,
+    reserved_cpus=0.05,
+    what="each trial of study 'mn'",
+)
+
+
+def test_a_lost_node_that_returns_is_waited_for(capsys):
+    watch = ResourceWatch(REQUEST, timeout_s=60)
+    watch.check({"CPU": 2.0}, now=0)
+    watch.check({"CPU": 1.0}, now=10)  # a node lost
+    watch.check({"CPU": 1.0}, now=65)  # 55 s short: still waiting
+    watch.check({"CPU": 2.0}, now=69)  # back
+    watch.check({"CPU": 1.0}, now=100)  # lost again: the clock starts over
+    watch.check({"CPU": 1.0}, now=150)
+    out = capsys.readouterr().out
+    assert out.count("warning: each trial of study 'mn' needs 1.85 CPUs") == 2
+    assert "but the cluster has 1 (a node lost?); waiting up to 60 s" in out
+    assert "the cluster has the resources of a trial again" in out
+
+
+def test_a_cluster_that_stays_too_small_ends_the_study_naming_what_is_missing():
+    watch = ResourceWatch(REQUEST, timeout_s=60)
+    watch.check({"CPU": 1.0}, now=0)
+    with pytest.raises(StudyStalled) as stalled:
+        watch.check({"CPU": 1.0}, now=61)
+    assert str(stalled.value).startswith(
+        "each trial of study 'mn' needs 1.85 CPUs (2 workers x 0.9 CPU + 0.05 for the trial "
+        "driver) but the cluster has 1, for 61 s (study.placement_timeout_s: 60); the study stops."
+    )
+    gpus = ResourceWatch({**REQUEST, "use_gpu": True}, timeout_s=1)
+    gpus.check({"CPU": 8.0, "GPU": 1.0}, now=0)
+    with pytest.raises(StudyStalled, match="asks for 2 GPU"):
+        gpus.check({"CPU": 8.0, "GPU": 1.0}, now=1)
+
+
+def test_null_waits_for_ever():
+    watch = ResourceWatch(REQUEST, timeout_s=None)
+    watch.on_step_end(0, [])  # reads nothing: no Ray needed
+    assert watch.short_since is None
