@@ -28,6 +28,7 @@ from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import best_trials
 from mg_ray.tune.space import Pipeline, definition_fingerprint
 from mg_ray.tune.study import StudyInterrupted, check_storage, preflight, run_study
+from mg_ray.tune.watch import StudyStopped
 
 
 def stage_study(pipeline_name: str, stage: str) -> str:
@@ -187,7 +188,7 @@ def _run_pipeline(
             )
         status = "FINISHED"
         return summary
-    except (KeyboardInterrupt, StudyInterrupted):
+    except (KeyboardInterrupt, StudyInterrupted, StudyStopped):  # the same command resumes it
         status = "KILLED"
         raise
     finally:

@@ -121,6 +121,9 @@ class StudySettings:
     # How long the study waits while its cluster is too small for one trial (a node lost and not
     # back) before it stops, resumable (`mg_ray.tune.watch`); null waits for ever.
     placement_timeout_s: float | None = 600
+    # The study stops, resumable, when a local store it writes (checkpoints, MLflow, Optuna) has
+    # less free space than this (`mg_ray.tune.watch`); 0 never stops it.
+    min_free_disk_mb: float = 100
     # Configurations tried first, before the searcher's own draws (OptunaSearch's
     # `points_to_evaluate`): a known-good setting the search should start from. Each maps
     # searched parameters to values; parameters it leaves out are drawn.
@@ -154,6 +157,12 @@ class StudySettings:
             "placement_timeout_s",
             "a number of seconds > 0 or null",
             self.placement_timeout_s,
+        )
+        check(
+            self.min_free_disk_mb >= 0,
+            "min_free_disk_mb",
+            "a number of MB >= 0",
+            self.min_free_disk_mb,
         )
         check(
             self.trial_max_failures >= 0,

@@ -44,7 +44,7 @@ from mg_ray.tune.results import summarise
 from mg_ray.tune.scheduling import FinishingASHA
 from mg_ray.tune.space import SearchSpace, base_config_dict, definition_fingerprint, trial_overrides
 from mg_ray.tune.trial import StudyContext, run_trial
-from mg_ray.tune.watch import ResourceWatch, StudyStalled
+from mg_ray.tune.watch import DiskWatch, ResourceWatch, StudyStopped, local_folder
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -229,6 +229,7 @@ def _run_study(
         verbose=verbose,
         callbacks=[
             ResourceWatch(checked.request, space.study.placement_timeout_s),
+            DiskWatch(study_folders(ctx, client), space.study.min_free_disk_mb),
             *(callbacks or []),
         ],
     )
@@ -278,7 +279,7 @@ def _run_study(
             )
         status = "FINISHED"
         return summary
-    except StudyStalled:  # its trials resume with the same command, as after Ctrl-C
+    except StudyStopped:  # its trials resume with the same command, as after Ctrl-C
         session.interrupted = True
         status = "KILLED"
         raise
@@ -408,6 +409,17 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=study.trial_max_failures),
         ),
     )
+
+
+def study_folders(ctx: StudyContext, client) -> list[Path]:
+    """The local folders a study writes to: the trials' checkpoints, the MLflow store and the
+    experiment's artifacts, the Optuna storage (a server's store is not ours to watch)."""
+    experiment = client.get_experiment_by_name(ctx.experiment)
+    uris = [ctx.train_storage, ctx.tracking_uri, ctx.optuna_storage]
+    if experiment is not None:
+        uris.append(experiment.artifact_location)
+    folders = [local_folder(uri) for uri in uris]
+    return list(dict.fromkeys(f for f in folders if f is not None))
 
 
 def detach_orphans(mlflow_client, parent_run_id: str) -> None:

@@ -1,4 +1,6 @@
-"""The study never waits in silence for resources its cluster no longer has.
+"""The study stops, resumable, with one line, rather than wait in silence or fill a disk.
+
+Resources:
 
 A trial's workers wait for their placement group as long as a running trial holds the CPUs
 (`ray_env.TRIAL`: a standby trial must). That wait is only endless when the cluster itself
@@ -9,21 +11,38 @@ and if the cluster has not grown back within `study.placement_timeout_s` it ends
 one line naming what a trial asks for and what is there. The experiment state is saved on
 every step (`ray_env.STUDY_DRIVER`), so the same command resumes the study once the cluster is
 back.
+
+Disk: `DiskWatch` reads the free space of the study's local stores (checkpoints, the MLflow
+store and its artifacts, the Optuna storage) as often, and stops the study the same way once one
+has less than `study.min_free_disk_mb`: before a checkpoint or a database write fails halfway,
+which would fail trials that only lacked space.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import ray
 from ray.tune import Callback
 
+from mg_ray import paths
 from mg_ray.cluster import ResourceError, shortfall
 
 
-class StudyStalled(ResourceError):
+class StudyStopped(ResourceError):
+    """The study stopped for a resource it lacks; its trials resume with the same command."""
+
+
+class StudyStalled(StudyStopped):
     """The cluster stayed too small for one trial for longer than the study allows."""
+
+
+class DiskFull(StudyStopped):
+    """A local store of the study is (nearly) out of space."""
 
 
 class ResourceWatch(Callback):
@@ -62,3 +81,47 @@ class ResourceWatch(Callback):
                 f"(study.placement_timeout_s: {self.timeout_s:g}); the study stops. Run the same "
                 "command to resume it once the cluster has the resources."
             )
+
+
+class DiskWatch(Callback):
+    """paths: local folders the study writes to (`local_folder` of its stores' URIs)."""
+
+    def __init__(self, paths: list[Path], min_free_mb: float, every_s: float = 5.0):
+        self.paths, self.min_free_mb, self.every_s = paths, min_free_mb, every_s
+        self.checked_at = 0.0
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        now = time.monotonic()
+        if now - self.checked_at >= self.every_s:
+            self.checked_at = now
+            self.check()
+
+    def check(self) -> None:
+        for path in self.paths:
+            free_mb = shutil.disk_usage(existing(path)).free / 2**20
+            if free_mb < self.min_free_mb:
+                raise DiskFull(
+                    f"{path}: {free_mb:.0f} MB free, under study.min_free_disk_mb "
+                    f"({self.min_free_mb:g}); the study stops. Free some space and run the same "
+                    "command to resume it."
+                )
+
+
+def local_folder(uri: str) -> Path | None:
+    """The local folder behind a store's URI (a path, file:, sqlite:), or None (a server)."""
+    sqlite = paths.sqlite_file(uri)
+    if sqlite is not None:
+        return sqlite.parent
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if not parsed.scheme:
+        return Path(uri)
+    return None
+
+
+def existing(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (a store not yet written)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path

@@ -5,7 +5,7 @@ After each ending: the study run is terminated, there is exactly one child run p
 child is FINISHED / KILLED / FAILED with its `mg_ray.trial_state` tag, none is RUNNING, and no
 Ray Train worker of the study is left. Covered here: a trial stopped by ASHA, a failed trial, a
 study cut by its time budget (and the same command run again), Ctrl-C and SIGTERM (and the same
-command run again, which resumes). A completed study and a SIGKILLed driver resumed with the same command are
+command run again, which resumes), a second driver, a full disk and truncated checkpoints. A completed study and a SIGKILLed driver resumed with the same command are
 in tests/e2e/test_study.py.
 """
 
@@ -238,9 +238,31 @@ def test_ctrl_c_and_sigterm_interrupt_the_study_and_the_same_command_resumes_it(
     systemd, Kubernetes; `ray job stop` sends it to the driver and its children): each is an
     interruption (exit 130 / 143, the study run KILLED, its trial `interrupted`), and the same
     command resumes the trial where it was. A second driver of the running study is refused; a
-    truncated latest checkpoint is skipped on the last resume."""
-    home = tmp_path / "home"
-    space = write_space(tmp_path, trials=1, epochs=6)
+    full disk (a small tmpfs, where this test may mount one) stops the study with one line and the
+    same command resumes it once there is space; a truncated latest checkpoint is skipped on the
+    last resume."""
+    disk = small_disk(tmp_path / "disk")
+    try:
+        interrupt_resume_and_complete(tiny_dataset, tmp_path, disk)
+    finally:
+        if disk is not None:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def small_disk(folder: Path) -> Path | None:
+    """A 200 MB tmpfs at `folder`, or None where this user may not mount one."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(folder)],
+        check=False,
+        capture_output=True,
+    )
+    return folder if mounted.returncode == 0 else None
+
+
+def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | None) -> None:
+    home = (disk or tmp_path) / "home"
+    space = write_space(tmp_path, trials=1, epochs=6, study="  min_free_disk_mb: 50")
     args = (
         "tune",
         "--space",
@@ -278,6 +300,28 @@ def test_ctrl_c_and_sigterm_interrupt_the_study_and_the_same_command_resumes_it(
     assert status == 143, second.read_text()[-4000:]
     assert "resuming study 'stopped-by-signal'" in second.read_text()
     check_interrupted(client, home, second, run_id)
+
+    if disk is not None:  # the disk fills up (to 25 MB free): one line naming it, exit 2
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 25 * 2**20))
+        full = subprocess.run(
+            command(*args),
+            check=False,
+            env=cli_env(home),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+        train_storage = home / "ray_results" / "stopped-by-signal_train"
+        assert f"{train_storage}: " in full.stderr, full.stderr[-3000:]
+        assert "MB free, under study.min_free_disk_mb (50); the study stops" in full.stderr
+        [child] = check_closed(
+            client, home, "stopped-by-signal", trials=1, parent_status="KILLED"
+        ).values()
+        assert child.data.tags["mg_ray.trial_state"] == "interrupted"
+        assert not client.search_registered_models()
+        filler.unlink()
 
     # The trial's checkpoints but its oldest are truncated (a disk that filled up, say): the
     # resume skips the one Ray Train holds as latest, with a warning naming it, and takes an

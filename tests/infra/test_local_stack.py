@@ -305,3 +305,90 @@ def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
         time.sleep(0.5)
     assert not group_pids(ray_pgid) | group_pids(mlflow_pgid)
     assert not any(port_open(stack.ports[name]) for name in ("RAY", "DASHBOARD", "MLFLOW"))
+
+
+def test_ray_job_stop_interrupts_the_study_and_resubmitting_resumes_it(
+    stack, tiny_dataset, tmp_path
+):
+    """`ray job stop` (SIGTERM to the job's driver, SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, which
+    the README's submit raises to 60 s) is an interruption: the job ends STOPPED, the study run
+    KILLED, its trial `interrupted`, nothing registered; the same job submitted again resumes the
+    trial and completes the study."""
+    from mlflow import MlflowClient
+
+    space = tmp_path / "stopped.yaml"
+    space.write_text(TINY_QUICK.replace("optim.epochs: 1", "optim.epochs: 4").replace("[1]", "[4]"))
+    env = stack.client_env()
+
+    def submit(submission_id: str, *wait: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                *wait,
+                "--address",
+                stack.dashboard,
+                "--submission-id",
+                submission_id,
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}',
+                "--",
+                "python",
+                "jobs/tune.py",
+                "--space",
+                str(space),
+                "--data",
+                str(tiny_dataset),
+            ],
+            check=False,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    def job(*args: str) -> str:
+        return subprocess.run(
+            ["ray", "job", *args, "--address", stack.dashboard],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout
+
+    assert submit("stopped-1", "--no-wait").returncode == 0
+    client = MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
+    deadline = time.monotonic() + 600
+    trained = False
+    while not trained and time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("mg-ray")
+        trials = (
+            client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'trial'")
+            if experiment
+            else []
+        )
+        trained = any(client.get_metric_history(t.info.run_id, "val_top1") for t in trials)
+        time.sleep(1)
+    assert trained, job("logs", "stopped-1")[-4000:]
+    job("stop", "stopped-1")  # waits for the job to end
+    logs = job("logs", "stopped-1")
+    assert "STOPPED" in job("status", "stopped-1"), logs[-4000:]
+    assert "interrupted (SIGTERM)" in logs, logs[-4000:]
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'study'")
+    [trial] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'trial'")
+    assert parent.info.status == "KILLED" and trial.info.status == "KILLED"
+    assert trial.data.tags["mg_ray.trial_state"] == "interrupted"
+    assert not client.search_registered_models()
+
+    again = submit("stopped-2")
+    assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout[-6000:]
+    assert "resuming study 'stopped'" in again.stdout
+    [trial] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'trial'")
+    assert trial.info.status == "FINISHED" and trial.data.tags["mg_ray.trial_state"] == "completed"
+    assert len({m.step for m in client.get_metric_history(trial.info.run_id, "val_top1")}) == 4
+    assert client.get_model_version_by_alias("mg-ray-fused", "champion")

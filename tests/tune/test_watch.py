@@ -49,3 +49,20 @@ def test_null_waits_for_ever():
     watch = ResourceWatch(REQUEST, timeout_s=None)
     watch.on_step_end(0, [])  # reads nothing: no Ray needed
     assert watch.short_since is None
+
+
+def test_a_store_short_of_space_stops_the_study_naming_its_folder(tmp_path):
+    from mg_ray.tune.watch import DiskFull, DiskWatch, local_folder
+
+    store = tmp_path / "not-yet-written" / "ray_results"  # read on its nearest existing folder
+    DiskWatch([store], min_free_mb=0).check()
+    with pytest.raises(DiskFull) as full:
+        DiskWatch([store], min_free_mb=1e12).check()  # a petabyte: no disk has that free
+    assert str(full.value).startswith(f"{store}: ")
+    assert "under study.min_free_disk_mb (1e+12); the study stops" in str(full.value)
+
+    assert local_folder(f"sqlite:///{tmp_path}/mlflow.db") == tmp_path
+    assert local_folder(f"file://{tmp_path}/mlartifacts") == tmp_path / "mlartifacts"
+    assert local_folder(str(tmp_path / "ray_results")) == tmp_path / "ray_results"
+    assert local_folder("http://127.0.0.1:5000") is None
+    assert local_folder("s3://bucket/results") is None
