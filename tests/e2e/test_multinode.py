@@ -5,6 +5,8 @@ whose two DDP workers cannot share a node (0.9 CPU each).
 Once the first trial has an epoch in MLflow, the second node is lost (SIGKILL to every process
 it runs) and a replacement joins: the study finishes, the trial resumed from its checkpoint
 (Ray Train's and Tune's failure settings, `mg_ray/train/trainer.py`, `study.trial_max_failures`).
+Then a one-trial study loses that node for good: it stops after its `placement_timeout_s` with
+one line (exit 2), and once another node joins the same command completes it.
 
 Asserts, from Ray's State API, that each trial's two workers ran on different nodes; the MLflow
 tree (one study run, one child per trial, all closed, each with every epoch); a checkpoint in
@@ -14,6 +16,7 @@ once they are stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import ROOT, cli_env, epochs_logged, mlflow_client, runs
+from tests.e2e.helpers import ROOT, cli_env, command, epochs_logged, mlflow_client, runs
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +99,26 @@ def stop(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         os.killpg(node.pid, signal.SIGKILL)
 
 
-def wait_for_an_epoch(home: Path, study: subprocess.Popen, log: Path) -> None:
-    """Until a trial of the study has an epoch in MLflow."""
+@contextlib.contextmanager
+def ending(proc: subprocess.Popen):
+    """Whatever happens inside, `proc` (a study driver in its own session) has ended after."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for_an_epoch(home: Path, study: subprocess.Popen, log: Path, name: str) -> None:
+    """Until a trial of study `name` has an epoch in MLflow."""
     client = mlflow_client(home)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and study.poll() is None:
         if (home / "mlflow.db").exists():
-            trials = runs(client, "tags.`mg_ray.role` = 'trial'")
+            trials = runs(
+                client, f"tags.`mg_ray.role` = 'trial' and tags.`mg_ray.study` = '{name}'"
+            )
             if any(epochs_logged(client, t.info.run_id) >= 1 for t in trials):
                 return
         time.sleep(0.5)
@@ -181,52 +197,68 @@ def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path
         )
         wait_for_cpus(env, address, 2, tmp_path / "node2.log")
 
-        space = tmp_path / "space.yaml"
-        space.write_text(SPACE)
-        study_log = tmp_path / "study.log"
-        study = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mg_ray.cli",
-                "tune",
-                "--space",
-                str(space),
-                "--study",
-                "mn",
-                "--data",
-                str(tiny_dataset),
-                "--address",
-                address,
-                "--storage-path",
-                str(shared),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=study_log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_for_an_epoch(home, study, study_log)
-            stop(nodes[1], sig=signal.SIGKILL)  # the node is lost, with whatever ran on it
+        def study(name: str, space_text: str) -> tuple[subprocess.Popen, Path]:
+            space = tmp_path / f"{name}.yaml"
+            space.write_text(space_text)
+            log = tmp_path / f"{name}.log"
+            tune = [*command("tune", "--space", str(space), "--study", name)]
+            tune += ["--data", str(tiny_dataset), "--address", address]
+            tune += ["--storage-path", str(shared)]
+            proc = subprocess.Popen(
+                tune,
+                env=env,
+                cwd=ROOT,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            return proc, log
+
+        def new_node(log_name: str) -> None:
             nodes.append(
                 subprocess.Popen(
                     [*ray, f"--address={address}", *node_ports()],
                     env=env,
-                    stdout=(tmp_path / "node3.log").open("w"),
+                    stdout=(tmp_path / log_name).open("w"),
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
             )
-            returncode = study.wait(timeout=900)
-        finally:
-            if study.poll() is None:
-                os.killpg(study.pid, signal.SIGKILL)
-                study.wait()
-        assert returncode == 0, study_log.read_text()[-8000:]
+
+        # A node lost mid-trial, and a replacement joins: the study finishes.
+        proc, log = study("mn", SPACE)
+        with ending(proc):
+            wait_for_an_epoch(home, proc, log, "mn")
+            stop(nodes[1], sig=signal.SIGKILL)  # the node is lost, with whatever ran on it
+            new_node("node3.log")
+            assert proc.wait(timeout=900) == 0, log.read_text()[-8000:]
         # the lost node's trial went on from its checkpoint, not from scratch
-        assert "resumed from the checkpoint of epoch 0" in study_log.read_text()
+        assert "resumed from the checkpoint of epoch" in log.read_text()
+
+        # A node lost for good: the study stops after its placement_timeout_s with one line,
+        # resumable; once a node joins, the same command completes it.
+        lost = (
+            SPACE.replace("num_trials: 2", "num_trials: 1")
+            .replace("optim.epochs: 2", "optim.epochs: 6")
+            .replace("[2]", "[6]")
+            .replace(
+                "register_as: multinode-model", "register_as: mn-lost\n  placement_timeout_s: 15"
+            )
+        )
+        proc, log = study("mn-lost", lost)
+        with ending(proc):
+            wait_for_an_epoch(home, proc, log, "mn-lost")
+            stop(nodes[-1], sig=signal.SIGKILL)
+            assert proc.wait(timeout=300) == 2, log.read_text()[-8000:]
+        text = log.read_text()
+        assert "each trial of study 'mn-lost' needs 1.85 CPUs" in text, text[-4000:]
+        assert "(study.placement_timeout_s: 15); the study stops" in text, text[-4000:]
+        new_node("node4.log")
+        wait_for_cpus(env, address, 2, tmp_path / "node4.log")
+        proc, log = study("mn-lost", lost)
+        with ending(proc):
+            assert proc.wait(timeout=600) == 0, log.read_text()[-8000:]
+        assert "resuming study 'mn-lost'" in log.read_text()
 
         # Ray's State API: every trial's worker group (one placement group) spans both nodes.
         probe = (
