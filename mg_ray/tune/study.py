@@ -15,7 +15,9 @@ found by key, never duplicated. A study name used with a different search space 
 
 Endings: every trial's run ends with its state (`mg_ray.tune.trial_state`). A study interrupted by
 Ctrl-C or SIGTERM (`ray job stop`) ends KILLED, registers nothing and raises `StudyInterrupted`;
-the same command resumes it.
+the same command resumes it. A cluster too small for one trial, or a store short of disk space,
+stops it the same way with one line (`StudyStopped`, `mg_ray.tune.watch`). The watches travel in
+the Tune experiment (`tuner.pkl`), so a study started by an older mg-ray resumes without them.
 """
 
 from __future__ import annotations
