@@ -97,7 +97,8 @@ def check_resources(
     short = shortfall(**request, reserved_cpus=reserved_cpus, total=total, cluster=cluster)
     if short is None:
         return
-    if short.startswith("asks for"):  # GPUs
+    resource, short = short
+    if resource == "GPU":
         raise ResourceError(
             f"{what} {short}. Fix: set resources.use_gpu=false (--cpu) or connect to a cluster "
             "with GPU nodes."
@@ -119,18 +120,19 @@ def shortfall(
     reserved_cpus: float = 0.0,
     total: dict[str, float],
     cluster: str = "the Ray cluster",
-) -> str | None:
-    """What one request lacks in `total` (a cluster's resources), or None when it fits."""
+) -> tuple[str, str] | None:
+    """What one request lacks in `total` (a cluster's resources): the resource ("CPU" or "GPU")
+    and a phrase that says so; None when it fits."""
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     need = num_workers * cpus_per_worker + reserved_cpus
     if need > cpus + 1e-9:
-        return (
+        return "CPU", (
             f"needs {need:g} CPUs ({num_workers} workers x {cpus_per_worker:g} CPU"
             + (f" + {reserved_cpus:g} for the trial driver" if reserved_cpus else "")
             + f") but {cluster} has {cpus:g}"
         )
     if use_gpu and gpus < num_workers:
-        return f"asks for {num_workers} GPU(s) but {cluster} has {gpus:g}"
+        return "GPU", f"asks for {num_workers} GPU(s) but {cluster} has {gpus:g}"
     return None
 
 

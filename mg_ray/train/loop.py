@@ -13,7 +13,6 @@ into the run its driver owns (`mg_ray.train.outbox`).
 
 from __future__ import annotations
 
-import itertools
 import random
 import shutil
 import tempfile
@@ -226,8 +225,13 @@ def resume(checkpoint, training: dict[str, Any], rank: int, older=list, outbox=N
     training starts over. Ray Train itself would reload the bad file on every retry."""
     if checkpoint is None:
         return Resumed()
+
+    def candidates():
+        yield checkpoint
+        yield from older()  # Ray Train is asked only once the latest has failed to load
+
     tried = set()
-    for candidate in itertools.chain([checkpoint], older()):
+    for candidate in candidates():
         if candidate.path in tried:
             continue
         tried.add(candidate.path)

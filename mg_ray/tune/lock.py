@@ -42,6 +42,13 @@ def this_driver() -> dict[str, Any]:
     }
 
 
+def held_by_this_process(holder: dict[str, Any] | None) -> bool:
+    return bool(holder) and (holder.get("pid"), holder.get("host")) == (
+        os.getpid(),
+        socket.gethostname(),
+    )
+
+
 def is_stale(holder: dict[str, Any]) -> bool:
     """True when the holder ran on this host and its process is gone."""
     if holder.get("host") != socket.gethostname():
@@ -61,7 +68,7 @@ def read_holder(path: Path) -> dict[str, Any] | None:
         return {}  # unreadable or half written: treated as held by an unknown driver
 
 
-def acquire(path: Path, what: str) -> dict[str, Any]:
+def acquire(path: Path, what: str) -> None:
     """Create the lock file (atomically: O_EXCL) or raise StudyLocked naming its holder."""
     me = this_driver()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,14 +94,13 @@ def acquire(path: Path, what: str) -> dict[str, Any]:
             ) from None
         with os.fdopen(fd, "w") as out:
             json.dump(me, out)
-        return me
+        return
     raise StudyLocked(f"{what}: could not take the lock {path}; another driver keeps taking it")
 
 
-def release(path: Path, me: dict[str, Any]) -> None:
+def release(path: Path) -> None:
     """Remove the lock file if it is still this driver's."""
-    holder = read_holder(path)
-    if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+    if held_by_this_process(read_holder(path)):
         path.unlink(missing_ok=True)
 
 
@@ -104,12 +110,11 @@ def driver_lock(storage: Path, name: str, kind: str = "study") -> Iterator[None]
     `storage` while the block runs; a process that holds it already enters again."""
     path = lock_path(storage, name, kind)
     what = f"{kind} {name!r}"
-    holder = read_holder(path)
-    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+    if held_by_this_process(read_holder(path)):
         yield
         return
-    me = acquire(path, what)
+    acquire(path, what)
     try:
         yield
     finally:
-        release(path, me)
+        release(path)

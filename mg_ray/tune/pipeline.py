@@ -27,7 +27,7 @@ from mg_ray.tune.ensemble import ensemble
 from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import best_trials
 from mg_ray.tune.space import Pipeline, definition_fingerprint
-from mg_ray.tune.study import StudyInterrupted, check_storage, preflight, run_study
+from mg_ray.tune.study import check_storage, preflight, run_study
 from mg_ray.tune.watch import StudyStopped
 
 
@@ -188,7 +188,7 @@ def _run_pipeline(
             )
         status = "FINISHED"
         return summary
-    except (KeyboardInterrupt, StudyInterrupted, StudyStopped):  # the same command resumes it
+    except (KeyboardInterrupt, StudyStopped):  # (StudyInterrupted too) the same command resumes it
         status = "KILLED"
         raise
     finally:

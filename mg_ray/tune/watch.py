@@ -45,21 +45,34 @@ class DiskFull(StudyStopped):
     """A local store of the study is (nearly) out of space."""
 
 
-class ResourceWatch(Callback):
-    """request: one trial's (`study.Checked.request`); timeout_s: None waits for ever."""
+class Watch(Callback):
+    """A check of the study's surroundings, run on the driver every `every_s` seconds of Tune's
+    loop (`on_step_end`); `poll` raises a `StudyStopped` to stop the study."""
 
-    def __init__(self, request: dict[str, Any], timeout_s: float | None, every_s: float = 5.0):
-        self.request, self.timeout_s, self.every_s = dict(request), timeout_s, every_s
-        self.what = self.request.pop("what", "each trial")
-        self.checked_at = 0.0
-        self.short_since: float | None = None  # when the cluster was first seen too small
+    every_s = 5.0
+    checked_at = 0.0
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         now = time.monotonic()
-        if self.timeout_s is None or now - self.checked_at < self.every_s:
-            return
-        self.checked_at = now
-        self.check(ray.cluster_resources(), now)
+        if now - self.checked_at >= self.every_s:
+            self.checked_at = now
+            self.poll(now)
+
+    def poll(self, now: float) -> None:
+        raise NotImplementedError
+
+
+class ResourceWatch(Watch):
+    """request: one trial's (`study.Checked.request`); timeout_s: None waits for ever."""
+
+    def __init__(self, request: dict[str, Any], timeout_s: float | None):
+        self.request, self.timeout_s = dict(request), timeout_s
+        self.what = self.request.pop("what", "each trial")
+        self.short_since: float | None = None  # when the cluster was first seen too small
+
+    def poll(self, now: float) -> None:
+        if self.timeout_s is not None:
+            self.check(ray.cluster_resources(), now)
 
     def check(self, total: dict[str, float], now: float) -> None:
         """Raise `StudyStalled` once `total` has been too small for `timeout_s` seconds."""
@@ -69,6 +82,7 @@ class ResourceWatch(Callback):
                 print("the cluster has the resources of a trial again")
                 self.short_since = None
             return
+        _resource, short = short
         if self.short_since is None:
             self.short_since = now
             print(
@@ -83,18 +97,14 @@ class ResourceWatch(Callback):
             )
 
 
-class DiskWatch(Callback):
+class DiskWatch(Watch):
     """paths: local folders the study writes to (`local_folder` of its stores' URIs)."""
 
-    def __init__(self, paths: list[Path], min_free_mb: float, every_s: float = 5.0):
-        self.paths, self.min_free_mb, self.every_s = paths, min_free_mb, every_s
-        self.checked_at = 0.0
+    def __init__(self, paths: list[Path], min_free_mb: float):
+        self.paths, self.min_free_mb = paths, min_free_mb
 
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        now = time.monotonic()
-        if now - self.checked_at >= self.every_s:
-            self.checked_at = now
-            self.check()
+    def poll(self, now: float) -> None:
+        self.check()
 
     def check(self) -> None:
         for path in self.paths:
