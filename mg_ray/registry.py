@@ -19,6 +19,7 @@ The run's own status is never touched, so a trial that ASHA stopped keeps its st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ def promote_run(
     version = client.create_model_version(
         name, source=f"models:/{model_id}", run_id=run_id, tags=version_tags, model_id=model_id
     )
+    mark_registered(client, model_id, name, version.version)
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return _apply_champion_rule(
         client,
@@ -114,6 +116,15 @@ def promote_run(
         new=True,
         tracking_uri=tracking_uri,
     )
+
+
+def mark_registered(client, model_id: str, name: str, version: str) -> None:
+    """Tell the logged model it has a registered version, as `mlflow.register_model` does (which
+    cannot be used here: from a `models:/<id>` URI it registers the version without its run)."""
+    listed = client.get_logged_model(model_id).tags.get(tags.MODEL_VERSIONS)
+    versions = json.loads(listed) if listed else []
+    versions.append({"name": name, "version": str(version)})
+    client.set_logged_model_tags(model_id, {tags.MODEL_VERSIONS: json.dumps(versions)})
 
 
 def registered_version(client, name: str, run_id: str):

@@ -3,6 +3,7 @@ data (models-from-code: no pickled Python object in the store), on a real sqlite
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,13 @@ import torch
 from mg_ray import tracking
 from mg_ray.model_file import MODEL_FILE, model_spec, save_model_file
 from mg_ray.registry import promote_run
-from mg_ray.tracking.models import LOGGED_MODEL, log_best_model, run_logged_model
+from mg_ray.tracking import tags
+from mg_ray.tracking.models import (
+    MODEL_TYPE,
+    log_best_model,
+    logged_model_name,
+    run_logged_model,
+)
 from mg_ray.train.config import load_config
 
 
@@ -64,6 +71,11 @@ def training_run(client, experiment, folder) -> str:
     return run_id
 
 
+def test_a_logged_model_is_named_after_its_run_as_mlflow_allows():
+    assert logged_model_name("quick.fused_1c6f6c54") == "quick-fused_1c6f6c54"
+    assert logged_model_name("a/b:c%d'e\"f") == "a-b-c-d-e-f" and logged_model_name(None) == "model"
+
+
 def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_path):
     import mlflow.pyfunc
 
@@ -81,7 +93,8 @@ def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_
     assert log_best_model(client, run_id, uri) == model_id  # once per run
     model = client.get_logged_model(model_id)
     assert (
-        model.name == LOGGED_MODEL
+        model.name == logged_model_name(run.info.run_name)  # <study>_<trial id> in a study
+        and model.model_type == MODEL_TYPE
         and model.source_run_id == run_id
         and str(model.status).endswith("READY")
     )
@@ -99,6 +112,9 @@ def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_
     version = client.get_model_version("tiny", out["version"])
     # the sqlite registry keeps the link in the version's source (its model_id field stays empty)
     assert version.source == f"models:/{model_id}" and version.run_id == run_id
+    # and the logged model lists it, as `mlflow.register_model` would (the UI shows it registered)
+    listed = json.loads(client.get_logged_model(model_id).tags[tags.MODEL_VERSIONS])
+    assert listed == [{"name": "tiny", "version": str(out["version"])}]
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/tiny@candidate")

@@ -9,6 +9,7 @@ version from it is `mg_ray.registry`'s job.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def save_pyfunc(model_file: Path, out: Path) -> None:
     )
 
 
-LOGGED_MODEL = "model"  # the name of a training run's MLflow logged model
+MODEL_TYPE = "mg-ray"  # the type of a training run's MLflow logged model (named after its run)
 
 
 def run_logged_model(client: MlflowClient, run_id: str):
@@ -76,7 +77,7 @@ def run_logged_model(client: MlflowClient, run_id: str):
     found = client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=10
     )
-    ready = [m for m in found if m.name == LOGGED_MODEL and str(m.status).endswith("READY")]
+    ready = [m for m in found if m.model_type == MODEL_TYPE and str(m.status).endswith("READY")]
     return ready[0] if ready else None
 
 
@@ -99,9 +100,9 @@ def log_best_model(client: MlflowClient, run_id: str, tracking_uri: str) -> str:
         step = int(metrics.get("epoch", 0))
         model = client.create_logged_model(
             run.info.experiment_id,
-            name=LOGGED_MODEL,
+            name=logged_model_name(run.info.run_name),
             source_run_id=run_id,
-            model_type="mg-ray",
+            model_type=MODEL_TYPE,
             params={"preset": run.data.params.get("model.preset", "")},
         )
         try:
@@ -123,6 +124,12 @@ def log_best_model(client: MlflowClient, run_id: str, tracking_uri: str) -> str:
         if at_best:
             client.log_metric(run_id, key, at_best[-1].value, step=step, model_id=model.model_id)
     return model.model_id
+
+
+def logged_model_name(run_name: str | None) -> str:
+    """A run's logged model is named after the run (`quick-fused_1c6f6c54`: its stage and trial),
+    less the characters MLflow refuses in a model name (`/ : . % " '`)."""
+    return re.sub(r"[/:.%\"']", "-", run_name or "") or "model"
 
 
 def log_run_model(client: MlflowClient, run_id: str, tracking_uri: str) -> None:

@@ -7,6 +7,8 @@ Ray's processes. `use_store` sets MLflow's global URIs only where MLflow itself 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import urllib.error
 import urllib.request
@@ -20,6 +22,7 @@ from mg_ray import paths
 # model-training one; links carry the view too, for experiments made elsewhere (docs/stack.md).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 UI_VIEW = "workflowType=machine_learning"
+DEFAULT_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -98,7 +101,56 @@ def get_or_create_experiment(mlflow_client: MlflowClient, name: str) -> str:
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
-def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The MLflow UI page of an experiment (or of one run) in the model-training view."""
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of `tracking_uri` is: the tracking server itself, or for a local store
+    the address `mlflow ui` serves it on by default."""
+    return tracking_uri if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def ui_link(
+    base_url: str, experiment_id: str, run_id: str | None = None, view: str | None = None
+) -> str:
+    """The MLflow UI page of an experiment (or of one run) in the model-training view; `view`: a
+    shared runs-table view of the experiment (`share_runs_view`) to open it with."""
     page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{base_url.rstrip('/')}/#/{page}?{UI_VIEW}"
+    shared = f"&{SHARED_VIEW_PARAM}={view}" if view else ""
+    return f"{base_url.rstrip('/')}/#/{page}?{UI_VIEW}{shared}"
+
+
+# The MLflow UI's shared runs-table views: an experiment tag holding the view's state (JSON:
+# filter, sort, columns), opened by the link's `viewStateShareKey`. The UI's own Share button
+# writes the same tag; this is how a view is made without clicking.
+SHARED_VIEW_TAG, SHARED_VIEW_PARAM = "mlflow.sharedViewState.", "viewStateShareKey"
+
+
+def share_runs_view(
+    mlflow_client: MlflowClient,
+    experiment_id: str,
+    *,
+    search_filter: str,
+    order_by: str,
+    ascending: bool,
+    columns: list[str],
+) -> str:
+    """Save a runs-table view of the experiment (the runs `search_filter` finds, sorted by
+    `order_by`, showing `columns`, each a column key such as "metrics.`best_val_top1`" or
+    "params.`optim.lr`"); returns its key for `ui_link`. The same view gets the same key."""
+    state = {
+        "searchFilter": search_filter,
+        "orderByKey": order_by,
+        "orderByAsc": ascending,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+    }
+    value = json.dumps(state, separators=(",", ":"))
+    key = hashlib.sha256(value.encode()).hexdigest()[:32]
+    mlflow_client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, value)
+    return key
+
+
+def column(kind: str, name: str) -> str:
+    """The UI's key of a runs-table column: kind is metrics, params, tags or attributes."""
+    return f"{kind}.`{name}`"

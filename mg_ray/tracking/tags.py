@@ -16,6 +16,10 @@ STUDY, TRIAL = "mg_ray.study", "mg_ray.trial_id"
 SPACE_FILE = "mg_ray.space_file"
 DEFINITION = "mg_ray.space_sha256"  # the fingerprint of a study's space or a pipeline's file
 
+# On a study's run: its best trial's run (named as users look for it), and the markdown MLflow
+# shows as the run's description.
+BEST_RUN, DESCRIPTION = "best_run_id", "mlflow.note.content"
+
 # How a trial ended (`mg_ray.tune.trial_state`): its state, why it was stopped, the epochs Tune saw.
 STATE, STOP_REASON, EPOCHS = "mg_ray.trial_state", "mg_ray.stop_reason", "mg_ray.trial_epochs"
 
@@ -35,3 +39,7 @@ VERSION_DATASET, VERSION_DATASET_ROOT, VERSION_VAL_SPLIT = (
     "val_split",
 )
 CHAMPION_DECISION = "champion_decision"
+
+# On a logged model: the versions registered from it, as `mlflow.register_model` writes it (a JSON
+# list of {"name", "version"}); the UI's logged-model page shows them as registered.
+MODEL_VERSIONS = "mlflow.modelVersions"

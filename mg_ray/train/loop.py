@@ -96,10 +96,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         improved = val_metrics["val_top1"] > best.val_top1
         if improved:
             best = Best.of(epoch, val_metrics["val_top1"], model, criterion)
-        # Key order matters: Tune's progress table shows the first four metrics it sees.
+        # Key order matters: Tune's progress table shows the first four metrics it sees. The
+        # running best comes first: it scores the trial (`tracking.score_name`).
         metrics = {
-            "val_top1": val_metrics["val_top1"],
             "best_val_top1": best.val_top1,
+            "val_top1": val_metrics["val_top1"],
             "epochs_completed": epoch
             + 1,  # ASHA's time attribute (Tune's own counter restarts on restore)
             "train_loss": train_stats["train_loss"],

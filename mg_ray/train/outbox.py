@@ -106,7 +106,7 @@ def replay(outbox: Path, logger) -> None:
         for path in restaged:
             metrics = json.loads(path.read_text())
             if int(metrics["epoch"]) not in logged:
-                logger.log_metrics(metrics, step=int(metrics["epoch"]))
+                logger.log_metrics(as_metrics(metrics), step=int(metrics["epoch"]))
     if (outbox / ARTIFACTS).is_dir():  # one call, the staged folder tree as the artifact tree
         logger.client.log_artifacts(logger.run_id, str(outbox / ARTIFACTS))
     for report in sorted((outbox / REPORTS).glob("*.npz")) if (outbox / REPORTS).is_dir() else ():
@@ -120,6 +120,16 @@ def replay(outbox: Path, logger) -> None:
                 arrays["class_names"].tolist(),
                 arrays["clip_names"].tolist(),
             )
+
+
+# Reported values that are wall-clock timestamps, not measurements: Tune's results carry them
+# (`benchmarks/bench_trial_overhead.py` reads them), MLflow's metrics do not.
+TIMESTAMPS = frozenset({"training_started_at"})
+
+
+def as_metrics(reported: dict[str, Any]) -> dict[str, Any]:
+    """A report's values that are MLflow metrics (timestamps left out)."""
+    return {k: v for k, v in reported.items() if k not in TIMESTAMPS}
 
 
 class MLflowLoggingCallback(UserCallback):
@@ -159,7 +169,7 @@ class MLflowLoggingCallback(UserCallback):
             reported = {
                 k: v for k, v in reported.items() if k != REPORTED_AGAIN and logged.get(k) != v
             }
-        self.run_logger.log_metrics(reported, step=int(metrics[0].get("epoch", 0)))
+        self.run_logger.log_metrics(as_metrics(reported), step=int(metrics[0].get("epoch", 0)))
         with checkpoint.as_directory() as folder:
             outbox = Path(folder) / OUTBOX_DIR
             if outbox.is_dir():

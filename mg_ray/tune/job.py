@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{summary['score_name']} {summary['best_score']:.3f} with {params}"
             )
     print_promotion(summary)
-    print_mlflow_ui(study)
+    print_mlflow_ui(study, view=summary.get("view"))
     return 0
 
 
@@ -140,18 +140,18 @@ def print_promotion(summary: dict) -> None:
     )
 
 
-def print_mlflow_ui(study: str, experiment: str = "mg-ray") -> None:
+def print_mlflow_ui(study: str, experiment: str = "mg-ray", view: str | None = None) -> None:
     """How to look at the study in MLflow: the command for a sqlite store, and the link that opens
-    the experiment's runs (the model-training view) with the study run among them."""
+    the experiment's runs (the model-training view) on the study's trials, best first, with the
+    objective and the searched parameters as columns (`view`, `results.study_view`)."""
     uri = tracking.resolve_tracking_uri(None)
     client = tracking.client(uri)
     found = client.get_experiment_by_name(experiment)
+    base = tracking.ui_base(uri)
     if uri.startswith("sqlite:"):
-        base = "http://127.0.0.1:5000"
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    else:
-        base = uri
     if found is not None:
         print(
-            f"  then open {tracking.ui_link(base, found.experiment_id)}  (experiment {experiment!r}, run {study!r})"
+            f"  then open {tracking.ui_link(base, found.experiment_id, view=view)}  "
+            f"(experiment {experiment!r}, study {study!r})"
         )

@@ -25,7 +25,7 @@ from mg_ray.registry import promote_run
 from mg_ray.tracking import tags
 from mg_ray.tune.ensemble import ensemble
 from mg_ray.tune.lock import driver_lock
-from mg_ray.tune.results import best_trials
+from mg_ray.tune.results import best_trials, study_view
 from mg_ray.tune.space import Pipeline, definition_fingerprint
 from mg_ray.tune.study import check_storage, preflight, run_study
 from mg_ray.tune.watch import StudyStopped
@@ -161,7 +161,16 @@ def _run_pipeline(
                 pipeline, name, best, tracking_uri, experiment, pipeline_run_id
             )
         registered = best[pipeline.register_stage]
-        study = pipeline.stage_space(pipeline.register_stage).study
+        register_space = pipeline.stage_space(pipeline.register_stage)
+        study = register_space.study
+        summary["view"] = study_view(  # the MLflow link opens the registered stage's trials
+            client,
+            registered.info.experiment_id,
+            stage_study(name, pipeline.register_stage),
+            metric=study.metric,
+            mode=study.mode,
+            searched=list(register_space.parameters),
+        )
         summary.update(
             best_run_id=registered.info.run_id,
             best_trial_id=registered.data.tags.get(tags.TRIAL),

@@ -11,18 +11,18 @@ started first, then to the smaller run id.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 
 from mg_ray import tracking
 from mg_ray.tracking import tags
-from mg_ray.tracking.reports import RunLogger, load_pyplot
+from mg_ray.tracking.reports import RunLogger
 
 
 class NoTrialsError(LookupError):
@@ -112,6 +112,7 @@ def summarise(
         mlflow_client.log_metric(parent_run_id, tracking.score_name(metric), score)
         for name, value in params.items():
             mlflow_client.set_tag(parent_run_id, f"best.{name}", value)
+        mlflow_client.set_tag(parent_run_id, tags.BEST_RUN, best.info.run_id)
         summary.update(
             best_trial_id=best.data.tags[tags.TRIAL],
             best_run_id=best.info.run_id,
@@ -119,8 +120,98 @@ def summarise(
             score_name=tracking.score_name(metric),
             best_params=params,
         )
+    mlflow_client.set_tag(
+        parent_run_id,
+        tags.DESCRIPTION,
+        study_page(study, experiment_id, runs, ranked, metric, mode, searched),
+    )
     log_optuna_plots(study, optuna_storage, logger)
+    summary["view"] = study_view(
+        mlflow_client, experiment_id, study, metric=metric, mode=mode, searched=searched
+    )
     return summary
+
+
+def study_view(
+    mlflow_client, experiment_id: str, study: str, *, metric: str, mode: str, searched: list[str]
+) -> str:
+    """The MLflow runs table as a researcher compares a study: its trials, best first, with the
+    objective, how each ended and the searched parameters as columns (a shared view of the
+    experiment: `tracking.ui_link(..., view=<key>)` opens it); returns the view's key."""
+    objective = tracking.column("metrics", tracking.score_name(metric))
+    return tracking.share_runs_view(
+        mlflow_client,
+        experiment_id,
+        search_filter=f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` = 'trial'",
+        order_by=objective,
+        ascending=mode == "min",
+        columns=[
+            objective,
+            tracking.column("tags", tags.STATE),
+            tracking.column("tags", tags.EPOCHS),
+            *(tracking.column("params", name) for name in searched),
+        ],
+    )
+
+
+def study_page(
+    study: str,
+    experiment_id: str,
+    runs: list,
+    ranked: list,
+    metric: str,
+    mode: str,
+    searched: list[str],
+) -> str:
+    """The study run's description (markdown, shown on its page): the best trial as a link, then
+    every trial ranked by the objective (the ranked completed ones first, then the others by
+    their score), with its state, epochs and searched parameters."""
+    objective = tracking.score_name(metric)
+    order = {r.info.run_id: i for i, r in enumerate(ranked)}
+    rest = sorted(
+        (r for r in runs if r.info.run_id not in order),
+        key=lambda r: (
+            tracking.run_score(r, metric) is None,
+            -(tracking.run_score(r, metric) or 0),
+        ),
+    )
+    shown = list(ranked) + (rest if mode == "max" else rest[::-1])
+
+    def link(run) -> str:
+        return f"[{run.info.run_name}](#/experiments/{experiment_id}/runs/{run.info.run_id})"
+
+    def value(text: str | None) -> str:
+        try:
+            return f"{float(text):.4g}"
+        except (TypeError, ValueError):
+            return "" if text is None else str(text)
+
+    lines = [f"## Study `{study}`", ""]
+    if ranked:
+        best = ranked[0]
+        lines += [
+            f"**Best trial:** {link(best)}: {objective} {tracking.run_score(best, metric):.4f}",
+            "",
+        ]
+    else:
+        lines += ["No trial completed.", ""]
+    header = ["rank", "trial", "state", "epochs", objective, *searched]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, run in enumerate(shown, 1):
+        cells = [
+            str(i) if run.info.run_id in order else "",
+            link(run),
+            run.data.tags.get(tags.STATE, ""),
+            run.data.tags.get(tags.EPOCHS, ""),
+            value(tracking.run_score(run, metric)),
+            *(value(run.data.params.get(name)) for name in searched),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Optuna's plots: artifact `study/optuna_plots.html`; the trials: `study/trials.csv`.",
+    ]
+    return "\n".join(lines)
 
 
 def log_best_config(mlflow_client, run_id: str, logger) -> None:
@@ -148,30 +239,34 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def log_optuna_plots(study: str, optuna_storage: str, logger) -> None:
-    """Optimisation history, parameter importances, parallel coordinates (matplotlib PNGs)."""
-    plt = load_pyplot()  # before optuna's plotting module imports pyplot
-    # Imported here: heavy (matplotlib), and only the end of a study draws.
-    from optuna.visualization import matplotlib as optuna_plots
+    """Optuna's interactive plots of the study (plotly), in one HTML file the MLflow UI renders
+    (`study/optuna_plots.html`, plotly.js inside it: the UI may have no internet): optimisation
+    history, parallel coordinates (log axes for log-scaled parameters) and parameter importances.
+    A plot that cannot be drawn (importances need 2 completed trials) says why in its place."""
+    # Imported here: heavy (plotly), and only the end of a study draws.
+    from optuna import visualization
 
     loaded = optuna.load_study(study_name=study, storage=optuna_storage)
     complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
     plots = {
-        "optimization_history": optuna_plots.plot_optimization_history,
-        "param_importances": optuna_plots.plot_param_importances,
-        "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+        "Optimisation history": visualization.plot_optimization_history,
+        "Parallel coordinates": visualization.plot_parallel_coordinate,
+        "Parameter importances": visualization.plot_param_importances,
     }
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    parts, with_js = [], True
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, plot in plots.items():
+        for title, plot in plots.items():
+            parts.append(f"<h2>{html.escape(title)}</h2>")
             try:
-                if name != "optimization_history" and len(complete) < 2:
+                if plot is not visualization.plot_optimization_history and len(complete) < 2:
                     raise ValueError("needs at least 2 completed trials")
-                ax = plot(loaded)
-                fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
-                fig.set_size_inches(9, 5)
-                fig.tight_layout()
-                fig.savefig(Path(folder) / f"{name}.png", dpi=100)
-                plt.close(fig)
+                parts.append(plot(loaded).to_html(full_html=False, include_plotlyjs=with_js))
+                with_js = False  # once per page
             except Exception as err:  # noqa: BLE001 (plots are a convenience: never fail the study on one)
-                (Path(folder) / f"{name}.txt").write_text(f"not plotted: {err}\n")
-        logger.client.log_artifacts(logger.run_id, folder, "study/plots")
+                parts.append(f"<p>not plotted: {html.escape(str(err))}</p>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(study)}</title>"
+        f"</head><body><h1>Study {html.escape(study)}</h1>{''.join(parts)}</body></html>"
+    )
+    logger.log_text(page, "study/optuna_plots.html")

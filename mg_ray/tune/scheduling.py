@@ -1,11 +1,17 @@
-"""How a study's trials end early: ASHA, letting a trial at its last epoch end by itself, and
-remembering on resume what the trials reported before."""
+"""How a study's trials are drawn, scored and ended early, as Ray Tune, ASHA and Optuna see them:
+ASHA that lets a trial at its last epoch end by itself and remembers on resume what the trials
+reported before, and an OptunaSearch whose Optuna trials are PRUNED when ASHA stops them."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 # A trial id -> the (epochs completed, metric value) it reported before, in order.
 History = Callable[[str], list[tuple[int, float]]]
@@ -55,3 +61,103 @@ class FinishingASHA(ASHAScheduler):
                 self.on_trial_complete(tune_controller, trial, results[-1])
             else:
                 self.on_trial_remove(tune_controller, trial)
+
+
+# What an Optuna trial carries to find its Tune trial and MLflow run again (user attributes).
+TUNE_TRIAL_ID, MLFLOW_RUN_ID, MLFLOW_RUN_URL = "tune_trial_id", "mlflow_run_id", "mlflow_run_url"
+
+
+@dataclass
+class DefineByRun:
+    """The study's define-by-run space, which also writes on each Optuna trial the id of the Tune
+    trial it was drawn for (`StudySearch.suggest` sets `trial_id` just before Optuna calls it)."""
+
+    sample: Callable[[Any], dict[str, Any]]
+    trial_id: str | None = None
+
+    def __call__(self, ot_trial) -> dict[str, Any]:
+        if self.trial_id is not None:
+            ot_trial.set_user_attr(TUNE_TRIAL_ID, self.trial_id)
+        return self.sample(ot_trial)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch whose Optuna study says what Tune did with each trial.
+
+    - Every epoch reaches Optuna as an intermediate value, at step = the epochs the trial
+      completed (`time_attr`; Tune's own `training_iteration` starts again when a trial is
+      restored), the result ASHA stops a trial on included: Tune hands the searcher no result it
+      stops a trial on, only the trial's completion.
+    - A trial that ends without error before its last epoch (`max_t`: ASHA stopped it) is
+      PRUNED, and Optuna gives a pruned trial its last intermediate value. Ray's OptunaSearch
+      would tell it COMPLETE with that value, and TPE would take an epoch-1 score for a finished
+      run. Completed trials are COMPLETE, failed ones FAIL, as before.
+    - Each Optuna trial carries its Tune trial id (user attribute `tune_trial_id`); the study
+      driver adds the MLflow run's id and link when the run opens (`tag_optuna_trial`).
+    - The Optuna study names its objective (`set_metric_names`), for optuna-dashboard and plots.
+
+    Only public methods are overridden (`suggest`, `on_trial_result`, `on_trial_complete`: Tune's
+    searcher interface), and only through `super()`.
+    """
+
+    def __init__(self, space, *, time_attr: str, max_t: int, **kwargs) -> None:
+        self.define = DefineByRun(space)
+        super().__init__(self.define, **kwargs)
+        self.time_attr, self.max_t = time_attr, max_t
+        self.reported: dict[str, int] = {}  # trial id -> the last step Optuna was told
+        storage, name = kwargs.get("storage"), kwargs.get("study_name")
+        if storage is not None and name is not None and kwargs.get("metric"):
+            with warnings.catch_warnings():  # experimental since Optuna 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study = optuna.load_study(study_name=name, storage=storage)
+                study.set_metric_names([kwargs["metric"]])
+
+    def suggest(self, trial_id: str) -> dict | None:
+        self.define.trial_id = trial_id
+        try:
+            return super().suggest(trial_id)
+        finally:
+            self.define.trial_id = None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        step = int(result.get(self.time_attr, 0))
+        if self.metric in result and step > self.reported.get(trial_id, 0):
+            super().on_trial_result(trial_id, {**result, "training_iteration": step})
+            self.reported[trial_id] = step
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if result and not error:
+            self.on_trial_result(trial_id, result)  # the result a stopped trial ended on
+            if int(result.get(self.time_attr, 0)) < self.max_t:
+                result = None  # PRUNED, with its last intermediate value
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def tag_optuna_trial(storage_url: str, study_name: str, tune_trial_id: str, **attrs: str) -> bool:
+    """Set user attributes on the running Optuna trial drawn for `tune_trial_id`, through the
+    storage's public interface; False when there is none (a trial drawn by an older mg-ray)."""
+    storage = optuna.storages.get_storage(storage_url)
+    study_id = storage.get_study_id_from_name(study_name)
+    for trial in reversed(storage.get_all_trials(study_id, deepcopy=False)):
+        if (
+            trial.user_attrs.get(TUNE_TRIAL_ID) == tune_trial_id
+            and trial.state == optuna.trial.TrialState.RUNNING
+        ):
+            number = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(number, key, value)
+            return True
+    return False
+
+
+def prune_optuna_trials(storage_url: str, study_name: str, tune_trial_ids: list[str]) -> None:
+    """Tell Optuna the trials the study's time budget cut are PRUNED (with their last values):
+    Tune ends a study's running trials at its time budget without telling the searcher."""
+    if not tune_trial_ids:
+        return
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(TUNE_TRIAL_ID) in tune_trial_ids:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)

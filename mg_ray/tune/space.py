@@ -56,6 +56,15 @@ class Parameter:
     choices: list[Any] | None = None
     value: Any = None
 
+    def describe(self) -> str:
+        """The range searched, in one line: `float [0.02, 0.5] log`, `categorical [8, 4]`."""
+        if self.type == "categorical":
+            return f"categorical {list(self.choices or [])}"
+        if self.type == "fixed":
+            return f"fixed {self.value!r}"
+        step = f" step {self.step:g}" if self.step else ""
+        return f"{self.type} [{self.low:g}, {self.high:g}]{' log' if self.log else ''}{step}"
+
     def validate(self) -> None:
         if self.type in ("float", "int"):
             check(
@@ -124,6 +133,9 @@ class StudySettings:
     # The study stops, resumable, when a local store it writes (checkpoints, MLflow, Optuna) has
     # less free space than this (`mg_ray.tune.watch`); 0 never stops it.
     min_free_disk_mb: float = 100
+    # Trials TPE draws at random before it models the results (Optuna's `n_startup_trials`);
+    # null: Optuna's default, 10. A short search needs fewer for TPE to act at all.
+    tpe_startup_trials: int | None = None
     # Configurations tried first, before the searcher's own draws (OptunaSearch's
     # `points_to_evaluate`): a known-good setting the search should start from. Each maps
     # searched parameters to values; parameters it leaves out are drawn.
@@ -165,6 +177,12 @@ class StudySettings:
             self.min_free_disk_mb,
         )
         check(
+            self.tpe_startup_trials is None or self.tpe_startup_trials >= 1,
+            "tpe_startup_trials",
+            "null or an integer >= 1",
+            self.tpe_startup_trials,
+        )
+        check(
             self.trial_max_failures >= 0,
             "trial_max_failures",
             "an integer >= 0",
@@ -193,16 +211,26 @@ class SearchSpace:
             rgb = params.get(RGB_FRAMES, self.fixed_value(RGB_FRAMES))
             if p.type == "categorical":
                 allowed = [c for c in p.choices if _frames_ok(rgb, c)]
-                # Optuna needs a fixed choice list per parameter name, so the conditional draw
-                # gets a name of its own for each rgb value.
-                params[POSE_FRAMES] = trial.suggest_categorical(f"{POSE_FRAMES}|rgb={rgb}", allowed)
+                params[POSE_FRAMES] = trial.suggest_categorical(self.pose_frames_name(rgb), allowed)
             else:
                 params[POSE_FRAMES] = _suggest(trial, POSE_FRAMES, p)
         return params
 
+    def pose_frames_name(self, rgb_frames: Any) -> str:
+        """The name Optuna draws the pose frame count under. Optuna needs a fixed choice list per
+        parameter name: when some pose counts do not fit some rgb count, the draw is conditional
+        and gets a name of its own for each rgb value (`data.pose_frames|rgb=8`); when every pair
+        fits (quick.yaml), it is one parameter, `data.pose_frames`, as in every plot."""
+        p = self.parameters.get(POSE_FRAMES)
+        rgb = _values(self.parameters.get(RGB_FRAMES), self.fixed_value(RGB_FRAMES))
+        pose = list(p.choices or []) if p is not None else []
+        if all(_frames_ok(r, c) for r in rgb for c in pose):
+            return POSE_FRAMES
+        return f"{POSE_FRAMES}|rgb={rgb_frames}"
+
     def optuna_points(self) -> list[dict[str, Any]]:
-        """`study.first_trials` under the parameter names `sample` gives Optuna (the pose frame
-        count is drawn under a name of its own for each rgb value)."""
+        """`study.first_trials` under the parameter names `sample` gives Optuna (a conditional
+        pose frame count is drawn under a name of its own for each rgb value)."""
         points = []
         for first in self.study.first_trials:
             point = dict(first)
@@ -211,7 +239,7 @@ class SearchSpace:
                 and self.parameters.get(POSE_FRAMES, Parameter("fixed")).type == "categorical"
             ):
                 rgb = point.get(RGB_FRAMES, self.fixed_value(RGB_FRAMES))
-                point[f"{POSE_FRAMES}|rgb={rgb}"] = point.pop(POSE_FRAMES)
+                point[self.pose_frames_name(rgb)] = point.pop(POSE_FRAMES)
             points.append(point)
         return points
 

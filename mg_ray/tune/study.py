@@ -31,7 +31,6 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from mg_ray import paths, ray_env, tracking
 from mg_ray.cluster import check_local_resources, check_resources, init_ray
@@ -43,7 +42,7 @@ from mg_ray.train.config import ExperimentConfig
 from mg_ray.tune import trial_state
 from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import summarise
-from mg_ray.tune.scheduling import FinishingASHA
+from mg_ray.tune.scheduling import FinishingASHA, StudySearch, prune_optuna_trials
 from mg_ray.tune.space import SearchSpace, base_config_dict, definition_fingerprint, trial_overrides
 from mg_ray.tune.trial import StudyContext, run_trial
 from mg_ray.tune.watch import DiskWatch, ResourceWatch, StudyStopped, local_folder
@@ -246,10 +245,13 @@ def _run_study(
             for r in results
             if r.metrics and "trial_id" in r.metrics
         }
-        for trial_id in trial_state.close_unfinished(session, epochs):
+        unfinished = trial_state.close_unfinished(session, epochs)
+        for trial_id in unfinished:
             print(
                 f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}"
             )
+        if not session.interrupted:  # an interrupted trial resumes: its Optuna trial stays open
+            prune_optuna_trials(ctx.optuna_storage, ctx.name, unfinished)
         detach_orphans(client, ctx.parent_run_id)
         if session.interrupted:
             status = "KILLED"
@@ -334,6 +336,8 @@ def open_study(
             "study.space": space.source,
             **{f"study.{k}": v for k, v in to_dict(space.study).items() if not isinstance(v, dict)},
             "study.max_concurrent_trials": concurrency,
+            # the ranges searched, beside the values each trial run has under the same names
+            **{f"search.{name}": p.describe() for name, p in space.parameters.items()},
         },
     )
     return StudyContext(
@@ -376,18 +380,23 @@ def build_tuner(
         # (`study.trial_max_failures`).
         return tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=False)
     study = space.study
-    searcher = OptunaSearch(
+    objective = tracking.score_name(study.metric)  # the score of the model a trial would register
+    searcher = StudySearch(
         space.sample,
-        metric=study.metric,
+        time_attr=trial_state.TIME_ATTR,
+        max_t=probe.optim.epochs,
+        metric=objective,
         mode=study.mode,
         storage=optuna.storages.RDBStorage(ctx.optuna_storage),
         study_name=ctx.name,
-        seed=study.seed,
+        sampler=optuna.samplers.TPESampler(
+            seed=study.seed, n_startup_trials=study.tpe_startup_trials or 10
+        ),
         points_to_evaluate=space.optuna_points() or None,
     )
-    scheduler = FinishingASHA(
+    scheduler = FinishingASHA(  # its rungs hold each trial's running best
         time_attr=trial_state.TIME_ATTR,
-        metric=study.metric,
+        metric=objective,
         mode=study.mode,
         max_t=probe.optim.epochs,
         grace_period=study.asha.grace_period,

@@ -6,8 +6,9 @@ a crash) when Tune starts the trial, before the trial's function runs, and ends 
 reports the trial's end:
 
     completed    FINISHED  the trial trained all its epochs
-    stopped      KILLED    ASHA stopped it (stop reason `asha`), or the time budget ran out
-                           (`time_budget`)
+    stopped      FINISHED  ASHA stopped it (stop reason `asha`), or the time budget ran out
+                           (`time_budget`): a normal ending of a search, not a kill (Optuna
+                           has the trial PRUNED, `mg_ray.tune.scheduling.StudySearch`)
     failed       FAILED    its Train run raised
     interrupted  KILLED    the study was interrupted (Ctrl-C, SIGTERM: `ray job stop`) while it
                            ran; the same command resumes it, and reopens its run
@@ -35,8 +36,16 @@ from ray.util.state import list_actors
 from mg_ray import tracking
 from mg_ray.tracking import tags
 from mg_ray.tracking.models import log_run_model
+from mg_ray.tune.scheduling import MLFLOW_RUN_ID, MLFLOW_RUN_URL, tag_optuna_trial
 from mg_ray.tune.trial import StudyContext, run_key, train_run_name
 
+# A trial's state (the `mg_ray.trial_state` tag) -> the status its MLflow run ends with.
+RUN_STATUS = {
+    "completed": "FINISHED",
+    "stopped": "FINISHED",
+    "failed": "FAILED",
+    "interrupted": "KILLED",
+}
 TIME_ATTR = "epochs_completed"  # the epochs a trial completed, as its Train run reports them
 TRAIN_ACTORS = (
     "TrainController",
@@ -124,6 +133,18 @@ class TrialRuns(Callback):
             if tags.STOP_REASON in client.get_run(run_id).data.tags:
                 client.delete_tag(run_id, tags.STOP_REASON)
         self.session.open[trial.trial_id] = run_id
+        experiment_id = client.get_run(run_id).info.experiment_id
+        tag_optuna_trial(  # the Optuna trial drawn for it links back to its run
+            ctx.optuna_storage,
+            ctx.name,
+            trial.trial_id,
+            **{
+                MLFLOW_RUN_ID: run_id,
+                MLFLOW_RUN_URL: tracking.ui_link(
+                    tracking.ui_base(ctx.tracking_uri), experiment_id, run_id
+                ),
+            },
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if epochs_seen(trial) >= self.session.ctx.max_epochs:
@@ -177,9 +198,7 @@ def close(
         client.set_tag(run_id, key, value)
     if state in ("completed", "stopped"):
         log_run_model(client, run_id, session.ctx.tracking_uri)
-    tracking.terminate_run(
-        client, run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
-    )
+    tracking.terminate_run(client, run_id, RUN_STATUS[state])
     session.open.pop(trial_id, None)
     if state in ("completed", "stopped"):
         log_study_progress(client, session.ctx)
@@ -215,8 +234,8 @@ def log_study_progress(client, ctx: StudyContext) -> None:
 @dataclass
 class RunHistory:
     """What a study's trial reported before, read back from its MLflow run: (epochs completed,
-    the study metric) per epoch, the last value logged at each step. `FinishingASHA` replays it
-    into its rungs when a resumed study restores the trial."""
+    the study's objective, `tracking.score_name`) per epoch, the last value logged at each step.
+    `FinishingASHA` replays it into its rungs when a resumed study restores the trial."""
 
     ctx: StudyContext
 
@@ -230,7 +249,9 @@ class RunHistory:
         )
         if run is None:
             return []
-        history = client.get_metric_history(run.info.run_id, self.ctx.space.study.metric)
+        history = client.get_metric_history(
+            run.info.run_id, tracking.score_name(self.ctx.space.study.metric)
+        )
         by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
         return [(step + 1, value) for step, value in sorted(by_step.items())]
 

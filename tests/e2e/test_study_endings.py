@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from mg_ray.tune.trial_state import RUN_STATUS
 from tests.e2e.helpers import (
     cli_env,
     command,
@@ -77,6 +78,12 @@ def write_space(
     return path
 
 
+def optuna_study(home: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}")
+
+
 def study_tree(client, study: str):
     [parent] = runs(client, f"tags.`mg_ray.role` = 'study' and tags.`mg_ray.study` = '{study}'")
     children = runs(client, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -93,10 +100,8 @@ def check_closed(
     for child in children:
         status, state = child.info.status, child.data.tags.get("mg_ray.trial_state")
         assert status in ("FINISHED", "KILLED", "FAILED") and child.info.end_time, (status, state)
-        assert {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED") == status, (
-            status,
-            state,
-        )
+        # a trial ASHA or the time budget stopped ended normally; an interrupted one was killed
+        assert RUN_STATUS[state] == status, (status, state)
         assert state in ("completed", "stopped", "failed", "interrupted")
     assert no_train_workers_left(home)
     return {c.data.tags["mg_ray.trial_id"]: c for c in children}
@@ -131,6 +136,19 @@ def test_asha_stops_a_trial_and_its_run_ends_stopped(tiny_dataset, tmp_path):
     assert stopped.data.params["optim.lr"] == "0.01"
     # its run holds the epochs Tune saw (a report racing the stop could add one)
     assert 1 <= epochs_logged(client, stopped.info.run_id) <= 2
+    # Optuna knows it was pruned, and has every epoch as an intermediate value; each Optuna trial
+    # names its Tune trial and MLflow run, and the study names its objective.
+    study = optuna_study(home, "asha")
+    assert study.metric_names == ["lr"]
+    trials = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert {
+        children[t].data.tags["mg_ray.trial_state"]: (o.state.name, o.intermediate_values, o.value)
+        for t, o in trials.items()
+    } == {
+        "completed": ("COMPLETE", {1: 0.05, 2: 0.05}, 0.05),
+        "stopped": ("PRUNED", {1: 0.01}, 0.01),
+    }
+    assert all(o.user_attrs["mlflow_run_id"] == children[t].info.run_id for t, o in trials.items())
 
 
 def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
@@ -177,6 +195,10 @@ def test_a_study_cut_by_its_time_budget_closes_the_cut_trial_and_runs_again(tiny
     seen = int(child.data.tags["mg_ray.trial_epochs"])
     assert seen <= epochs_logged(client, child.info.run_id) <= seen + 1 and seen < 200
     assert all(m.timestamp <= child.info.end_time for m in history)
+    [cut] = optuna_study(home, "budget").trials  # pruned in Optuna, with its last score
+    scores = client.get_metric_history(child.info.run_id, "best_val_top1")
+    assert cut.state.name == "PRUNED" and len(cut.intermediate_values) == seen
+    assert cut.value == {m.step + 1: m.value for m in scores}[seen]
 
     again = run(home, *args)  # the same command: the study is over, nothing fails, nothing is added
     assert "resuming study 'budget'" in again.stdout, again.stdout[-3000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mg_ray.config import ConfigError
-from mg_ray.tune.space import Pipeline, SearchSpace, load_space
+from mg_ray.tune.space import Parameter, Pipeline, SearchSpace, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +50,28 @@ def test_a_pipeline_loads_and_each_stage_is_a_study(tmp_path):
         and fused.study.seed == 0
     )
     assert pipeline.stage_space("pose").fixed["optim.epochs"] == 3
-    # the pose frame count is drawn under a name of its own per rgb value: so is its first trial
-    assert fused.optuna_points() == [{"optim.lr": 0.01, "data.pose_frames|rgb=8": 16}]
+    # every pose count fits the rgb count: one Optuna parameter, under its own name
+    assert fused.optuna_points() == [{"optim.lr": 0.01, "data.pose_frames": 16}]
+
+
+def test_a_conditional_pose_frame_count_gets_a_name_per_rgb_count():
+    import optuna
+
+    space = SearchSpace(
+        parameters={
+            "data.rgb_frames": Parameter("categorical", choices=[8, 16]),
+            "data.pose_frames": Parameter("categorical", choices=[32, 40]),  # 40 does not fit 16
+        }
+    )
+    assert space.pose_frames_name(16) == "data.pose_frames|rgb=16"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        drawn = space.sample(trial)
+        assert drawn["data.pose_frames"] % drawn["data.rgb_frames"] == 0, drawn
+        study.tell(trial, 0.0)
+    names = {n for t in study.trials for n in t.params}
+    assert names >= {"data.pose_frames|rgb=8", "data.pose_frames|rgb=16"}, names
 
 
 def test_the_shipped_spaces_load():

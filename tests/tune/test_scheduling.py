@@ -90,3 +90,55 @@ def test_a_resumed_asha_stops_the_trials_an_uninterrupted_one_stops():
 
     forgetful = FinishingASHA(**settings)
     assert run(forgetful, ["t4", "t5", "t6"], {})["t4"] == 4  # empty rungs prune nothing
+
+
+def test_optuna_is_told_what_tune_did_with_each_trial(tmp_path):
+    """Through Tune's searcher interface, on a real sqlite Optuna storage: every epoch is an
+    intermediate value (the one ASHA stopped on included), a trial stopped before its last epoch
+    is PRUNED with its last value, a completed one COMPLETE, a failed one FAIL; each carries its
+    Tune trial id, the driver adds its MLflow run, and the objective is named."""
+    import optuna
+
+    from mg_ray.tune.scheduling import StudySearch, prune_optuna_trials, tag_optuna_trial
+    from mg_ray.tune.space import Parameter, SearchSpace
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = SearchSpace(parameters={"optim.lr": Parameter("float", low=0.001, high=0.1, log=True)})
+    search = StudySearch(
+        space.sample,
+        time_attr="epochs_completed",
+        max_t=3,
+        metric="best_val_top1",
+        mode="max",
+        storage=optuna.storages.RDBStorage(url),
+        study_name="s",
+        seed=0,
+    )
+    for trial_id in ("done", "stopped", "failed", "cut"):
+        assert set(search.suggest(trial_id)) == {"optim.lr"}
+
+    def result(epochs: int, score: float) -> dict:
+        return {"epochs_completed": epochs, "best_val_top1": score, "training_iteration": 1}
+
+    assert tag_optuna_trial(url, "s", "done", mlflow_run_id="abc")  # when its run opens
+    for epochs, score in ((1, 0.3), (2, 0.5), (3, 0.5)):
+        search.on_trial_result("done", result(epochs, score))
+    search.on_trial_complete("done", result(3, 0.5))
+    search.on_trial_result("stopped", result(1, 0.2))
+    search.on_trial_complete("stopped", result(2, 0.25))  # ASHA stopped it on this result
+    search.on_trial_result("failed", result(1, 0.1))
+    search.on_trial_complete("failed", error=True)
+    search.on_trial_result("cut", result(1, 0.4))
+    assert not tag_optuna_trial(url, "s", "unknown", mlflow_run_id="x")
+    prune_optuna_trials(url, "s", ["cut"])  # the time budget ended it
+
+    study = optuna.load_study(study_name="s", storage=url)
+    assert study.metric_names == ["best_val_top1"]
+    by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    states = {k: t.state.name for k, t in by_id.items()}
+    assert states == {"done": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL", "cut": "PRUNED"}
+    assert by_id["done"].intermediate_values == {1: 0.3, 2: 0.5, 3: 0.5}
+    assert by_id["done"].value == 0.5 and by_id["done"].user_attrs["mlflow_run_id"] == "abc"
+    assert by_id["stopped"].intermediate_values == {1: 0.2, 2: 0.25}
+    assert by_id["stopped"].value == 0.25  # its last value, as Optuna gives a pruned trial
+    assert by_id["cut"].value == 0.4 and study.best_trial.user_attrs["tune_trial_id"] == "done"
