@@ -113,8 +113,9 @@ def ui_link(
     """The MLflow UI page of an experiment (or of one run) in the model-training view; `view`: a
     shared runs-table view of the experiment (`share_runs_view`) to open it with."""
     page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    shared = f"&{SHARED_VIEW_PARAM}={view}" if view else ""
-    return f"{base_url.rstrip('/')}/#/{page}?{UI_VIEW}{shared}"
+    if view:  # the runs tab itself: the experiment's page redirects there without the view
+        return f"{base_url.rstrip('/')}/#/{page}/runs?{UI_VIEW}&{SHARED_VIEW_PARAM}={view}"
+    return f"{base_url.rstrip('/')}/#/{page}?{UI_VIEW}"
 
 
 # The MLflow UI's shared runs-table views: an experiment tag holding the view's state (JSON:

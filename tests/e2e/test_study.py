@@ -377,6 +377,7 @@ def dump_dom(chromium: str, home: Path, url: str) -> str:
             "--disable-gpu",
             "--disable-quic",
             "--no-first-run",
+            "--window-size=2400,1400",  # wide: the runs table renders only the columns in view
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
