@@ -168,14 +168,15 @@ def study_page(
     their score), with its state, epochs and searched parameters."""
     objective = tracking.score_name(metric)
     order = {r.info.run_id: i for i, r in enumerate(ranked)}
-    rest = sorted(
+    sign = -1.0 if mode == "max" else 1.0
+    rest = sorted(  # stopped, failed or interrupted trials: those with a score first
         (r for r in runs if r.info.run_id not in order),
         key=lambda r: (
             tracking.run_score(r, metric) is None,
-            -(tracking.run_score(r, metric) or 0),
+            sign * (tracking.run_score(r, metric) or 0.0),
         ),
     )
-    shown = list(ranked) + (rest if mode == "max" else rest[::-1])
+    shown = list(ranked) + rest
 
     def link(run) -> str:
         return f"[{run.info.run_name}](#/experiments/{experiment_id}/runs/{run.info.run_id})"

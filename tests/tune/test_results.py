@@ -11,7 +11,13 @@ import pytest
 
 from mg_ray import tracking
 from mg_ray.tracking import tags
-from mg_ray.tune.results import NoTrialsError, best_trials, ranked_trials, study_runs
+from mg_ray.tune.results import (
+    NoTrialsError,
+    best_trials,
+    ranked_trials,
+    study_page,
+    study_runs,
+)
 
 EXPERIMENT = "results-test"
 
@@ -97,3 +103,20 @@ def test_no_completed_trial_is_an_error_naming_the_study(store):
         best_trials("nope", experiment=EXPERIMENT, metric="val_top1", mode="max", tracking_uri=uri)
     with pytest.raises(NoTrialsError, match="experiment 'missing'"):
         best_trials("s", experiment="missing", metric="val_top1", mode="max", tracking_uri=uri)
+
+
+def test_the_study_page_links_the_best_trial_and_ranks_every_trial(store):
+    client, experiment_id, trial = store.client, store.experiment_id, store.trial
+    low = trial("s", "completed", 1, best_val_top1=0.7)
+    best = trial("s", "completed", 2, best_val_top1=0.8123456)
+    trial("s", "stopped", 3, best_val_top1=0.75)  # scored, but not registrable: after them
+    trial("s", "failed", 4)
+    runs = study_runs(client, experiment_id, "s")
+    ranked = ranked_trials(runs, "val_top1", "max")
+    page = study_page("s", experiment_id, runs, ranked, "val_top1", "max", [])
+    link = f"[s-2](#/experiments/{experiment_id}/runs/{best})"
+    assert f"**Best trial:** {link}: best_val_top1 0.8123" in page, page
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "[s-" in line]
+    assert [r.split(" | ")[1].split("]")[0] for r in rows] == ["[s-2", "[s-1", "[s-3", "[s-4"]
+    assert rows[0].startswith("| 1 |") and rows[2].startswith("|  |")  # stopped: no rank
+    assert f"runs/{low})" in rows[1] and "| 0.8123 |" in rows[0]
