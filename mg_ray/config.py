@@ -119,11 +119,39 @@ def read_yaml(text: str, where: str) -> Any:
 
 
 def fingerprint(obj: Any) -> str:
-    """sha256 of a config dataclass's content (its `source` field left out): what a study or a
-    pipeline was started with, so that a changed definition can be refused."""
-    payload = to_dict(obj)
-    payload = payload | {"source": None} if isinstance(payload, dict) else payload
+    """sha256 of what a config dataclass sets (`written`; its `source` field left out): what a
+    study or a pipeline was started with, so that a changed definition can be refused. Only the
+    values that differ from their defaults count, so a setting a newer mg-ray adds (with a
+    default) does not make every study started before it a changed definition."""
+    payload = written(obj)
+    if isinstance(payload, dict):
+        payload.pop("source", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def written(obj: Any) -> Any:
+    """A config as plain data, each dataclass with only its fields that differ from their
+    defaults (recursively, through dicts and lists too)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if default is dataclasses.MISSING or value != default:
+                out[f.name] = written(value)
+        return out
+    if isinstance(obj, Mapping):
+        return {k: written(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [written(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def dump_yaml(obj: Any) -> str:

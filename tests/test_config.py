@@ -76,3 +76,29 @@ def test_overrides_and_flatten():
     data = apply_overrides({"inner": {"rate": 1}}, {"inner.mode": "b", "count": 2})
     assert data == {"inner": {"rate": 1, "mode": "b"}, "count": 2}
     assert flatten(data) == {"inner.rate": 1, "inner.mode": "b", "count": 2}
+
+
+def test_a_fingerprint_counts_what_a_definition_sets_not_the_settings_it_leaves_default():
+    from mg_ray.config import fingerprint
+    from mg_ray.tune.space import Parameter, SearchSpace, StudySettings, definition_fingerprint
+
+    @dataclass
+    class Old:
+        trials: int = 4
+        parameters: dict = field(default_factory=dict)
+        source: str = "<memory>"
+
+    @dataclass
+    class New(Old):  # a later mg-ray adds a setting, with a default
+        tpe_startup_trials: int | None = None
+
+    lr = {"optim.lr": Parameter("float", low=0.01, high=0.1, log=True)}
+    assert fingerprint(Old(8, lr, "a.yaml")) == fingerprint(New(8, lr, "b.yaml"))
+    assert fingerprint(New(8, lr)) != fingerprint(New(8, lr, tpe_startup_trials=3))
+    assert fingerprint(Old(8, lr)) != fingerprint(Old(6, lr))
+    wider = {"optim.lr": Parameter("float", low=0.01, high=0.2, log=True)}
+    assert fingerprint(Old(8, lr)) != fingerprint(Old(8, wider))  # a searched range counts
+    space = SearchSpace(parameters=lr)
+    assert definition_fingerprint(space) == definition_fingerprint(
+        SearchSpace(parameters=lr, study=StudySettings(num_trials=4))  # the default, written out
+    )
