@@ -145,9 +145,9 @@ def tag_optuna_trial(storage_url: str, study_name: str, tune_trial_id: str, **at
             trial.user_attrs.get(TUNE_TRIAL_ID) == tune_trial_id
             and trial.state == optuna.trial.TrialState.RUNNING
         ):
-            number = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            stored_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             for key, value in attrs.items():
-                storage.set_trial_user_attr(number, key, value)
+                storage.set_trial_user_attr(stored_id, key, value)
             return True
     return False
 

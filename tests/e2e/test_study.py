@@ -345,6 +345,12 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
         dom = dump_dom(chromium, home, url)
         page = dump_dom(chromium, home, study_page)
         artifact = dump_dom(chromium, home, f"{study_page}/artifacts/study/optuna_plots.html")
+        model_id = client.get_run(best_run_id).outputs.model_outputs[0].model_id
+        model_page = dump_dom(
+            chromium,
+            home,
+            f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/models/{model_id}",
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -362,6 +368,9 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     assert f'href="#/experiments/{experiment_id}/runs/{best_run_id}"' in page, page[-3000:]
     assert "Best trial" in page
     assert "mlflow-html-iframe" in artifact, artifact[-3000:]
+    # The registered version shows on its logged model's page, which is named after its trial.
+    assert 'href="#/models/tiny-model/versions/1"' in model_page, model_page[-3000:]
+    assert "Not registered" not in model_page and "s1_" in model_page
     plots = client.download_artifacts(parent.info.run_id, "study/optuna_plots.html", str(home))
     drawn = dump_dom(chromium, home, Path(plots).as_uri())
     assert drawn.count("js-plotly-plot") >= 2 and "parcoords" in drawn, drawn[:2000]
