@@ -114,9 +114,10 @@ class TrialRuns(Callback):
         """Open the trial's run before its function runs (the function fills in its config)."""
         ctx = self.session.ctx
         client = tracking.client(ctx.tracking_uri)
+        experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
         run_id, resumed = tracking.start_or_resume_run(
             client,
-            client.get_experiment_by_name(ctx.experiment).experiment_id,
+            experiment_id,
             run_key(ctx, trial.trial_id),
             run_name=f"{ctx.name}_{trial.trial_id}",
             parent_run_id=ctx.parent_run_id,
@@ -133,7 +134,6 @@ class TrialRuns(Callback):
             if tags.STOP_REASON in client.get_run(run_id).data.tags:
                 client.delete_tag(run_id, tags.STOP_REASON)
         self.session.open[trial.trial_id] = run_id
-        experiment_id = client.get_run(run_id).info.experiment_id
         tag_optuna_trial(  # the Optuna trial drawn for it links back to its run
             ctx.optuna_storage,
             ctx.name,
