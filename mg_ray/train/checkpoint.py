@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ class Resumed:
     start_epoch: int = 0
     best: Best | None = None
     last_metrics: dict[str, float] | None = None
+    checkpoint: Any = None  # the Ray Train checkpoint it was restored from (`loop.resume`)
 
 
 def save_checkpoint(

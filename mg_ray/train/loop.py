@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     training = dict(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
     # rank 0 stages its artifacts; they reach MLflow with each epoch's checkpoint
     outbox = open_outbox(cfg, spec, data.class_names) if rank == 0 else None
-    resumed = resume(ray.train.get_checkpoint(), training, rank, kept_checkpoints, outbox)
+    resumed = resume(ray.train.get_checkpoint(), training, rank, kept_checkpoints)
+    if resumed.last_metrics is not None:
+        # The restored epoch once more, before training goes on: the run may have been killed
+        # between that epoch's checkpoint and its logging, and then neither MLflow nor Tune (its
+        # scheduler and searcher decide on it) ever got it.
+        report_again(resumed.last_metrics, resumed.checkpoint if rank == 0 else None)
     best = resumed.best or Best()
     setup_s = time.perf_counter() - entered  # imports, data index, model, resume: reported once
     training_started_at = time.time()
@@ -146,10 +151,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             partial(save_checkpoint, **training, epoch=epoch, best=best, metrics=metrics),
         )
 
-    if resumed.start_epoch >= cfg.optim.epochs and resumed.last_metrics is not None:
-        # Resumed after the last epoch (the driver died between the final report and the end of
-        # the run): report the final metrics again, so whoever waits for them (Tune) gets them.
-        report_final_again(resumed.last_metrics, ray.train.get_checkpoint() if rank == 0 else None)
     if outbox is not None:
         outbox.close()
 
@@ -213,12 +214,9 @@ class Data:
         return cls(train_set, val_set, train_loader, val_loader)
 
 
-def resume(checkpoint, training: dict[str, Any], rank: int, older=list, outbox=None) -> Resumed:
+def resume(checkpoint, training: dict[str, Any], rank: int, older=list) -> Resumed:
     """Ray Train's checkpoint of this run (a restarted worker group, a resumed study) loaded into
     the model, criterion, optimiser and scheduler of `training`; a fresh start without one.
-
-    Rank 0's `outbox` stages again what the checkpoint handed over to MLflow, and its epoch's
-    metrics: a kill between that report and its logging loses nothing (`ArtifactOutbox.adopt`).
 
     A checkpoint that cannot be loaded (truncated, corrupt: `restore_checkpoint` reads the whole
     file before it changes anything) is skipped with a warning naming its file; then the other
@@ -238,11 +236,7 @@ def resume(checkpoint, training: dict[str, Any], rank: int, older=list, outbox=N
         tried.add(candidate.path)
         try:
             with candidate.as_directory() as folder:
-                resumed = restore_checkpoint(folder, **training)
-                if outbox is not None:
-                    outbox.adopt(folder)
-                    if resumed.last_metrics is not None:
-                        outbox.stage_epoch_metrics(resumed.last_metrics)
+                resumed = replace(restore_checkpoint(folder, **training), checkpoint=candidate)
         except (OSError, ValueError, KeyError, TypeError) as err:
             print(f"[rank {rank}] warning: skipping checkpoint {candidate.path}: {err}")
             continue
@@ -282,11 +276,14 @@ def report(metrics: dict[str, Any], outbox, write_checkpoint) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def report_final_again(metrics: dict[str, Any], checkpoint) -> None:
-    """The final report once more, after a resume past the last epoch; rank 0 (`checkpoint` not
-    None) hands the final checkpoint over again. Its staged artifacts (the test predictions, the
-    best model) then reach MLflow even when the driver died while the first hand-over was being
-    logged; the callback logs only what the run lacks (`outbox.REPORTED_AGAIN`)."""
+def report_again(metrics: dict[str, Any], checkpoint) -> None:
+    """The restored epoch's report once more, after a resume; rank 0 (`checkpoint` not None)
+    hands the restored checkpoint over again. A kill between a checkpoint and its logging (Ray
+    Train persists it first) then loses nothing: MLflow gets the epoch's metrics if the run lacks
+    them and its staged artifacts again (`outbox.REPORTED_AGAIN`); Tune gets the result, so
+    ASHA decides on it as it would have without the kill (it ignores a result it has in its
+    rungs, as Optuna does a step it has); and after the last epoch, whoever waits for the final
+    result (Tune) gets it."""
     metrics = {**metrics, REPORTED_AGAIN: 1}
     if checkpoint is None:
         ray.train.report(metrics)

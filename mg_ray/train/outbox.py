@@ -12,7 +12,6 @@ callback, so a trial's epoch is in MLflow before Tune (or ASHA) sees it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -23,10 +22,10 @@ import numpy as np
 from ray.train import UserCallback
 
 OUTBOX_DIR = "mlflow_outbox"  # inside a reported checkpoint folder
-# A metric the loop adds to its final report when it reports it again after a resume (see
-# `MLflowLoggingCallback`); it is not logged.
+# A metric the loop adds to the restored epoch's report when it reports it again after a resume
+# (`loop.report_again`, `MLflowLoggingCallback`); it is not logged.
 REPORTED_AGAIN = "reported_again"
-ARTIFACTS, REPORTS, EPOCHS = "artifacts", "reports", "epochs"
+ARTIFACTS, REPORTS = "artifacts", "reports"
 
 
 class ArtifactOutbox:
@@ -70,22 +69,6 @@ class ArtifactOutbox:
             **{f"probs_{s}": p for s, p in stream_probs.items()},
         )
 
-    def stage_epoch_metrics(self, metrics: Mapping[str, float]) -> None:
-        """Stage one epoch's reported metrics again (after a resume), so the run gets them if
-        the first report of that epoch never reached MLflow."""
-        folder = self._staging / EPOCHS
-        folder.mkdir(parents=True, exist_ok=True)
-        epoch = int(metrics["epoch"])
-        (folder / f"{epoch}.json").write_text(json.dumps(dict(metrics), default=float))
-
-    def adopt(self, checkpoint_folder: str | Path) -> None:
-        """Stage again what a restored checkpoint handed over. A kill between a report and its
-        logging (the driver, the controller) would otherwise lose that epoch's artifacts for
-        good; logging them twice writes the same paths again."""
-        handed_over = Path(checkpoint_folder) / OUTBOX_DIR
-        if handed_over.is_dir():
-            shutil.copytree(handed_over, self._staging, dirs_exist_ok=True)
-
     def move_into(self, checkpoint_folder: str | Path) -> None:
         """Hand everything staged so far to the checkpoint about to be reported."""
         target = Path(checkpoint_folder) / OUTBOX_DIR
@@ -98,15 +81,7 @@ class ArtifactOutbox:
 
 def replay(outbox: Path, logger) -> None:
     """Log a checkpoint's staged files into the run of `logger` (a `tracking.reports.RunLogger`):
-    its artifacts, its classification reports, and the metrics of earlier epochs (staged again
-    after a resume) that the run lacks."""
-    restaged = sorted((outbox / EPOCHS).glob("*.json")) if (outbox / EPOCHS).is_dir() else []
-    if restaged:
-        logged = {m.step for m in logger.client.get_metric_history(logger.run_id, "epoch")}
-        for path in restaged:
-            metrics = json.loads(path.read_text())
-            if int(metrics["epoch"]) not in logged:
-                logger.log_metrics(as_metrics(metrics), step=int(metrics["epoch"]))
+    its artifacts and its classification reports (logging them twice writes the same paths)."""
     if (outbox / ARTIFACTS).is_dir():  # one call, the staged folder tree as the artifact tree
         logger.client.log_artifacts(logger.run_id, str(outbox / ARTIFACTS))
     for report in sorted((outbox / REPORTS).glob("*.npz")) if (outbox / REPORTS).is_dir() else ():
@@ -138,10 +113,10 @@ class MLflowLoggingCallback(UserCallback):
 
     Created by the driver with the id of the run its owner opened, it runs in the controller and
     opens MLflow at the first report (the import and the store, while the workers train on). A
-    report without a checkpoint is skipped (the loop makes none). A run resumed past
-    its last epoch reports its final metrics and checkpoint again, marked `REPORTED_AGAIN`: the
-    driver may have died while the first report was being logged, so its artifacts are logged
-    again (the same paths) and, of its metrics, those the run lacks. Once the run's owner has ended it (a trial that Tune stopped, say,
+    report without a checkpoint is skipped (the loop makes none). A resumed run reports its
+    restored epoch's metrics and checkpoint again, marked `REPORTED_AGAIN`: a kill may have come
+    between that report and its logging, so its artifacts are logged again (the same paths) and
+    its metrics if the run lacks that epoch. Once the run's owner has ended it (a trial that Tune stopped, say,
     whose workers train on until Tune's stop reaches them), nothing more is logged into it.
     """
 
@@ -163,14 +138,16 @@ class MLflowLoggingCallback(UserCallback):
             self.run_logger = RunLogger(self.tracking_uri, self.run_id)
         if not self.run_logger.is_running():
             return
-        reported = metrics[0]  # rank 0's
-        if reported.get(REPORTED_AGAIN):  # log only what the first report did not get to log
-            logged = self.run_logger.client.get_run(self.run_id).data.metrics
-            reported = {
-                k: v for k, v in reported.items() if k != REPORTED_AGAIN and logged.get(k) != v
-            }
-        self.run_logger.log_metrics(as_metrics(reported), step=int(metrics[0].get("epoch", 0)))
+        reported = {k: v for k, v in metrics[0].items() if k != REPORTED_AGAIN}  # rank 0's
+        step = int(reported.get("epoch", 0))
+        if not (metrics[0].get(REPORTED_AGAIN) and self.has_epoch(step)):
+            self.run_logger.log_metrics(as_metrics(reported), step=step)
         with checkpoint.as_directory() as folder:
             outbox = Path(folder) / OUTBOX_DIR
             if outbox.is_dir():
                 replay(outbox, self.run_logger)
+
+    def has_epoch(self, epoch: int) -> bool:
+        """Whether the run has `epoch`'s metrics (an epoch's report is logged in one batch)."""
+        history = self.run_logger.client.get_metric_history(self.run_id, "epoch")
+        return any(m.step == epoch for m in history)

@@ -3,10 +3,12 @@ synthetic dataset, the real `mg-ray tune` entry point in a subprocess).
 
 After each ending: the study run is terminated, there is exactly one child run per trial, each
 child is FINISHED / KILLED / FAILED with its `mg_ray.trial_state` tag, none is RUNNING, and no
-Ray Train worker of the study is left. Covered here: a trial stopped by ASHA, a failed trial, a
-study cut by its time budget (and the same command run again), Ctrl-C and SIGTERM (and the same
-command run again, which resumes), a second driver, a full disk and truncated checkpoints. A completed study and a SIGKILLed driver resumed with the same command are
-in tests/e2e/test_study.py.
+Ray Train worker of the study is left. Covered here: trials stopped by ASHA across a SIGKILL in
+a checkpoint-to-MLflow window and a resume, a failed trial, a study cut by its time budget (and
+the same command run again), Ctrl-C and SIGTERM (and the same command run again, which
+resumes), a second driver, a full disk and truncated checkpoints; and what the Optuna storage
+holds after each. A completed study is in tests/e2e/test_study.py, a SIGKILLed pipeline in
+tests/e2e/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ study:
 {study}
   asha: {{grace_period: 1, reduction_factor: 2}}
 parameters:
-  optim.lr: {{type: categorical, choices: [0.01, 0.05]}}
+  optim.lr: {{type: categorical, choices: [0.01, 0.015, 0.02, 0.03, 0.04, 0.05]}}
 """
 
 
@@ -107,48 +109,97 @@ def check_closed(
     return {c.data.tags["mg_ray.trial_id"]: c for c in children}
 
 
-def test_asha_stops_a_trial_and_its_run_ends_stopped(tiny_dataset, tmp_path):
-    # The metric is the learning rate the trial trained with, so ASHA's decision is known: the
-    # sampler (seed 0) draws 0.05 then 0.01, and at the first rung the second trial is below the
-    # first (cutoff: their mean), so ASHA stops it after its first epoch.
+# ASHA's decisions at its one rung (epoch 1; cutoff: the median of the rung's values) when the
+# metric is the learning rate: the sixth trial's draws, tried in this order (`study.first_trials`).
+LRS = [0.05, 0.02, 0.01, 0.015, 0.04, 0.03]
+STOPPED = {0.02, 0.01, 0.015}  # below the median of those before them: .05, .035, .02
+# A resumed ASHA that forgot the rungs would let 0.015 (the fourth) complete: it would be alone
+# in its rung. (tests/tune/test_scheduling.py plays the same with ASHA alone.)
+
+
+def lr_of(run) -> float:
+    return float(run.data.params["optim.lr"])
+
+
+def test_asha_killed_in_a_checkpoint_window_resumes_and_stops_the_same_trials(
+    tiny_dataset, tmp_path
+):
+    """A 6-trial ASHA study, its driver SIGKILLed after 3 trials, in the moment between the
+    fourth trial's first checkpoint and its reaching MLflow (and Tune). The same command resumes
+    it: ASHA stops the trials an uninterrupted study stops, each trial has one MLflow run with
+    every epoch Tune saw, and Optuna holds one trial per Tune trial, PRUNED or COMPLETE."""
     home = tmp_path / "home"
-    space = write_space(tmp_path, trials=2, epochs=2, metric="lr")
-    run(
-        home,
-        "tune",
-        "--space",
-        str(space),
-        "--study",
-        "asha",
-        "--data",
-        str(tiny_dataset),
-        "--no-promote",
+    first = ", ".join(f"{{optim.lr: {lr}}}" for lr in LRS)
+    space = write_space(
+        tmp_path,
+        trials=len(LRS),
+        epochs=2,
+        metric="lr",
+        study=f"  first_trials: [{first}]\n  standby_trials: 0",
     )
+    args = ("tune", "--space", str(space), "--study", "asha", "--data", str(tiny_dataset))
     client = mlflow_client(home)
-    children = check_closed(client, home, "asha", trials=2, parent_status="FINISHED")
-    by_state = {c.data.tags["mg_ray.trial_state"]: c for c in children.values()}
-    assert set(by_state) == {"completed", "stopped"}, {t: c.data.tags for t, c in children.items()}
-    stopped = by_state["stopped"]
-    assert (
-        stopped.data.tags["mg_ray.stop_reason"] == "asha"
-        and stopped.data.tags["mg_ray.trial_epochs"] == "1"
-    )
-    assert stopped.data.params["optim.lr"] == "0.01"
-    # its run holds the epochs Tune saw (a report racing the stop could add one)
-    assert 1 <= epochs_logged(client, stopped.info.run_id) <= 2
-    # Optuna knows it was pruned, and has every epoch as an intermediate value; each Optuna trial
-    # names its Tune trial and MLflow run, and the study names its objective.
+    log = tmp_path / "killed.log"
+    proc = start(home, *args, log=log)
+    try:
+        fourth, before_kill = wait_for_checkpoint_window(client, home, proc, log, lr=LRS[3])
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert before_kill == 0  # the epoch was in its checkpoint, not yet in MLflow
+    done = run(home, *args, timeout=900)
+    out = done.stdout + done.stderr
+    assert "resuming study 'asha'" in done.stdout, done.stdout[-3000:]
+    assert "resumed from the checkpoint of epoch 0" in out, out[-3000:]
+
+    children = check_closed(client, home, "asha", trials=len(LRS), parent_status="FINISHED")
+    by_lr = {lr_of(c): c for c in children.values()}
+    assert sorted(by_lr) == sorted(LRS)
+    states = {lr: c.data.tags["mg_ray.trial_state"] for lr, c in by_lr.items()}
+    assert states == {lr: "stopped" if lr in STOPPED else "completed" for lr in LRS}, states
+    for lr in STOPPED:
+        tags = by_lr[lr].data.tags
+        assert tags["mg_ray.stop_reason"] == "asha" and tags["mg_ray.trial_epochs"] == "1", tags
+    # every epoch Tune saw is in its run (a report racing ASHA's stop could add one), and the
+    # epoch the kill caught between checkpoint and MLflow is there once, in the same run
+    assert by_lr[LRS[3]].info.run_id == fourth
+    assert epochs_logged(client, fourth) == 1
+    for lr, child in by_lr.items():
+        assert (1 if lr in STOPPED else 2) <= epochs_logged(client, child.info.run_id) <= 2
+
+    # Optuna: one trial per Tune trial (none left RUNNING by the kill), pruned where ASHA stopped
+    # it, every epoch an intermediate value; each names its Tune trial and MLflow run.
     study = optuna_study(home, "asha")
     assert study.metric_names == ["lr"]
     trials = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
-    assert {
-        children[t].data.tags["mg_ray.trial_state"]: (o.state.name, o.intermediate_values, o.value)
-        for t, o in trials.items()
-    } == {
-        "completed": ("COMPLETE", {1: 0.05, 2: 0.05}, 0.05),
-        "stopped": ("PRUNED", {1: 0.01}, 0.01),
-    }
-    assert all(o.user_attrs["mlflow_run_id"] == children[t].info.run_id for t, o in trials.items())
+    assert len(study.trials) == len(trials) == len(LRS) and set(trials) == set(children)
+    for tune_id, o in trials.items():
+        lr = lr_of(children[tune_id])
+        expected = ("PRUNED", {1: lr}) if lr in STOPPED else ("COMPLETE", {1: lr, 2: lr})
+        assert (o.state.name, o.intermediate_values, o.value) == (*expected, lr), (tune_id, o)
+        assert o.user_attrs["mlflow_run_id"] == children[tune_id].info.run_id
+
+
+def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -> tuple[str, int]:
+    """Until the trial that trains with `lr` has written its first checkpoint; then its run id
+    and the epochs its run held in MLflow a moment after (the checkpoint fully written)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        trials = (
+            runs(client, "tags.`mg_ray.role` = 'trial'") if (home / "mlflow.db").exists() else []
+        )
+        [trial] = [t for t in trials if t.data.params.get("optim.lr") == str(lr)] or [None]
+        if trial is not None:
+            tune_id = trial.data.tags["mg_ray.trial_id"]
+            folder = home / "ray_results" / "asha_train" / f"asha_{tune_id}"
+            if list(folder.glob("checkpoint_*/checkpoint.pt")):
+                time.sleep(0.2)
+                return trial.info.run_id, epochs_logged(client, trial.info.run_id)
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint of the fourth trial:\n" + log.read_text()[-4000:])
 
 
 def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
@@ -250,6 +301,9 @@ def check_interrupted(client, home: Path, log: Path, first_run_id: str | None = 
     assert "mg_ray.stop_reason" not in child.data.tags  # an interruption is not a stop
     assert first_run_id in (None, child.info.run_id)
     assert not client.search_registered_models()  # an interrupted study promotes nothing
+    # Optuna: the one trial is still running, to be resumed (not failed, not drawn again)
+    [trial] = optuna_study(home, "stopped-by-signal").trials
+    assert trial.state.name == "RUNNING" and trial.user_attrs["mlflow_run_id"] == child.info.run_id
     return child.info.run_id
 
 
@@ -365,6 +419,16 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
     ).values()
     assert resumed.info.run_id == run_id and resumed.data.tags["mg_ray.trial_state"] == "completed"
     assert epochs_logged(client, resumed.info.run_id) == 6  # resumed twice, not rerun
+    [trial] = optuna_study(home, "stopped-by-signal").trials  # the same Optuna trial, completed
+    assert trial.state.name == "COMPLETE" and sorted(trial.intermediate_values) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    assert trial.value == resumed.data.metrics["best_val_top1"]
     assert client.get_model_version_by_alias("endings-model", "champion")
 
 

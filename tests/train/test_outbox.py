@@ -104,7 +104,7 @@ def _empty_checkpoint(tmp_path):
 
 def test_the_final_report_again_logs_what_the_run_lacks_and_nothing_twice(tmp_path):
     """A run resumed past its last epoch reports its final metrics and checkpoint again
-    (`loop.report_final_again`): the driver died while the first report was being logged, here
+    (`loop.report_again`): the driver died while the first report was being logged, here
     after its metrics and before its test predictions. Those are logged now; the metrics are not
     logged a second time."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -120,11 +120,12 @@ def test_the_final_report_again_logs_what_the_run_lacks_and_nothing_twice(tmp_pa
     final.mkdir()
     outbox.move_into(final)
     outbox.close()
-    metrics = {"epoch": 1, "val_top1": 0.75, "test_top1": 1.0}
-    RunLogger(uri, run_id).log_metrics(metrics, step=1)  # the first report got this far
+    metrics = {"epoch": 1, "val_top1": 0.75, "test_top1": 1.0, "epochs_completed": 2}
+    # the first report got this far: its metrics (one batch), not its artifacts
+    RunLogger(uri, run_id).log_metrics(metrics, step=1)
 
     callback = MLflowLoggingCallback(uri, run_id)
-    again = {**metrics, REPORTED_AGAIN: 1, "epochs_completed": 2}
+    again = {**metrics, REPORTED_AGAIN: 1}
     callback.after_report(None, [again], Checkpoint.from_directory(final))
 
     assert "evaluation/test_predictions.npz" in artifact_paths(client, run_id)
@@ -133,18 +134,19 @@ def test_the_final_report_again_logs_what_the_run_lacks_and_nothing_twice(tmp_pa
     assert REPORTED_AGAIN not in client.get_run(run_id).data.metrics
 
 
-def test_a_resume_hands_over_again_what_a_kill_kept_from_mlflow(tmp_path):
+def test_a_resume_reports_again_what_a_kill_kept_from_mlflow(tmp_path):
     """Killed between epoch 1's report and its logging: the run has epoch 0 only. The resumed
-    rank 0 adopts the restored checkpoint's outbox and stages epoch 1's metrics again
-    (`loop.resume`); epoch 2's report then logs epoch 1's metrics and artifacts, and epoch 0's
-    metrics, already there, are not logged twice."""
+    run reports the restored checkpoint of epoch 1 again (`loop.report_again`): its metrics (one
+    unchanged since epoch 0 among them) and its artifacts are logged. Reported again after a
+    second resume, nothing is logged twice."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
     run_id, _ = tracking.start_or_resume_run(
         client, tracking.get_or_create_experiment(client, "t"), "k"
     )
     callback = MLflowLoggingCallback(uri, run_id)
-    callback.after_report(None, [{"epoch": 0, "val_top1": 0.5}], _empty_checkpoint(tmp_path))
+    first = {"epoch": 0, "val_top1": 0.5, "best_val_top1": 0.5}
+    callback.after_report(None, [first], _empty_checkpoint(tmp_path))
 
     before = ArtifactOutbox()  # epoch 1: reported, never logged
     before.log_text("a: 1\n", "config/resolved_config.yaml")
@@ -153,19 +155,14 @@ def test_a_resume_hands_over_again_what_a_kill_kept_from_mlflow(tmp_path):
     before.move_into(lost)
     before.close()
 
-    outbox = ArtifactOutbox()  # the resumed rank 0
-    outbox.adopt(lost)
-    outbox.stage_epoch_metrics({"epoch": 1, "val_top1": np.float32(0.75)})
-    outbox.stage_epoch_metrics({"epoch": 0, "val_top1": 0.5})  # one the run has
-    outbox.log_text("b: 2\n", "config/model_spec.yaml")
-    second = tmp_path / "checkpoint_2"
-    second.mkdir()
-    outbox.move_into(second)
-    outbox.close()
-    callback.after_report(None, [{"epoch": 2, "val_top1": 1.0}], Checkpoint.from_directory(second))
+    again = {"epoch": 1, "val_top1": np.float32(0.75), "best_val_top1": 0.5, REPORTED_AGAIN: 1}
+    for _resume in range(2):
+        callback.after_report(None, [again], Checkpoint.from_directory(lost))
 
-    history = client.get_metric_history(run_id, "val_top1")
-    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.75), (2, 1.0)]
-    assert {"config/resolved_config.yaml", "config/model_spec.yaml"} <= artifact_paths(
-        client, run_id
-    )
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    assert history("val_top1") == [(0, 0.5), (1, 0.75)]
+    assert history("best_val_top1") == [(0, 0.5), (1, 0.5)]
+    assert "config/resolved_config.yaml" in artifact_paths(client, run_id)
+    assert REPORTED_AGAIN not in client.get_run(run_id).data.metrics
