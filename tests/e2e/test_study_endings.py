@@ -202,26 +202,54 @@ def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -
     raise AssertionError("no checkpoint of the fourth trial:\n" + log.read_text()[-4000:])
 
 
-def test_a_failed_trial_ends_failed(tiny_dataset, tmp_path):
-    data = tmp_path / "broken"
+def test_two_studies_at_once_one_failed_and_one_cut_by_its_time_budget(tiny_dataset, tmp_path):
+    """Two studies started at once on one machine, each driver with its own local Ray cluster:
+    both end as they would alone. (Ray Train's placement-group cleaner, a safety net for a
+    controller that dies ungracefully, logs `Found multiple active Ray instances` in each: with
+    two clusters on the host it cannot tell its own. README, "Running on a cluster".)
+
+    One study's only trial fails (every clip unreadable): Tune restarts it once, then it ends
+    failed, in MLflow and in Optuna. The other is cut by its time budget: its trial ends stopped,
+    PRUNED in Optuna with its last score, and the same command run again adds nothing."""
+    (tmp_path / "failed").mkdir()
+    data = tmp_path / "failed" / "broken"
     shutil.copytree(tiny_dataset, data)
     for video in (data / "videos").glob("*.mp4"):  # every clip unreadable, nothing to skip to
         video.write_bytes(video.read_bytes()[:200])
-    home = tmp_path / "home"
-    space = write_space(tmp_path, trials=1, epochs=2, fixed="  data.skip_bad: false")
-    done = run(home, "tune", "--space", str(space), "--study", "failed", "--data", str(data))
-    assert "1 trials {'failed': 1}" in done.stdout, done.stdout[-3000:]
+    failed_home = tmp_path / "failed" / "home"
+    space = write_space(tmp_path / "failed", trials=1, epochs=2, fixed="  data.skip_bad: false")
+    failed_log = tmp_path / "failed.log"
+    failing = start(
+        failed_home, "tune", "--space", str(space), "--study", "failed", "--data", str(data),
+        log=failed_log,
+    )  # fmt: skip
+    try:
+        budget_study(tiny_dataset, tmp_path)
+        assert failing.wait(timeout=600) == 0, failed_log.read_text()[-4000:]
+    finally:
+        if failing.poll() is None:
+            os.killpg(failing.pid, signal.SIGKILL)
+            failing.wait()
+
+    out = failed_log.read_text()
+    assert "1 trials {'failed': 1}" in out, out[-3000:]
     # Tune restarted it once (`study.trial_max_failures`: what a lost node needs) before it failed
-    assert "failed; Tune restarts it from its last checkpoint" in done.stdout, done.stdout[-3000:]
-    client = mlflow_client(home)
-    [child] = check_closed(client, home, "failed", trials=1, parent_status="FINISHED").values()
+    assert "failed; Tune restarts it from its last checkpoint" in out, out[-3000:]
+    client = mlflow_client(failed_home)
+    [child] = check_closed(
+        client, failed_home, "failed", trials=1, parent_status="FINISHED"
+    ).values()
     assert child.data.tags["mg_ray.trial_state"] == "failed" and child.info.status == "FAILED"
     assert not client.search_registered_models()  # nothing completed: nothing registered
+    [trial] = optuna_study(failed_home, "failed").trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["mlflow_run_id"] == child.info.run_id
 
 
-def test_a_study_cut_by_its_time_budget_closes_the_cut_trial_and_runs_again(tiny_dataset, tmp_path):
-    home = tmp_path / "home"
-    space = write_space(tmp_path, trials=1, epochs=200, study="  time_budget_s: 40")
+def budget_study(tiny_dataset, tmp_path: Path) -> None:
+    folder = tmp_path / "budget"
+    folder.mkdir()
+    home = folder / "home"
+    space = write_space(folder, trials=1, epochs=200, study="  time_budget_s: 40")
     args = (
         "tune",
         "--space",
