@@ -82,19 +82,22 @@ def check_resources(
     reserved_cpus: float = 0.0,
     what: str = "training run",
     total: dict[str, float] | None = None,
+    nodes: list[dict[str, float]] | None = None,
     cluster: str = "the Ray cluster",
 ) -> None:
     """Refuse, with the fix, a request the cluster can never satisfy.
 
     reserved_cpus: CPUs held besides the workers (a Tune trial's driver holds some).
-    total: the cluster's resources (default: the connected cluster's).
+    total, nodes: the cluster's resources and each node's (default: the connected cluster's).
     """
     if total is None:
         import ray
 
-        total = ray.cluster_resources()
+        total, nodes = ray.cluster_resources(), node_resources()
     request = dict(num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
-    short = shortfall(**request, reserved_cpus=reserved_cpus, total=total, cluster=cluster)
+    short = shortfall(
+        **request, reserved_cpus=reserved_cpus, total=total, nodes=nodes, cluster=cluster
+    )
     if short is None:
         return
     resource, short = short
@@ -104,6 +107,8 @@ def check_resources(
             "with GPU nodes."
         )
     fit_cpus = max(0.0, total.get("CPU", 0.0) - reserved_cpus) / num_workers
+    if nodes:  # no worker may be larger than the largest node
+        fit_cpus = min(fit_cpus, max(node.get("CPU", 0.0) for node in nodes))
     hint = (
         f"use fewer workers, or --cpus-per-worker {fit_cpus:.2g} (fractional CPUs work)"
         if fit_cpus > 0
@@ -119,10 +124,13 @@ def shortfall(
     *,
     reserved_cpus: float = 0.0,
     total: dict[str, float],
+    nodes: list[dict[str, float]] | None = None,
     cluster: str = "the Ray cluster",
 ) -> tuple[str, str] | None:
-    """What one request lacks in `total` (a cluster's resources): the resource ("CPU" or "GPU")
-    and a phrase that says so; None when it fits."""
+    """What one request lacks in `total` (a cluster's resources) or, given `nodes` (each alive
+    node's resources), in their shapes: the resource ("CPU" or "GPU") and a phrase that says so;
+    None when it fits. Each worker is one bundle of Ray Train's placement group, placed whole on
+    one node: 2 nodes of 1 CPU hold 2 workers of 0.9 CPU, but not 1 of 1.5."""
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     need = num_workers * cpus_per_worker + reserved_cpus
     if need > cpus + 1e-9:
@@ -133,7 +141,35 @@ def shortfall(
         )
     if use_gpu and gpus < num_workers:
         return "GPU", f"asks for {num_workers} GPU(s) but {cluster} has {gpus:g}"
+    if nodes is not None and workers_that_fit(cpus_per_worker, use_gpu, nodes) < num_workers:
+        by_cpu = workers_that_fit(cpus_per_worker, False, nodes) < num_workers
+        shapes = ", ".join(
+            f"{n.get('CPU', 0.0):g} CPU" + (f" {n.get('GPU', 0.0):g} GPU" if use_gpu else "")
+            for n in nodes
+        )
+        each = f"{cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu else "")
+        return "CPU" if by_cpu else "GPU", (
+            f"needs {num_workers} workers of {each}, each whole on one node, but the nodes of "
+            f"{cluster} ({shapes}) hold {workers_that_fit(cpus_per_worker, use_gpu, nodes)}"
+        )
     return None
+
+
+def workers_that_fit(cpus_per_worker: float, use_gpu: bool, nodes: list[dict[str, float]]) -> int:
+    """How many workers of `cpus_per_worker` CPUs (and a GPU each with `use_gpu`) the `nodes`
+    can hold at once, each worker whole on one node."""
+    fit = 0
+    for node in nodes:
+        here = int(node.get("CPU", 0.0) / cpus_per_worker + 1e-9) if cpus_per_worker > 0 else 10**6
+        fit += min(here, int(node.get("GPU", 0.0))) if use_gpu else here
+    return fit
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each alive node of the connected cluster (`ray.nodes()`)."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 def check_local_resources(address: str | None, **request) -> None:

@@ -40,6 +40,23 @@ def test_gpus_missing_or_too_few_are_refused():
         check_resources(1, 1.0, True, total={"CPU": 8.0})
 
 
+def test_a_worker_larger_than_every_node_is_refused_naming_the_nodes():
+    two_small = [{"CPU": 1.0}, {"CPU": 1.0}]
+    check_resources(2, 0.9, False, reserved_cpus=0.05, total={"CPU": 2.0}, nodes=two_small)
+    with pytest.raises(ResourceError) as err:
+        check_resources(1, 1.5, False, total={"CPU": 2.0}, nodes=two_small, cluster="here")
+    assert str(err.value) == (
+        "training run needs 1 workers of 1.5 CPU, each whole on one node, but the nodes of here "
+        "(1 CPU, 1 CPU) hold 0: it would never start. Fix: use fewer workers, or "
+        "--cpus-per-worker 1 (fractional CPUs work)."
+    )
+    # GPUs are counted per node too: one GPU beside one CPU holds one 1-CPU worker
+    gpu_nodes = [{"CPU": 1.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}]
+    with pytest.raises(ResourceError, match=r"\(1 CPU 2 GPU, 8 CPU 0 GPU\) hold 1.*use_gpu=false"):
+        check_resources(2, 1.0, True, total={"CPU": 9.0, "GPU": 2.0}, nodes=gpu_nodes)
+    check_resources(2, 1.0, True, total={"CPU": 2.0, "GPU": 2.0}, nodes=[{"CPU": 2.0, "GPU": 2.0}])
+
+
 def concurrency(total, *, workers=2, cpus=0.95, gpu=False, **study) -> int:
     space = SearchSpace(study=StudySettings(**{"trial_driver_cpus": 0.1, **study}))
     cfg = ExperimentConfig(

@@ -6,9 +6,10 @@ A trial's workers wait for their placement group as long as a running trial hold
 (`ray_env.TRIAL`: a standby trial must). That wait is only endless when the cluster itself
 shrank below one trial's request: a node was lost and has not come back. `ResourceWatch`, a
 Tune `Callback` on the study driver, reads the cluster's resources (`ray.cluster_resources()`,
-alive nodes only) every few seconds; while one trial's request does not fit, it says so once,
-and if the cluster has not grown back within `study.placement_timeout_s` it ends the study with
-one line naming what a trial asks for and what is there. The experiment state is saved on
+alive nodes only) and each alive node's (a worker is placed whole on one node) every few
+seconds; while one trial's request does not fit, it says so once, and if the cluster has not
+grown back within `study.placement_timeout_s` it ends the study with one line naming what a
+trial asks for and what is there. The experiment state is saved on
 every step (`ray_env.STUDY_DRIVER`), so the same command resumes the study once the cluster is
 back.
 
@@ -30,7 +31,7 @@ import ray
 from ray.tune import Callback
 
 from mg_ray import paths
-from mg_ray.cluster import ResourceError, shortfall
+from mg_ray.cluster import ResourceError, node_resources, shortfall
 
 
 class StudyStopped(ResourceError):
@@ -72,11 +73,14 @@ class ResourceWatch(Watch):
 
     def poll(self, now: float) -> None:
         if self.timeout_s is not None:
-            self.check(ray.cluster_resources(), now)
+            self.check(ray.cluster_resources(), now, node_resources())
 
-    def check(self, total: dict[str, float], now: float) -> None:
-        """Raise `StudyStalled` once `total` has been too small for `timeout_s` seconds."""
-        short = shortfall(**self.request, total=total, cluster="the cluster")
+    def check(
+        self, total: dict[str, float], now: float, nodes: list[dict[str, float]] | None = None
+    ) -> None:
+        """Raise `StudyStalled` once `total` (or the `nodes`' shapes) has been too small for
+        `timeout_s` seconds."""
+        short = shortfall(**self.request, total=total, nodes=nodes, cluster="the cluster")
         if short is None:
             if self.short_since is not None:
                 print("the cluster has the resources of a trial again")

@@ -45,6 +45,22 @@ def test_a_cluster_that_stays_too_small_ends_the_study_naming_what_is_missing():
         gpus.check({"CPU": 8.0, "GPU": 1.0}, now=1)
 
 
+def test_a_cluster_whose_nodes_cannot_hold_a_worker_ends_the_study_too():
+    """The totals fit, the nodes' shapes do not (each worker is placed whole on one node): two
+    1-CPU nodes hold the two 0.9-CPU workers, a 1.5-CPU node and a 0.5-CPU one hold one."""
+    watch = ResourceWatch(REQUEST, timeout_s=60)
+    watch.check({"CPU": 2.0}, now=0, nodes=[{"CPU": 1.0}, {"CPU": 1.0}])
+    assert watch.short_since is None
+    lopsided = [{"CPU": 1.5}, {"CPU": 0.5}]
+    watch.check({"CPU": 2.0}, now=10, nodes=lopsided)
+    with pytest.raises(StudyStalled) as stalled:
+        watch.check({"CPU": 2.0}, now=71, nodes=lopsided)
+    assert str(stalled.value).startswith(
+        "each trial of study 'mn' needs 2 workers of 0.9 CPU, each whole on one node, but the "
+        "nodes of the cluster (1.5 CPU, 0.5 CPU) hold 1, for 61 s"
+    )
+
+
 def test_null_waits_for_ever():
     watch = ResourceWatch(REQUEST, timeout_s=None)
     watch.on_step_end(0, [])  # reads nothing: no Ray needed
