@@ -153,3 +153,37 @@ def test_ui_link_opens_the_model_training_view():
         tracking.ui_link("http://127.0.0.1:5000/", "3")
         == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
     )
+
+
+class RacedClient:
+    """A real client whose first `log_inputs` fails as the loser of the race does: two runs
+    logging the same dataset at once (two trials starting together) both try to insert its row,
+    and MLflow's sqlite store answers the second with this error (seen with four processes)."""
+
+    RACE = (
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+        "datasets.name, datasets.digest"
+    )
+
+    def __init__(self, client, error: str = RACE):
+        self.client, self.error, self.calls = client, error, 0
+
+    def log_inputs(self, run_id, datasets):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls == 1:
+            raise MlflowException(self.error)
+        return self.client.log_inputs(run_id, datasets=datasets)
+
+
+def test_a_run_that_loses_the_race_for_a_dataset_row_logs_it_on_a_second_try(store, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    _, client, experiment = store
+    run_id, _ = tracking.start_or_resume_run(client, experiment, "raced")
+    raced = RacedClient(client)
+    tracking.log_dataset(raced, run_id, tmp_path, "ab" * 32, {"training": "train"})
+    assert raced.calls == 2 and len(client.get_run(run_id).inputs.dataset_inputs) == 1
+    with pytest.raises(MlflowException, match="no such run"):  # other errors are not retried
+        tracking.log_dataset(RacedClient(client, "no such run"), run_id, tmp_path, "x", {"a": "b"})

@@ -19,10 +19,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
@@ -227,5 +229,16 @@ def log_dataset(
         for context, split in splits.items()
         if split
     ]
-    if inputs:
-        mlflow_client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            if inputs:
+                mlflow_client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            # Runs that log the same dataset at once (two trials starting together) race to
+            # insert its one row in the store, and the loser gets the unique constraint's error;
+            # tried again, it finds the row the other wrote and links it to this run.
+            text = str(err).lower()
+            if attempt == 2 or ("unique" not in text and "duplicate" not in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))

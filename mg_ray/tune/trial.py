@@ -70,8 +70,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     cfg = trial_config(ctx, params)
     client = tracking.client(ctx.tracking_uri)
     run = tracking.require_run(client, ctx.experiment, run_key(ctx, trial_id))
-    if not run.data.params:  # the trial's first start (a resumed trial's run has them)
-        describe_run(client, run.info.run_id, cfg)
+    describe_run(client, run, cfg)
     with tracking.system_metrics(
         ctx.tracking_uri,
         run.info.run_id,
@@ -88,10 +87,15 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
         )
 
 
-def describe_run(client, run_id: str, cfg: ExperimentConfig) -> None:
+def describe_run(client, run, cfg: ExperimentConfig) -> None:
     """What a trial's run says of its training: the whole config as parameters, the dataset as
-    inputs, and the runs its streams were initialised from (lineage)."""
-    tracking.log_params(client, run_id, flatten(to_dict(cfg)))
-    tracking.log_training_data(client, run_id, cfg.data)
+    inputs, and the runs its streams were initialised from (lineage). Each part is written on
+    the trial's first start, and again on a restart that finds it missing (a start that failed
+    half-way); a resumed trial's run keeps what it has."""
+    run_id = run.info.run_id
+    if not run.data.params:
+        tracking.log_params(client, run_id, flatten(to_dict(cfg)))
+    if not run.inputs.dataset_inputs:
+        tracking.log_training_data(client, run_id, cfg.data)
     for key, value in tracking.lineage(cfg.model.rgb_init, cfg.model.pose_init).items():
         client.set_tag(run_id, key, value)

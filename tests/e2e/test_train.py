@@ -2,7 +2,9 @@
 sqlite MLflow store, on the tiny synthetic dataset.
 
 - A 2-epoch run: its MLflow run is FINISHED with metrics for every epoch and every artifact, and
-  both the Ray checkpoint and the logged best model reproduce the logged validation accuracy.
+  both the Ray checkpoint and the logged best model reproduce the logged validation accuracy;
+  trained with data settings off the defaults, its registered model predicts the validation
+  split with them (`mg-ray predict`'s path) and scores the logged accuracy exactly.
 - Resumed past its last epoch (the driver died while the final report was being logged), the run
   logs what it lacked.
 - A worker killed mid-training: the worker group restarts from the last checkpoint and the run
@@ -45,6 +47,10 @@ TRAIN_ARGS = (
     "--set",
     "optim.warmup_epochs=0",
 )
+# Data settings off the defaults (crop padding, frame counts, heatmap sigma, limbs): the model
+# must be served with them (the first test's check of train/serve skew).
+OFF_DEFAULT = ("data.crop_padding=0.5", "data.rgb_frames=4", "data.pose_frames=8")
+OFF_DEFAULT += ("data.sigma=1.2", "data.heatmap=limbs")
 
 
 def fused_top1(model, dataset) -> tuple[float, np.ndarray]:
@@ -80,7 +86,9 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     broken = load_index(data).video_path(load_index(data).split("train")[0].frame_dir)
     broken.write_bytes(broken.read_bytes()[:300])
     home = tmp_path / "home"
-    done = run(home, *TRAIN_ARGS, "--data", str(data), "--epochs", "2", "--name", "e2e-train")
+    off_default = [arg for setting in OFF_DEFAULT for arg in ("--set", setting)]
+    train_args = (*TRAIN_ARGS, *off_default, "--data", str(data), "--epochs", "2")
+    done = run(home, *train_args, "--name", "e2e-train")
     assert "val_top1" in done.stdout  # the final summary line
     assert "unreadable training clip(s) skipped" in done.stdout + done.stderr
 
@@ -164,13 +172,27 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
     evaluation = Path(mlrun.info.artifact_uri.removeprefix("file://")) / "evaluation"
     for lost in evaluation.glob("test_*"):
         lost.unlink()
-    again = run(
-        home, *TRAIN_ARGS, "--data", str(data), "--epochs", "2", "--name", "e2e-train", "--resume"
-    )
+    again = run(home, *train_args, "--name", "e2e-train", "--resume")
     assert "resumed from the checkpoint of epoch 1" in again.stdout + again.stderr
     assert "evaluation/test_predictions.npz" in artifact_paths(client, mlrun.info.run_id)
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test_top1")] == [1]
     assert client.get_run(mlrun.info.run_id).info.status == "FINISHED"
+
+    # No train/serve skew: registered, the model predicts the validation split through the
+    # registry and `mg-ray predict`'s path (the data settings saved with the model, one clip a
+    # video as the loop's validation) and scores the run's best_val_top1 exactly.
+    from mg_ray import predict
+
+    assert content["data"]["crop_padding"] == 0.5 and content["data"]["heatmap"] == "limbs"
+    run(home, "promote", "--run", mlrun.info.run_id, "--name", "skew-model")
+    model, inner = predict.load_classifier(
+        "models:/skew-model@champion", f"sqlite:///{home / 'mlflow.db'}"
+    )
+    clips = predict.dataset_clips(data, [], "val")
+    probs = predict.classify(model, inner, [(v, s) for v, s, _ in clips], num_clips=1)
+    truth = np.array([inner.class_names.index(name) for _, _, name in clips])
+    top1 = float(np.mean(probs.argmax(1) == truth))  # the same clips: equal up to float32
+    assert top1 == pytest.approx(mlrun.data.metrics["best_val_top1"], abs=1e-6)
 
 
 def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(tiny_dataset, tmp_path):
