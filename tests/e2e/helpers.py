@@ -3,7 +3,9 @@ reading what they left in MLflow. No mocks: a real Ray cluster, a real sqlite ML
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,18 @@ def start(home: Path, *args: str, log: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+@contextlib.contextmanager
+def ending(proc: subprocess.Popen):
+    """Whatever happens inside, `proc` (a driver started in its own session) has ended after:
+    SIGKILL to its process group if it still runs."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def mlflow_client(home: Path):

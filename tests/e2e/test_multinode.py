@@ -16,7 +16,6 @@ once they are stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import ROOT, cli_env, command, epochs_logged, mlflow_client, runs
+from tests.e2e.helpers import ROOT, cli_env, command, ending, epochs_logged, mlflow_client, runs
 
 pytestmark = pytest.mark.slow
 
@@ -97,17 +96,6 @@ def stop(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         time.sleep(0.2)
     if group_alive(node.pid):
         os.killpg(node.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def ending(proc: subprocess.Popen):
-    """Whatever happens inside, `proc` (a study driver in its own session) has ended after."""
-    try:
-        yield
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_for_an_epoch(home: Path, study: subprocess.Popen, log: Path, name: str) -> None:

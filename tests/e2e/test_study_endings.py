@@ -27,6 +27,7 @@ from mg_ray.tune.trial_state import RUN_STATUS
 from tests.e2e.helpers import (
     cli_env,
     command,
+    ending,
     epochs_logged,
     mlflow_client,
     no_train_workers_left,
@@ -141,14 +142,8 @@ def test_asha_killed_in_a_checkpoint_window_resumes_and_stops_the_same_trials(
     client = mlflow_client(home)
     log = tmp_path / "killed.log"
     proc = start(home, *args, log=log)
-    try:
+    with ending(proc):  # SIGKILLed once the fourth trial is in its window
         fourth, before_kill = wait_for_checkpoint_window(client, home, proc, log, lr=LRS[3])
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert before_kill == 0  # the epoch was in its checkpoint, not yet in MLflow
     done = run(home, *args, timeout=900)
     out = done.stdout + done.stderr
@@ -223,13 +218,9 @@ def test_two_studies_at_once_one_failed_and_one_cut_by_its_time_budget(tiny_data
         failed_home, "tune", "--space", str(space), "--study", "failed", "--data", str(data),
         log=failed_log,
     )  # fmt: skip
-    try:
+    with ending(failing):
         budget_study(tiny_dataset, tmp_path)
         assert failing.wait(timeout=600) == 0, failed_log.read_text()[-4000:]
-    finally:
-        if failing.poll() is None:
-            os.killpg(failing.pid, signal.SIGKILL)
-            failing.wait()
 
     out = failed_log.read_text()
     assert "1 trials {'failed': 1}" in out, out[-3000:]
