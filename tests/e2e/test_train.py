@@ -73,7 +73,9 @@ def model_stream_weights(model) -> tuple[float, float]:
     return tuple(getattr(model, "stream_weights", (1.0, 1.0)))
 
 
-def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset, tmp_path):
+def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(
+    tiny_dataset, tmp_path, monkeypatch
+):
     import shutil
 
     from mg_ray.data import build_dataset, load_index
@@ -185,9 +187,11 @@ def test_train_two_epochs_logs_everything_and_checkpoint_reproduces(tiny_dataset
 
     assert content["data"]["crop_padding"] == 0.5 and content["data"]["heatmap"] == "limbs"
     run(home, "promote", "--run", mlrun.info.run_id, "--name", "skew-model")
-    model, inner = predict.load_classifier(
-        "models:/skew-model@champion", f"sqlite:///{home / 'mlflow.db'}"
-    )
+    store = f"sqlite:///{home / 'mlflow.db'}"
+    # MLFLOW_TRACKING_URI wins over the argument, as in MLflow, and an earlier test in this
+    # process may have set it (`mlflow.set_tracking_uri` does)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    model, inner = predict.load_classifier("models:/skew-model@champion", store)
     clips = predict.dataset_clips(data, [], "val")
     probs = predict.classify(model, inner, [(v, s) for v, s, _ in clips], num_clips=1)
     truth = np.array([inner.class_names.index(name) for _, _, name in clips])
