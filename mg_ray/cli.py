@@ -73,6 +73,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mg_ray.data.video_io import DatasetWriteError
     from mg_ray.models.mmaction2 import CheckpointImportError
     from mg_ray.paths import StorageError
+    from mg_ray.serving.clips import ClipRequestError
     from mg_ray.tracking.models import ModelNotFoundError
     from mg_ray.tune.lock import StudyLocked
     from mg_ray.tune.results import NoTrialsError
@@ -88,6 +89,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DatasetWriteError,
         ResourceError,
         StorageError,
+        ClipRequestError,
         ModelNotFoundError,
         CheckpointImportError,
         NoTrialsError,

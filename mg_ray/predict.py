@@ -12,34 +12,38 @@ skeletons come from its annotation file; the true label is printed beside the pr
 classes with names and probabilities. `--split NAME` predicts every clip of a split (labeled or
 not), and `--submission OUT.zip` writes the MiGA submission: `Submission.csv` (one
 `clip_name,class_id` line per clip, no header) zipped as OUT.zip, and beside it OUT.top5.csv with
-each clip's five best classes and probabilities. The model is an MLflow pyfunc model (see
+each clip's five best classes and probabilities. `--request BODY.json` classifies nothing: it
+writes the clips as the JSON body a served model takes (`request_body`), for `curl -d @BODY.json
+http://127.0.0.1:5000/invocations`. The model is an MLflow pyfunc model (see
 `mg_ray.tune.promote`), so `mlflow.pyfunc.load_model` of the same URI works too.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import io
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
 
-from mg_ray.config import from_mapping
-from mg_ray.data import DataConfig, PipelineParams, clip_inputs, load_index, load_skeleton
+from mg_ray.data import load_index, load_skeleton
 from mg_ray.data.annotations import UNLABELED
-from mg_ray.data.dataset import SkeletonError
-from mg_ray.data.layouts import get_layout, layout_for_joints
+from mg_ray.serving.clips import ClipRequestError
 from mg_ray.tracking.models import load_pyfunc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        required=True,
-        help="models:/<name>@<alias>, models:/<name>/<version> or models:/<logged model id>",
+        help="models:/<name>@<alias>, models:/<name>/<version> or models:/<logged model id> "
+        "(needed unless --request)",
     )
     parser.add_argument(
         "clips", nargs="*", type=Path, help="video files (.mp4), or clip names with --data"
@@ -52,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--submission", type=Path, help="write the MiGA submission zip here (must not exist)"
+    )
+    parser.add_argument(
+        "--request",
+        type=Path,
+        help="write the clips as the JSON body of a request to `mlflow models serve` here "
+        "(must not exist) instead of classifying them",
     )
     parser.add_argument(
         "--skeleton",
@@ -84,58 +94,59 @@ def load_classifier(model_uri: str, tracking_uri: str | None = None):
     return load_pyfunc(model_uri, tracking_uri)
 
 
-def pipeline_params(data: dict[str, Any]) -> PipelineParams:
-    """The pipeline a model was trained with, from the data settings saved in its model file
-    (all of them, through the one function that builds the training's pipeline)."""
-    cfg = from_mapping(DataConfig, data, "data")
-    return PipelineParams.from_config(cfg, get_layout(cfg.layout))
-
-
 def classify(
     model, inner, clips: list[tuple[Path, Any]], num_clips: int | None = None
 ) -> np.ndarray:
-    """Fused probabilities [len(clips), K] for (video, skeleton) pairs, `num_clips` test clips
-    averaged per video (default: the model's `test_clips`). A skeleton is a file for
-    `load_skeleton` or an already loaded (keypoint, score, img_shape) tuple."""
-    params = pipeline_params(inner.data)
-    num_clips = num_clips or inner.data.get("test_clips", 1)
-    layout = get_layout(inner.data["layout"])
-    reads_rgb = inner.model.modality != "pose"
-    rows = []
+    """Fused probabilities [len(clips), K] for (video, skeleton) pairs, through the pyfunc's own
+    clip input (`mg_ray.serving`), `num_clips` test clips averaged per video (default: the
+    model's `test_clips`). A skeleton is a file for `load_skeleton` or an already loaded
+    (keypoint, score, img_shape) tuple. A clip that cannot be read is a `ClipRequestError`."""
+    rows = [
+        {
+            "video": str(video),
+            "skeleton": (
+                dict(zip(("keypoint", "keypoint_score", "img_shape"), skeleton))
+                if isinstance(skeleton, tuple)
+                else str(skeleton)
+            ),
+            "clip": str(video),
+        }
+        for video, skeleton in clips
+    ]
+    try:
+        out = model.predict(
+            pd.DataFrame(rows, columns=["video", "skeleton", "clip"]),
+            params={"num_clips": num_clips} if num_clips else None,
+        )
+    except MlflowException as err:  # the pyfunc's one-line error about a clip
+        if err.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise ClipRequestError(err.message) from None
+    return np.array(out["probabilities"].tolist(), dtype=np.float32).reshape(len(rows), -1)
+
+
+def request_body(clips: list[tuple[Path, Any]]) -> dict[str, Any]:
+    """The JSON body of a `mlflow models serve` request classifying (video, skeleton) pairs: a
+    `dataframe_split` table with each clip's video file and skeleton (a JSON skeleton file) as
+    base64 bytes, the encoding MLflow's scoring server decodes for a binary column, and its name."""
+    data = []
     for video, skeleton in clips:
-        keypoint, score, img_shape = (
-            skeleton if isinstance(skeleton, tuple) else load_skeleton(skeleton)
+        if isinstance(skeleton, tuple):
+            keypoint, score, img_shape = skeleton
+        else:
+            keypoint, score, img_shape = load_skeleton(skeleton)
+        fields = {"keypoint": keypoint.tolist(), "keypoint_score": score.tolist()}
+        if img_shape is not None:
+            fields["img_shape"] = [int(x) for x in img_shape]
+        encoded = json.dumps(fields, separators=(",", ":")).encode()
+        data.append(
+            [
+                base64.b64encode(Path(video).read_bytes()).decode(),
+                base64.b64encode(encoded).decode(),
+                Path(video).stem,
+            ]
         )
-        if keypoint.shape[2] != layout.num_joints:
-            other = layout_for_joints(keypoint.shape[2])
-            raise SkeletonError(
-                f"{skeleton if not isinstance(skeleton, tuple) else video}: {keypoint.shape[2]} joints per person "
-                f"({'layout ' + other.name if other else 'no known layout'}), but the model was trained on layout "
-                f"{layout.name} ({layout.num_joints} joints)"
-            )
-        inputs = clip_inputs(
-            video,
-            keypoint,
-            score,
-            img_shape,
-            params,
-            mode="test",
-            num_clips=num_clips,
-            rgb=reads_rgb,
-        )
-        pose = inputs.pose.numpy()
-        # a pose-only model reads no video: its rgb input is zeros of the signature's shape
-        rgb = (
-            inputs.rgb.numpy()
-            if reads_rgb
-            else np.zeros(
-                (len(pose), 3, params.rgb_frames, params.rgb_size, params.rgb_size), np.float32
-            )
-        )
-        # the video's `num_clips` views as a batch; the video's prediction is their mean
-        probs = model.predict({"rgb": rgb, "pose": pose})
-        rows.append(probs.mean(axis=0, keepdims=True))
-    return np.concatenate(rows)
+    return {"dataframe_split": {"columns": ["video", "skeleton", "clip"], "data": data}}
 
 
 def dataset_clips(
@@ -215,7 +226,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("error: name clips, or give --data DIR --split NAME")
     if args.submission is not None:
         check_submission_target(args.submission)
-    model, inner = load_classifier(args.model, args.tracking_uri)  # a missing model fails first
+    if args.request is None and not args.model:
+        raise SystemExit("error: --model is needed (the model that classifies the clips)")
+    if args.request is not None and args.request.exists():
+        raise SystemExit(f"error: --request {args.request}: it exists; nothing is overwritten")
+    if args.request is None:
+        model, inner = load_classifier(args.model, args.tracking_uri)  # a missing model fails first
     if args.data:
         clips = dataset_clips(args.data, list(args.clips), args.split)
     else:
@@ -228,6 +244,11 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"error: {clip}: video not found")
         skeleton_files = args.skeleton or [find_skeleton(c) for c in args.clips]
         clips = [(c, s, None) for c, s in zip(args.clips, skeleton_files)]
+    if args.request is not None:
+        body = request_body([(c, s) for c, s, _ in clips])
+        args.request.write_text(json.dumps(body))
+        print(f"{args.request}: a request classifying {len(clips)} clip(s)")
+        return 0
     probs = classify(model, inner, [(c, s) for c, s, _ in clips], args.clips_per_video)
     if args.submission is not None:
         names = [Path(c).stem for c, _, _ in clips]

@@ -118,13 +118,10 @@ def test_best_model_is_a_logged_model_the_registry_version_points_at(store, tmp_
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/tiny@candidate")
-    probs = loaded.predict(
-        {
-            "rgb": np.zeros((2, 3, 8, 64, 64), np.float32),
-            "pose": np.random.default_rng(0).random((2, 17, 16, 16, 16), dtype=np.float32),
-        }
-    )
-    assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    out = loaded.predict(loaded.input_example)  # one clip: its video and skeleton file bytes
+    probs = np.stack(out["probabilities"])
+    assert probs.shape == (1, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert out["class_name"][0] == ["a", "b", "c", "d"][out["label"][0]]
     assert loaded.unwrap_python_model().class_names == ["a", "b", "c", "d"]
     torch.set_num_threads(2)
 

@@ -10,7 +10,8 @@ pull in torch and decord):
     joint_heatmaps, limb_heatmaps, pose_heatmaps  heatmaps.py
     read_frames, VideoError                       video.py
     MicroGestureDataset, build_dataset,
-    clip_inputs, PipelineParams, load_skeleton    dataset.py
+    clip_inputs, PipelineParams, load_skeleton,
+    parse_skeleton                                dataset.py
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _EXPORTS = {
     "ClipInputs": "dataset",
     "PipelineParams": "dataset",
     "load_skeleton": "dataset",
+    "parse_skeleton": "dataset",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (a list, built from the table above)

@@ -50,6 +50,7 @@ Keypoints are pixel (x, y) in the frame `img_shape` (default: the video's own si
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -354,47 +355,75 @@ def load_skeleton(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[int, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: skeleton file not found")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                raw = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:  # not a zip, truncated, or object arrays (refused)
-            raise SkeletonError(
-                f"{path}: not a readable .npz skeleton ({str(err).splitlines()[0]})"
-            ) from None
-    elif path.suffix == ".json":
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise SkeletonError(f"{path}: not valid JSON: {err}") from None
-        if not isinstance(raw, dict):
-            raise SkeletonError(f"{path}: expected a JSON object with a 'keypoint' key")
-    else:
+    if path.suffix not in (".npz", ".json"):
         raise SkeletonError(f"{path}: expected a .npz or .json skeleton file")
+    return parse_skeleton(path.read_bytes(), str(path))
+
+
+def parse_skeleton(
+    content: bytes, where: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """`load_skeleton` of a skeleton file's bytes (`.npz` or `.json`, told apart by their first
+    bytes: a zip archive or a JSON object). `where` names the clip in errors."""
+    if content[:2] == b"PK":  # .npz: a zip archive
+        try:
+            with np.load(io.BytesIO(content), allow_pickle=False) as data:
+                raw = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:  # truncated, or object arrays (refused)
+            raise SkeletonError(
+                f"{where}: not a readable .npz skeleton ({str(err).splitlines()[0]})"
+            ) from None
+    elif content.lstrip()[:1] == b"{":
+        try:
+            raw = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SkeletonError(f"{where}: not valid JSON: {err}") from None
+    else:
+        raise SkeletonError(
+            f"{where}: not a skeleton file (expected a .npz archive or a JSON object"
+            f"{', got 0 bytes' if not content else ''})"
+        )
+    return skeleton_arrays(raw, where)
+
+
+def skeleton_arrays(raw: Any, where: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """Check and convert a skeleton's fields (`keypoint`, optional `keypoint_score` and
+    `img_shape`, as arrays or nested lists) to (keypoint, keypoint_score, img_shape)."""
+    if not isinstance(raw, dict):
+        raise SkeletonError(f"{where}: expected a skeleton object with a 'keypoint' key")
     if "keypoint" not in raw:
-        raise SkeletonError(f"{path}: keypoint: missing key")
+        raise SkeletonError(f"{where}: keypoint: missing key")
     try:
         kp = np.asarray(raw["keypoint"], dtype=np.float32)
     except (TypeError, ValueError):
-        raise SkeletonError(f"{path}: keypoint: expected numbers of shape [M, T, V, 2]") from None
+        raise SkeletonError(f"{where}: keypoint: expected numbers of shape [M, T, V, 2]") from None
     if kp.ndim == 3:
         kp = kp[None]
     if kp.ndim != 4 or kp.shape[-1] != 2:
         raise SkeletonError(
-            f"{path}: keypoint: expected shape [M, T, V, 2] or [T, V, 2], got {list(kp.shape)}"
+            f"{where}: keypoint: expected shape [M, T, V, 2] or [T, V, 2], got {list(kp.shape)}"
         )
-    score = np.asarray(raw.get("keypoint_score", np.ones(kp.shape[:3])), dtype=np.float32)
+    if min(kp.shape[:3]) == 0:
+        raise SkeletonError(
+            f"{where}: keypoint: an empty clip (shape {list(kp.shape)}; expected at least one "
+            "person, frame and joint)"
+        )
+    score = raw.get("keypoint_score")
+    try:
+        score = np.asarray(np.ones(kp.shape[:3]) if score is None else score, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise SkeletonError(f"{where}: keypoint_score: expected numbers") from None
     if score.ndim == 2:
         score = score[None]
     if score.shape != kp.shape[:3]:
         raise SkeletonError(
-            f"{path}: keypoint_score: expected shape {list(kp.shape[:3])}, got {list(score.shape)}"
+            f"{where}: keypoint_score: expected shape {list(kp.shape[:3])}, got {list(score.shape)}"
         )
     if not (np.isfinite(kp).all() and np.isfinite(score).all()):
-        raise SkeletonError(f"{path}: keypoint: contains NaN/inf")
+        raise SkeletonError(f"{where}: keypoint: contains NaN/inf")
     img_shape = raw.get("img_shape")
     if img_shape is not None:
         img_shape = tuple(int(v) for v in np.asarray(img_shape).tolist())
         if len(img_shape) != 2 or min(img_shape) <= 0:
-            raise SkeletonError(f"{path}: img_shape: expected (height, width), got {img_shape}")
+            raise SkeletonError(f"{where}: img_shape: expected (height, width), got {img_shape}")
     return kp, score, img_shape

@@ -2,13 +2,14 @@
 the URIs that name models.
 
 The run's `best_model/model.pt` is wrapped as a pyfunc model from code (`mg_ray.serving`;
-signature: `rgb` and `pose` float32 tensors in, fused class probabilities out; an input example)
+signature: a table of clips in, a table of classes out; a one-clip input example)
 and logged as the run's MLflow 3 logged model when the run ends (`log_run_model`). Registering a
 version from it is `mg_ray.registry`'s job.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -16,55 +17,84 @@ from pathlib import Path
 import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
 
+from mg_ray.data.layouts import get_layout
+from mg_ray.data.video_io import write_video
 from mg_ray.model_file import MODEL_FILE, safe_load
 from mg_ray.serving.pyfunc import CODE_FILE
 from mg_ray.tracking import store
 
 
 def save_pyfunc(model_file: Path, out: Path) -> None:
-    """Write an MLflow pyfunc model folder for `model_file` (with signature and input example)."""
+    """Write an MLflow pyfunc model folder for `model_file`: a classifier of clips (signature:
+    a table of clips in, a table of classes out, `mg_ray.serving.clips`), with a param
+    `num_clips` and a one-clip input example."""
     content = safe_load(model_file)
-    kwargs, data = content["spec"]["kwargs"], content["data"]
-    num_classes = content["spec"]["num_classes"]
-    rgb_shape = (-1, 3, kwargs["rgb_frames"], data["rgb_size"], data["rgb_size"])
-    pose_shape = (
-        -1,
-        kwargs["pose_channels"],
-        kwargs["pose_frames"],
-        data["heatmap_size"],
-        data["heatmap_size"],
-    )
+    data = content["data"]
     signature = ModelSignature(
         inputs=Schema(
             [
-                TensorSpec(np.dtype(np.float32), rgb_shape, "rgb"),
-                TensorSpec(np.dtype(np.float32), pose_shape, "pose"),
+                ColSpec(DataType.binary, "video", required=False),
+                ColSpec(DataType.binary, "skeleton", required=False),
+                ColSpec(DataType.string, "video_path", required=False),
+                ColSpec(DataType.string, "skeleton_path", required=False),
+                ColSpec(DataType.string, "clip", required=False),
             ]
         ),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.long, "label"),
+                ColSpec(DataType.string, "class_name"),
+                ColSpec(Array(DataType.long), "top5"),
+                ColSpec(Array(DataType.double), "probabilities"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("num_clips", DataType.long, int(data.get("test_clips", 1)))]),
     )
-    example = {
-        "rgb": np.zeros((1, *rgb_shape[1:]), np.float32),
-        "pose": np.zeros((1, *pose_shape[1:]), np.float32),
+    with tempfile.TemporaryDirectory() as folder:
+        mlflow.pyfunc.save_model(
+            str(out),
+            python_model=str(CODE_FILE),  # models-from-code: the artifacts are data only
+            artifacts={"model_file": str(model_file)},
+            signature=signature,
+            input_example=example_clip(Path(folder), data),
+            # explicit requirements: inference would load the model in a subprocess (slow)
+            pip_requirements=[
+                f"torch>={torch.__version__.split('+')[0]}",
+                "numpy",
+                "mlflow",
+                "mg-ray",
+            ],
+            metadata={"class_names": list(content["class_names"])},
+        )
+
+
+def example_clip(folder: Path, data: dict) -> pd.DataFrame:
+    """A request of one clip for the model's input example: an 8-frame grey video and a
+    still skeleton of the model's layout, as the bytes a client sends."""
+    frames, size = 8, 64
+    video = folder / "example.mp4"
+    write_video(video, np.full((frames, size, size, 3), 128, np.uint8))
+    joints = get_layout(data["layout"]).num_joints
+    skeleton = {
+        "keypoint": np.full((1, frames, joints, 2), size / 2).tolist(),
+        "keypoint_score": np.ones((1, frames, joints)).tolist(),
+        "img_shape": [size, size],
     }
-    mlflow.pyfunc.save_model(
-        str(out),
-        python_model=str(
-            CODE_FILE
-        ),  # models-from-code: the artifacts are data (mg_ray.serving.pyfunc)
-        artifacts={"model_file": str(model_file)},
-        signature=signature,
-        input_example=example,
-        # explicit requirements: inference would load the model in a subprocess (slow)
-        pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy", "mlflow", "mg-ray"],
-        metadata={"class_names": list(content["class_names"])},
+    return pd.DataFrame(
+        {
+            "video": [video.read_bytes()],
+            "skeleton": [json.dumps(skeleton).encode()],
+            "clip": ["example"],
+        }
     )
 
 
