@@ -8,14 +8,20 @@
 Each clip needs its skeleton: `--skeleton` files in clip order, or a file next to the clip with
 the same stem and `.npz` / `.json` suffix (format: `mg_ray.data.load_skeleton`). With `--data`,
 the clips are entries of a dataset folder (their `frame_dir`, or their video path) and the
-skeletons come from its annotation file; the true label is printed beside the prediction. Prints the top-5
-classes with names and probabilities. `--split NAME` predicts every clip of a split (labeled or
-not), and `--submission OUT.zip` writes the MiGA submission: `Submission.csv` (one
-`clip_name,class_id` line per clip, no header) zipped as OUT.zip, and beside it OUT.top5.csv with
-each clip's five best classes and probabilities. `--request BODY.json` classifies nothing: it
-writes the clips as the JSON body a served model takes (`request_body`), for `curl -d @BODY.json
-http://127.0.0.1:5000/invocations`. The model is an MLflow pyfunc model (see
-`mg_ray.tune.promote`), so `mlflow.pyfunc.load_model` of the same URI works too.
+skeletons come from its annotation file; the true label is printed beside the prediction.
+Prints the top-5 classes with names and probabilities.
+
+`--split NAME` predicts every clip of a split (labeled or not) on Ray Data over the connected
+cluster (RAY_ADDRESS, else a private local one): `batch_classify`, `--actors` model-holding
+actors, `--serial` for one process without Ray. `--submission OUT.zip` writes the MiGA
+submission: `Submission.csv` (one `clip_name,class_id` line per clip, no header) zipped as
+OUT.zip, and beside it OUT.top5.csv with each clip's five best classes and probabilities.
+
+`--request BODY.json` classifies nothing: it writes the clips as the JSON body a served model
+takes (`request_body`), for `curl -d @BODY.json http://127.0.0.1:5001/invocations`.
+
+The model is an MLflow pyfunc model (`mg_ray.serving`), so `mlflow.pyfunc.load_model` of the
+same URI works too, and every path here goes through its `predict`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import csv
 import io
 import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=[],
         help="skeleton file per clip, in order (default: <clip stem>.npz/.json beside it)",
+    )
+    parser.add_argument(
+        "--actors",
+        type=int,
+        help="with --split: model-holding Ray Data actors (default: one per GPU of the "
+        "cluster, else one per CPU)",
+    )
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="with --split: classify in this process, one clip after another, without Ray",
     )
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument(
@@ -125,6 +143,89 @@ def classify(
     return np.array(out["probabilities"].tolist(), dtype=np.float32).reshape(len(rows), -1)
 
 
+class ClipClassifier:
+    """A Ray Data actor of `batch_classify`: loads the model and the dataset's index once, then
+    classifies batches of the dataset's clips (`frame_dir`, `position`) with `classify`, the
+    one-process path's own function. Ray gives it a GPU when the cluster has them, and the
+    pyfunc then runs the network there."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, root: str, num_clips: int | None):
+        self.model, _ = load_classifier(model_uri, tracking_uri)
+        self.index = load_index(Path(root))
+        self.entries = {a.frame_dir: a for part in self.index.splits.values() for a in part}
+        self.num_clips = num_clips
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clips = []
+        for name in batch["frame_dir"]:
+            a = self.entries[str(name)]
+            clips.append(
+                (self.index.video_path(a.frame_dir), (a.keypoint, a.keypoint_score, a.img_shape))
+            )
+        probs = classify(self.model, None, clips, self.num_clips)
+        return {"position": batch["position"], "probabilities": probs}
+
+
+def batch_classify(
+    model_uri: str,
+    tracking_uri: str | None,
+    root: Path,
+    names: list[str],
+    num_clips: int | None = None,
+    actors: int | None = None,
+) -> np.ndarray:
+    """`classify` of a dataset's clips (`frame_dir`s) on Ray Data over the connected cluster (a
+    private local one without RAY_ADDRESS): `actors` model-holding actors (default: one per GPU
+    of the cluster, else one per CPU), each reading and classifying its clips, with Ray Data's
+    progress bar; returns the probabilities [len(names), K] in the order of `names`, equal to
+    `classify`'s."""
+    probs: dict[int, np.ndarray] = {}
+    for positions, batch in classified_batches(
+        model_uri, tracking_uri, root, names, num_clips, actors
+    ):
+        probs.update(zip(positions.tolist(), batch))
+    return np.stack([probs[i] for i in range(len(names))])
+
+
+def classified_batches(
+    model_uri: str,
+    tracking_uri: str | None,
+    root: Path,
+    names: list[str],
+    num_clips: int | None = None,
+    actors: int | None = None,
+    batch_size: int = 4,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`batch_classify`'s batches as Ray Data finishes them: (positions in `names`, [B, K])."""
+    import ray  # heavy: only the batch path needs Ray
+
+    from mg_ray.cluster import init_ray
+
+    init_ray()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if actors is None:
+        actors = gpus or max(1, int(resources.get("CPU", 1)))
+    actors = max(1, min(actors, len(names)))
+    items = [{"position": i, "frame_dir": name} for i, name in enumerate(names)]
+    blocks = max(1, min(len(items), actors * 4))  # enough blocks that every actor has work
+    predicted = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        ClipClassifier,
+        fn_constructor_kwargs={
+            "model_uri": model_uri,
+            "tracking_uri": tracking_uri,
+            "root": str(root),
+            "num_clips": num_clips,
+        },
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0 if gpus else 1,
+        num_gpus=1 if gpus else 0,
+    )
+    for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
+        yield batch["position"], batch["probabilities"]
+
+
 def request_body(clips: list[tuple[Path, Any]]) -> dict[str, Any]:
     """The JSON body of a `mlflow models serve` request classifying (video, skeleton) pairs: a
     `dataframe_split` table with each clip's video file and skeleton (a JSON skeleton file) as
@@ -154,6 +255,19 @@ def dataset_clips(
 ) -> list[tuple[Path, tuple, str | None]]:
     """(video path, (keypoint, score, img_shape), true class name or None) for named clips of a
     dataset, or for every clip of `split`."""
+    index, chosen = dataset_entries(root, names, split)
+    return [
+        (
+            index.video_path(a.frame_dir),
+            (a.keypoint, a.keypoint_score, a.img_shape),
+            None if a.label == UNLABELED else index.class_names[a.label],
+        )
+        for a in chosen
+    ]
+
+
+def dataset_entries(root: Path, names: list[Path], split: str | None = None):
+    """(the dataset's index, its annotations of the named clips or of every clip of `split`)."""
     index = load_index(root)
     if split is not None:
         chosen = index.split(split)
@@ -168,14 +282,7 @@ def dataset_clips(
                     f"{next(iter(entries))})"
                 )
             chosen.append(entries[key])
-    return [
-        (
-            index.video_path(a.frame_dir),
-            (a.keypoint, a.keypoint_score, a.img_shape),
-            None if a.label == UNLABELED else index.class_names[a.label],
-        )
-        for a in chosen
-    ]
+    return index, chosen
 
 
 def top5_path(submission: Path) -> Path:
@@ -249,7 +356,13 @@ def run(args: argparse.Namespace) -> int:
         args.request.write_text(json.dumps(body))
         print(f"{args.request}: a request classifying {len(clips)} clip(s)")
         return 0
-    probs = classify(model, inner, [(c, s) for c, s, _ in clips], args.clips_per_video)
+    if args.split and not args.serial:  # a whole split: on Ray Data over the cluster
+        names = [a.frame_dir for a in dataset_entries(args.data, [], args.split)[1]]
+        probs = batch_classify(
+            args.model, args.tracking_uri, args.data, names, args.clips_per_video, args.actors
+        )
+    else:
+        probs = classify(model, inner, [(c, s) for c, s, _ in clips], args.clips_per_video)
     if args.submission is not None:
         names = [Path(c).stem for c, _, _ in clips]
         top5 = write_submission(args.submission, names, probs, inner.class_names)

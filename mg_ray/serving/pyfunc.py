@@ -69,6 +69,9 @@ class MicroGestureClassifier(mlflow.pyfunc.PythonModel):
         self.params = pipeline_params(self.data)
         self.layout = get_layout(self.data["layout"])
         self.reads_rgb = self.model.modality != "pose"
+        # a GPU where the process has one (a Ray actor given one, a GPU server), else the CPU
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
         return self
 
     # The hint is np.ndarray, one of the types MLflow infers no schema from: the model has an
@@ -118,11 +121,13 @@ class MicroGestureClassifier(mlflow.pyfunc.PythonModel):
     def probabilities(self, rgb, pose) -> np.ndarray:
         """Fused class probabilities [N, K] of preprocessed inputs (the network's own tensors)."""
         rgb, pose = (
-            None if x is None or self.model.modality == skip else torch.as_tensor(x).float()
+            None
+            if x is None or self.model.modality == skip
+            else torch.as_tensor(x).float().to(self.device)
             for x, skip in ((rgb, "pose"), (pose, "rgb"))
         )
         with torch.no_grad():
-            return fuse_probabilities(self.model(rgb, pose), self.stream_weights).numpy()
+            return fuse_probabilities(self.model(rgb, pose), self.stream_weights).cpu().numpy()
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:
         """The output: one row per clip, its label, class name, top-5 ids and probabilities."""

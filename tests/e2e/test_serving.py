@@ -11,6 +11,7 @@ the server cares what the model computes, not how well.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -21,12 +22,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from mg_ray import tracking
 from mg_ray.data import load_index
+from mg_ray.predict import top5_path
 from mg_ray.registry import promote_run
 from tests.e2e.helpers import cli_env, run
 from tests.test_serving import fused_model_file
@@ -66,11 +69,14 @@ def server(home):
     """`mlflow models serve -m models:/NAME@champion --env-manager local` (README's command) in
     its own process group, stopped by that group's id."""
     port = free_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    env = cli_env(home) | {"MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    bin_dir = Path(sys.executable).parent  # the README activates the venv: its tools on PATH
+    env = cli_env(home) | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # mlflow runs uvicorn
+    }
     log = open(home / "serve.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}@champion"]
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion"]
         + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         env=env,
         stdout=log,
@@ -92,12 +98,13 @@ def server(home):
             time.sleep(1)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # the group is gone if the server died
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 
@@ -163,3 +170,23 @@ def test_a_bad_clip_is_a_400_naming_the_clip_and_the_field(home, server, tiny_da
     last = answer["message"].splitlines()[-1]
     assert last.startswith("Error: clip 'broken': video: cannot open video"), answer["message"]
     assert "stack_trace" not in answer and "Traceback" not in answer["message"]
+
+
+def test_a_split_on_ray_data_equals_the_one_process_path(home, tiny_dataset, tmp_path):
+    """`--split` runs on Ray Data (here a private local cluster of this machine's CPUs, two
+    model-holding actors); the MiGA submission and its top-5 file are those of `--serial`."""
+    model = f"models:/{NAME}@champion"
+    written = {}
+    for how in ("--serial", "--actors=2"):
+        submission = tmp_path / f"{how.strip('-').split('=')[0]}.zip"
+        out = run(
+            home, "predict", "--model", model, "--data", str(tiny_dataset), "--split", "test",
+            "--submission", str(submission), how,
+        )  # fmt: skip
+        with zipfile.ZipFile(submission) as archive:
+            lines = archive.read("Submission.csv").decode()
+        written[how] = (lines, top5_path(submission).read_text())
+        assert "Submission.csv with 10 clips" in out.stdout
+    assert written["--serial"] == written["--actors=2"]
+    names = [line.split(",")[0] for line in written["--serial"][0].splitlines()]
+    assert names == [a.frame_dir for a in load_index(tiny_dataset).split("test")]  # clip order
