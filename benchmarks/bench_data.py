@@ -8,9 +8,12 @@ Prints, in one run:
   per-joint numpy loop of tests/data/helpers.py), with the speed-up;
 - loader throughput in paper-size samples/s for one worker (rgb 8 x 224^2, pose 32 x 56^2,
   train mode) on raw 1280x720 H.264 clips (GOP 250) and on prepared 456x256 clips (GOP 8),
-  both written here with PyAV into a temporary folder; and pose-only items (a pose-only model's
-  dataset, `rgb=False`), which decode no video.
-Targets (issue 2): heatmaps >= 20x the reference; >= 30 samples/s per worker on prepared clips.
+  both written here with PyAV into a temporary folder; the frame stores `mg-ray prepare --store
+  jpeg` and `--store uint8` make of the raw clips (456x256 frames, the prepared clips' size),
+  with their size on disk per frame and their rate against the prepared clips'; and pose-only
+  items (a pose-only model's dataset, `rgb=False`), which decode no video.
+Targets: heatmaps >= 20x the reference; >= 30 samples/s per worker on prepared clips (issue 2);
+the frame store >= 4x the prepared clips (issue 28).
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def main() -> None:
 
     from mg_ray.data.heatmaps import pose_heatmaps
     from mg_ray.data.layouts import COCO17
+    from mg_ray.data.prepare import prepare
 
     torch.set_num_threads(1)  # per-worker figures: one core per loader worker
     rng = np.random.default_rng(0)
@@ -188,14 +192,30 @@ def main() -> None:
         t0 = time.perf_counter()
         raw = write_bench_dataset(tmp / "raw", args.clips, args.frames, (720, 1280), gop=250)
         prepared = write_bench_dataset(tmp / "prepared", args.clips, args.frames, (256, 456), gop=8)
-        print(f"(clips written in {time.perf_counter() - t0:.1f} s)")
+        stores = {
+            store: prepare(raw, tmp / store, short_side=256, store=store, log=lambda *_: None)
+            for store in ("jpeg", "uint8")
+        }
+        print(f"(clips and frame stores written in {time.perf_counter() - t0:.1f} s)")
+        frames = args.clips * args.frames
+        rates = {}
         for name, root, rgb in (
             ("raw 1280x720 gop 250", raw, True),
             ("prepared 456x256 gop 8", prepared, True),
+            ("frame store, JPEG q90", stores["jpeg"], True),
+            ("frame store, uint8", stores["uint8"], True),
             ("pose only (no video)", raw, False),
         ):
-            rate = loader_rate(root, args.samples, rgb)
-            print(f"{name:24s} {rate:7.1f} samples/s  ({1e3 / rate:6.1f} ms/sample)")
+            rates[name] = rate = loader_rate(root, args.samples, rgb)
+            folder = root / ("frames" if root in stores.values() else "videos")
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / frames
+            print(
+                f"{name:24s} {rate:7.1f} samples/s  ({1e3 / rate:6.1f} ms/sample)"
+                + (f"  {size / 1024:7.1f} KiB per frame on disk" if rgb else "")
+            )
+        base = rates["prepared 456x256 gop 8"]
+        for name in ("frame store, JPEG q90", "frame store, uint8"):
+            print(f"{name} / prepared clips: {rates[name] / base:.1f}x")
 
 
 if __name__ == "__main__":

@@ -240,6 +240,11 @@ def request_body(clips: list[tuple[Path, Any]]) -> dict[str, Any]:
         if img_shape is not None:
             fields["img_shape"] = [int(x) for x in img_shape]
         encoded = json.dumps(fields, separators=(",", ":")).encode()
+        if not Path(video).is_file():
+            raise SystemExit(
+                f"error: {video}: not a video file (a frame store's clip?); a request carries "
+                "the video file's bytes: make it from the dataset with videos"
+            )
         data.append(
             [
                 base64.b64encode(Path(video).read_bytes()).decode(),

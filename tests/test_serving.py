@@ -180,3 +180,19 @@ def test_a_pose_only_model_needs_no_video_when_the_skeleton_has_its_frame_size(
     no_size = json.dumps({"keypoint": ann.keypoint.tolist()}).encode()
     with pytest.raises(MlflowException, match="row 0: video: missing"):
         model.predict(pd.DataFrame({"skeleton": [no_size]}))
+
+
+def test_a_frame_store_clip_classifies_as_its_video(served, tiny_dataset, tmp_path):
+    """`mg-ray predict --data` on a dataset `mg-ray prepare --store uint8` wrote: the clip is an
+    .npy array of the decoded frames (the same size here), read through the same pipeline."""
+    from mg_ray.data.prepare import prepare
+
+    model, _, _ = served
+    store = prepare(tiny_dataset, tmp_path / "store", store="uint8", log=lambda *_: None)
+    ann = load_index(tiny_dataset).split("val")[0]
+    skeleton = {"keypoint": ann.keypoint, "keypoint_score": ann.keypoint_score}
+    videos = [str(load_index(root).video_path(ann.frame_dir)) for root in (tiny_dataset, store)]
+    assert videos[1].endswith(".npy")
+    out = model.predict(pd.DataFrame({"video": videos, "skeleton": [skeleton] * 2}))
+    # PyAV's and decord's YUV to RGB conversions differ by a grey level here and there
+    np.testing.assert_allclose(out["probabilities"][0], out["probabilities"][1], atol=0.02)

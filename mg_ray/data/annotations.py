@@ -409,8 +409,9 @@ def load_index(
     The annotations are `annotation_file` or, when the folder has none, one pickle per split
     (`train.pkl`, `val.pkl`, `test.pkl`, ...: the MiGA releases), each with its own `split` dict.
     `layout`: keypoint layout name; None takes dataset.json's "layout", else the one layout with
-    the annotations' joint count (`layouts.layout_for_joints`). Does not open any video (that
-    happens per item, in the loader's workers).
+    the annotations' joint count (`layouts.layout_for_joints`). A frame store's `dataset.json`
+    (`frame_store`) puts its folder and kind in place of `video_dir` and `video_ext`. Does not
+    open any video (that happens per item, in the loader's workers).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -466,6 +467,15 @@ def load_index(
                 )
             splits[str(name)] = [by_name[m] for m in members]
 
+    store = metadata.get("frame_store")
+    if store:  # a frame store (`mg-ray prepare --store`): its clips are read from there
+        formats = {"jpeg": "", "uint8": ".npy"}
+        if not isinstance(store, dict) or store.get("format") not in formats:
+            raise AnnotationError(
+                f"{meta_path}: frame_store: expected {{'format': 'jpeg' or 'uint8', 'folder': "
+                f"...}}, got {store!r}"
+            )
+        video_dir, video_ext = str(store.get("folder", "frames")), formats[store["format"]]
     check_confined(root / video_dir, by_name, where)
     return DatasetIndex(
         root=root,

@@ -6,6 +6,14 @@ clips have a short side of 256 (aspect kept, even sizes) and a keyframe every `g
 random frame costs at most `gop` small decodes. Clips already at or below the short side keep
 their size (never upscaled) and are only re-encoded with the short keyframe interval.
 
+`--store` chooses how the frames are kept: `video` (H.264 clips as above), or a frame store for
+random access without a decoder running from a keyframe: `jpeg` (one JPEG per frame,
+`frames/<frame_dir>/img_00001.jpg`, the layout of mmaction2's rawframes) or `uint8` (one
+`frames/<frame_dir>.npy` array [T, H, W, 3] per clip, read memory-mapped). `dataset.json`'s
+`frame_store` names it, and `load_index` then reads the frames from there: the same
+annotations, sampling and augmentations (`mg_ray.data.video.read_frames` reads all three). What
+each costs, on disk and in samples/s: `benchmarks/bench_data.py` and the README.
+
 The source dataset is never modified. The output is a new dataset folder in the same format:
 keypoints and `img_shape` are scaled to the new frame size, `original_shape` is kept, every other
 annotation field and the split are copied unchanged; `dataset.json` records the source's
@@ -59,6 +67,10 @@ def scale_keypoints(
     return (keypoint * np.array([sx, sy], dtype=np.float32)).astype(np.float32)
 
 
+STORES = ("video", "jpeg", "uint8")
+FRAMES = "frames"  # the frame store's folder in a dataset
+
+
 @dataclass(frozen=True)
 class ClipJob:
     frame_dir: str
@@ -67,10 +79,54 @@ class ClipJob:
     short_side: int
     gop: int
     crf: int
+    store: str = "video"
+    quality: int = 90
+
+
+def clip_target(folder: Path, frame_dir: str, store: str) -> Path:
+    """Where a clip's frames go: a video file, a folder of JPEGs or an .npy array."""
+    return folder / f"{frame_dir}{store_extension(store)}"
+
+
+def store_extension(store: str) -> str:
+    """The suffix `DatasetIndex.video_path` adds to a frame_dir for each kind of store."""
+    return {"video": ".mp4", "jpeg": "", "uint8": ".npy"}[store]
+
+
+class FrameSink:
+    """Receives a clip's resized frames one by one and writes them as `job.store` says."""
+
+    def __init__(self, job: ClipJob, out_hw: tuple[int, int], fps: float):
+        self.job, self.frames, self.kept = job, 0, []
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        if job.store == "video":
+            self.writer = video_io.H264Writer(
+                job.target, out_hw[1], out_hw[0], fps=round(float(fps)), crf=job.crf, gop=job.gop
+            )
+        elif job.store == "jpeg":
+            job.target.mkdir()
+
+    def write(self, image: np.ndarray) -> None:
+        self.frames += 1
+        if self.job.store == "video":
+            self.writer.write(image)
+        elif self.job.store == "jpeg":
+            from PIL import Image  # only a JPEG store needs Pillow
+
+            name = self.job.target / f"img_{self.frames:05d}.jpg"  # 1-based, as rawframes
+            Image.fromarray(image).save(name, quality=self.job.quality)
+        else:
+            self.kept.append(image)
+
+    def close(self) -> None:
+        if self.job.store == "video":
+            self.writer.close()
+        elif self.job.store == "uint8":
+            np.save(self.job.target, np.stack(self.kept))
 
 
 def reencode_clip(job: ClipJob) -> tuple[str, int, tuple[int, int], tuple[int, int]]:
-    """Decode `job.source`, resize, encode `job.target`. Runs in a worker process.
+    """Decode `job.source`, resize, write `job.target` (`job.store`). Runs in a worker process.
 
     Returns (frame_dir, frames written, source (h, w), output (h, w)). Errors name the clip."""
     import av
@@ -81,16 +137,15 @@ def reencode_clip(job: ClipJob) -> tuple[str, int, tuple[int, int], tuple[int, i
             fps = stream.average_rate or stream.guessed_rate or 25
             src_hw = (stream.codec_context.height, stream.codec_context.width)
             out_hw = target_size(*src_hw, job.short_side)
-            with video_io.H264Writer(
-                job.target, out_hw[1], out_hw[0], fps=round(float(fps)), crf=job.crf, gop=job.gop
-            ) as writer:
-                for frame in container.decode(stream):
-                    # AREA averages the pixels a target pixel covers: the right filter for shrinking.
-                    small = frame.reformat(
-                        width=out_hw[1], height=out_hw[0], format="rgb24", interpolation="AREA"
-                    )
-                    writer.write(small.to_ndarray())
-                written = writer.frames
+            sink = FrameSink(job, out_hw, fps)
+            for frame in container.decode(stream):
+                # AREA averages the pixels a target pixel covers: the right filter for shrinking.
+                small = frame.reformat(
+                    width=out_hw[1], height=out_hw[0], format="rgb24", interpolation="AREA"
+                )
+                sink.write(small.to_ndarray())
+            sink.close()
+            written = sink.frames
     except (av.FFmpegError, ValueError, OSError) as err:
         raise PrepareError(
             f"clip {job.frame_dir!r}: {job.source}: cannot re-encode: {err}"
@@ -107,6 +162,8 @@ def prepare(
     workers: int = 2,
     force: bool = False,
     log=print,
+    store: str = "video",
+    quality: int = 90,
 ) -> Path:
     """Write a prepared copy of dataset `src` to `out`; returns `out`. See the module docstring."""
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
@@ -114,6 +171,10 @@ def prepare(
         raise ValueError(f"short_side: expected an integer in [16, 4096], got {short_side}")
     if not 1 <= gop <= 300:
         raise ValueError(f"gop: expected an integer in [1, 300], got {gop}")
+    if store not in STORES:
+        raise ValueError(f"store: expected one of {', '.join(STORES)}, got {store!r}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality: expected an integer in [1, 100], got {quality}")
     if not src.is_dir():
         raise PrepareError(f"{src}: source dataset folder not found")
     if out == src or src in out.parents or out in src.parents:
@@ -158,11 +219,18 @@ def prepare(
 
     start = time.perf_counter()
     with video_io.staged_output(out, force) as stage:
-        videos = stage / video_io.VIDEOS
+        videos = stage / (video_io.VIDEOS if store == "video" else FRAMES)
         videos.mkdir()
         jobs = [
             ClipJob(
-                j.frame_dir, j.source, videos / f"{j.frame_dir}.mp4", j.short_side, j.gop, j.crf
+                j.frame_dir,
+                j.source,
+                clip_target(videos, j.frame_dir, store),
+                j.short_side,
+                j.gop,
+                j.crf,
+                store,
+                quality,
             )
             for j in jobs
         ]
@@ -174,7 +242,7 @@ def prepare(
             ):
                 results[name] = (written, src_hw, out_hw)
                 if n % every == 0 or n == len(jobs):
-                    log(f"  {n}/{len(jobs)} clips re-encoded ({time.perf_counter() - start:.1f} s)")
+                    log(f"  {n}/{len(jobs)} clips written ({time.perf_counter() - start:.1f} s)")
 
         prepared, short_videos = [], []
         for ann in annotations:
@@ -202,6 +270,10 @@ def prepare(
             "gop": gop,
             "crf": crf,
         }
+        meta.pop("frame_store", None)
+        if store != "video":
+            meta["frame_store"] = {"format": store, "folder": FRAMES}
+            meta["prepared"]["quality"] = quality if store == "jpeg" else None
         video_io.write_metadata(stage, **meta)
     if short_videos:
         log(
@@ -225,6 +297,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes"
     )
     parser.add_argument(
+        "--store",
+        choices=STORES,
+        default="video",
+        help="how frames are kept: H.264 clips, or a frame store of JPEGs or uint8 arrays",
+    )
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of --store jpeg")
+    parser.add_argument(
         "--force", action="store_true", help="replace an existing mg-ray dataset at --out"
     )
 
@@ -233,7 +312,15 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         out = prepare(
-            args.src, args.out, args.short_side, args.gop, args.crf, args.workers, args.force
+            args.src,
+            args.out,
+            args.short_side,
+            args.gop,
+            args.crf,
+            args.workers,
+            args.force,
+            store=args.store,
+            quality=args.quality,
         )
     except (
         PrepareError,
@@ -246,10 +333,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     seconds = time.perf_counter() - start
     meta = json.loads((out / video_io.METADATA).read_text())
-    clips = len(list((out / video_io.VIDEOS).glob("*.mp4")))
+    folder = out / (video_io.VIDEOS if args.store == "video" else FRAMES)
+    clips = sum(1 for _ in folder.glob(f"*{store_extension(args.store)}"))
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    how = f"keyframe every {args.gop} frames" if args.store == "video" else f"{args.store} frames"
     print(f"prepared dataset written to {out}")
     print(
-        f"  {clips} clips, short side <= {args.short_side}, keyframe every {args.gop} frames, "
+        f"  {clips} clips, short side <= {args.short_side}, {how}, {size / 2**20:.1f} MiB, "
         f"fingerprint {meta['fingerprint'][:16]}, {seconds:.1f} s"
     )
     return 0

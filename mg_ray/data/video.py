@@ -1,8 +1,13 @@
-"""Reading frames with decord, one reader per call.
+"""Reading frames: from a video with decord, one reader per call, or from a frame store.
 
 decord's `VideoReader` is opened inside the call and dropped at its end: readers must never be
 created in the DataLoader's parent process (with fork the worker hangs, with spawn a reader
 cannot be pickled) and long-lived readers grow in memory (docs/stack.md).
+
+A clip of a frame store (`mg-ray prepare --store`, `mg_ray.data.prepare`) is a folder of JPEGs
+`img_00001.jpg`, ... (mmaction2's rawframes naming, 1-based) or a uint8 `.npy` array
+[T, H, W, 3]; `read_frames` and `video_size` read those by the path's kind, with the same
+clamping and errors as for a video.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ def read_frames(
     total_frames) are clamped to the last frame, and `clamped` says so. Every failure is a
     `VideoError` naming the file.
     """
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".npy":
+        return read_stored_frames(path, indices, expected_frames)
     import decord  # imported here: decord is only needed where videos are read
 
-    path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: video file not found")
     try:
@@ -73,11 +80,54 @@ def read_frames(
         del reader
 
 
+def read_stored_frames(
+    path: Path, indices: np.ndarray, expected_frames: int | None = None
+) -> Frames:
+    """`read_frames` of a frame store's clip: a folder of JPEGs or a uint8 .npy array."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if path.suffix == ".npy":
+        try:
+            frames = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise VideoError(f"{path}: cannot read the frame array: {_short(err)}") from None
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoError(
+                f"{path}: expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}"
+            )
+        num_frames = len(frames)
+    else:
+        num_frames = sum(1 for _ in path.glob("img_*.jpg"))
+    if num_frames < 1:
+        raise VideoError(f"{path}: the clip has no frames")
+    clamped = bool((indices >= num_frames).any()) or (
+        expected_frames is not None and num_frames < expected_frames
+    )
+    unique, inverse = np.unique(np.minimum(indices, num_frames - 1), return_inverse=True)
+    if path.suffix == ".npy":
+        batch = np.asarray(frames[unique])
+    else:
+        batch = np.stack([_read_jpeg(path / f"img_{i + 1:05d}.jpg") for i in unique])
+    return Frames(batch[inverse.reshape(-1)], num_frames, clamped)
+
+
+def _read_jpeg(path: Path) -> np.ndarray:
+    from PIL import Image  # only a JPEG frame store needs Pillow
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as err:
+        raise VideoError(f"{path}: cannot read the frame: {_short(err)}") from None
+
+
 def video_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of the video's frames."""
+    """(height, width) of the video's frames (or of a frame store's clip)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".npy":
+        h, w = read_stored_frames(path, np.zeros(1, np.int64)).frames.shape[1:3]
+        return int(h), int(w)
     import decord
 
-    path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: video file not found")
     try:

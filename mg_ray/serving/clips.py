@@ -3,7 +3,7 @@
 A request is a table (a pandas DataFrame, a list of row dicts or a dict of columns) with:
 
     video          the bytes of a video file (JSON: base64, as MLflow encodes a binary column),
-                   or, from Python, its path or URI
+                   or, from Python, its path or URI (or a frame store's clip, `mg-ray prepare`)
     skeleton       the bytes of a skeleton file (.npz or .json, `mg_ray.data.load_skeleton`'s
                    formats), or, from Python, its path or URI, or the arrays themselves
                    ({"keypoint": [M, T, V, 2], "keypoint_score": [M, T, V], "img_shape": (h, w)})
@@ -121,8 +121,8 @@ def _video(row: dict[str, Any], name: str, scratch: Path) -> Path | None:
         return None
     if isinstance(value, str):
         local = _local_path(value)
-        if local is not None:
-            if not local.is_file():
+        if local is not None:  # a video file, or a frame store's clip (folder or .npy)
+            if not local.exists():
                 raise ClipRequestError(f"{where}: {value}: no such file")
             return local
         value = _read_location(value, where)
