@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup study test bench clean-venv
+.PHONY: setup study test bench gpu-check clean-venv
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ study: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# On a CUDA machine with the project installed in $(VENV) (no setup here: such a machine may have
+# no package index); without CUDA it says so and exits 2.
+gpu-check:
+	PY=$(PY) bash benchmarks/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

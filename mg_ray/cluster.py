@@ -79,6 +79,7 @@ def check_resources(
     cpus_per_worker: float,
     use_gpu: bool,
     *,
+    gpus_per_worker: float = 1.0,
     reserved_cpus: float = 0.0,
     what: str = "training run",
     total: dict[str, float] | None = None,
@@ -94,7 +95,12 @@ def check_resources(
         import ray
 
         total, nodes = ray.cluster_resources(), node_resources()
-    request = dict(num_workers=num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
+    request = dict(
+        num_workers=num_workers,
+        cpus_per_worker=cpus_per_worker,
+        use_gpu=use_gpu,
+        gpus_per_worker=gpus_per_worker,
+    )
     short = shortfall(
         **request, reserved_cpus=reserved_cpus, total=total, nodes=nodes, cluster=cluster
     )
@@ -122,6 +128,7 @@ def shortfall(
     cpus_per_worker: float,
     use_gpu: bool,
     *,
+    gpus_per_worker: float = 1.0,
     reserved_cpus: float = 0.0,
     total: dict[str, float],
     nodes: list[dict[str, float]] | None = None,
@@ -139,29 +146,39 @@ def shortfall(
             + (f" + {reserved_cpus:g} for the trial driver" if reserved_cpus else "")
             + f") but {cluster} has {cpus:g}"
         )
-    if use_gpu and gpus < num_workers:
-        return "GPU", f"asks for {num_workers} GPU(s) but {cluster} has {gpus:g}"
-    if nodes is not None and workers_that_fit(cpus_per_worker, use_gpu, nodes) < num_workers:
+    if use_gpu and gpus + 1e-9 < num_workers * gpus_per_worker:
+        return (
+            "GPU",
+            f"asks for {num_workers * gpus_per_worker:g} GPU(s) but {cluster} has {gpus:g}",
+        )
+    fit = workers_that_fit(cpus_per_worker, use_gpu, nodes, gpus_per_worker) if nodes else 0
+    if nodes is not None and fit < num_workers:
         by_cpu = workers_that_fit(cpus_per_worker, False, nodes) < num_workers
         shapes = ", ".join(
             f"{n.get('CPU', 0.0):g} CPU" + (f" {n.get('GPU', 0.0):g} GPU" if use_gpu else "")
             for n in nodes
         )
-        each = f"{cpus_per_worker:g} CPU" + (" and 1 GPU" if use_gpu else "")
+        each = f"{cpus_per_worker:g} CPU" + (f" and {gpus_per_worker:g} GPU" if use_gpu else "")
         return "CPU" if by_cpu else "GPU", (
             f"needs {num_workers} workers of {each}, each whole on one node, but the nodes of "
-            f"{cluster} ({shapes}) hold {workers_that_fit(cpus_per_worker, use_gpu, nodes)}"
+            f"{cluster} ({shapes}) hold {fit}"
         )
     return None
 
 
-def workers_that_fit(cpus_per_worker: float, use_gpu: bool, nodes: list[dict[str, float]]) -> int:
-    """How many workers of `cpus_per_worker` CPUs (and a GPU each with `use_gpu`) the `nodes`
-    can hold at once, each worker whole on one node."""
+def workers_that_fit(
+    cpus_per_worker: float,
+    use_gpu: bool,
+    nodes: list[dict[str, float]],
+    gpus_per_worker: float = 1.0,
+) -> int:
+    """How many workers of `cpus_per_worker` CPUs (and `gpus_per_worker` of a GPU each with
+    `use_gpu`) the `nodes` can hold at once, each worker whole on one node."""
     fit = 0
     for node in nodes:
         here = int(node.get("CPU", 0.0) / cpus_per_worker + 1e-9) if cpus_per_worker > 0 else 10**6
-        fit += min(here, int(node.get("GPU", 0.0))) if use_gpu else here
+        on_gpus = int(node.get("GPU", 0.0) / gpus_per_worker + 1e-9)
+        fit += min(here, on_gpus) if use_gpu else here
     return fit
 
 

@@ -57,10 +57,12 @@ def test_a_worker_larger_than_every_node_is_refused_naming_the_nodes():
     check_resources(2, 1.0, True, total={"CPU": 2.0, "GPU": 2.0}, nodes=[{"CPU": 2.0, "GPU": 2.0}])
 
 
-def concurrency(total, *, workers=2, cpus=0.95, gpu=False, **study) -> int:
+def concurrency(total, *, workers=2, cpus=0.95, gpu=False, gpu_share=1.0, **study) -> int:
     space = SearchSpace(study=StudySettings(**{"trial_driver_cpus": 0.1, **study}))
     cfg = ExperimentConfig(
-        resources=ResourcesConfig(num_workers=workers, cpus_per_worker=cpus, use_gpu=gpu)
+        resources=ResourcesConfig(
+            num_workers=workers, cpus_per_worker=cpus, use_gpu=gpu, gpus_per_worker=gpu_share
+        )
     )
     return max_concurrent_trials(space, cfg, total)
 
@@ -89,3 +91,27 @@ def test_max_concurrent_trials_is_bounded_by_gpus():
     total = {"CPU": 16.0, "GPU": 3.0}
     assert concurrency(total, cpus=1.0, gpu=True, num_trials=8, standby_trials=0) == 1
     assert concurrency(total, cpus=1.0, gpu=True, num_trials=8) == 2
+
+
+def test_a_gpu_shared_by_trials_at_half_a_gpu_each():
+    # two 1-worker trials at 0.5 GPU share one GPU (Ray's fractional GPUs)
+    total = {"CPU": 16.0, "GPU": 1.0}
+    assert concurrency(total, workers=1, gpu=True, gpu_share=0.5, num_trials=4) == 3  # + standby
+    assert (
+        concurrency(total, workers=1, gpu=True, gpu_share=0.5, num_trials=4, standby_trials=0) == 2
+    )
+    check_resources(2, 1.0, True, gpus_per_worker=0.5, total=total, nodes=[total])
+    with pytest.raises(ResourceError, match=r"asks for 1.5 GPU\(s\) but the Ray cluster has 1"):
+        check_resources(3, 1.0, True, gpus_per_worker=0.5, total=total)
+    # per node: 0.5 GPU left on each of two nodes does not hold a 1-GPU worker
+    halves = [{"CPU": 4.0, "GPU": 0.5}, {"CPU": 4.0, "GPU": 0.5}]
+    with pytest.raises(ResourceError, match=r"workers of 1 CPU and 1 GPU.*hold 0"):
+        check_resources(1, 1.0, True, total={"CPU": 8.0, "GPU": 1.0}, nodes=halves)
+    check_resources(2, 1.0, True, gpus_per_worker=0.5, total={"CPU": 8.0, "GPU": 1.0}, nodes=halves)
+
+
+def test_gpus_per_worker_is_a_share_of_one_gpu():
+    from mg_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gpus_per_worker.*\\(0, 1\\]"):
+        ResourcesConfig(gpus_per_worker=2).validate()

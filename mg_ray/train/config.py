@@ -139,11 +139,19 @@ class ResourcesConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     cpus_per_worker: float = 1.0  # fractional values are allowed
     use_gpu: bool = False
+    # with use_gpu: a GPU's share per worker; 0.5 lets two workers (two trials) share one GPU
+    gpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts from the last checkpoint
 
     def validate(self) -> None:
         check(self.num_workers >= 1, "num_workers", "an integer >= 1", self.num_workers)
         check(self.cpus_per_worker > 0, "cpus_per_worker", "a number > 0", self.cpus_per_worker)
+        check(
+            0 < self.gpus_per_worker <= 1,
+            "gpus_per_worker",
+            "a number in (0, 1] (a GPU's share per worker)",
+            self.gpus_per_worker,
+        )
         check(self.max_failures >= 0, "max_failures", "an integer >= 0", self.max_failures)
 
 

@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=res.num_workers,
         cpus_per_worker=res.cpus_per_worker,
         use_gpu=res.use_gpu,
+        gpus_per_worker=res.gpus_per_worker,
         what=f"train run {name!r}",
     )
     check_local_resources(args.address, **request)  # before a local Ray starts

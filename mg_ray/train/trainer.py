@@ -61,7 +61,8 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
             use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker},
+            resources_per_worker={"CPU": resources.cpus_per_worker}
+            | ({"GPU": resources.gpus_per_worker} if resources.use_gpu else {}),
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -74,7 +74,9 @@ def max_concurrent_trials(
         + 1e-9
     )
     if res.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0) // res.num_workers))
+        fits = min(
+            fits, math.floor(total.get("GPU", 0) / (res.num_workers * res.gpus_per_worker) + 1e-9)
+        )
     concurrent = min(max(1, fits) + study.standby_trials, study.num_trials)
     return min(concurrent, study.max_concurrent) if study.max_concurrent else concurrent
 
@@ -118,6 +120,7 @@ def preflight(
         num_workers=res.num_workers,
         cpus_per_worker=res.cpus_per_worker,
         use_gpu=res.use_gpu,
+        gpus_per_worker=res.gpus_per_worker,
         reserved_cpus=space.study.trial_driver_cpus,
         what=f"each trial of study {study_name!r}",
     )
