@@ -15,7 +15,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mg_ray.data.synth", "write the synthetic micro-gesture dataset"),
-    "prepare": ("mg_ray.data.prepare", "re-encode clips for cheap random access"),
+    "prepare": ("mg_ray.prepare_job", "re-encode clips (or a frame store) for cheap random access"),
     "convert-openpose": ("mg_ray.data.openpose", "build a dataset from OpenPose JSON output"),
     "convert-imigue": (
         "mg_ray.data.imigue",

@@ -17,25 +17,27 @@ each costs, on disk and in samples/s: `benchmarks/bench_data.py` and the README.
 The source dataset is never modified. The output is a new dataset folder in the same format:
 keypoints and `img_shape` are scaled to the new frame size, `original_shape` is kept, every other
 annotation field and the split are copied unchanged; `dataset.json` records the source's
-fingerprint and the settings. Clips are encoded by a small process pool.
+fingerprint and the settings. `prepare` runs the clips through a runner (a local process pool
+by default; `mg-ray prepare` uses Ray Data over the cluster, `mg_ray.prepare_job`), resumes an
+interrupted run, and leaves out (and names) a clip it cannot read.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mg_ray.data import video_io
 from mg_ray.data.annotations import (
-    AnnotationError,
     frame_dir_is_confined,
     safe_load_pickle,  # the restricted loader: never plain pickle
 )
@@ -94,17 +96,27 @@ def store_extension(store: str) -> str:
 
 
 class FrameSink:
-    """Receives a clip's resized frames one by one and writes them as `job.store` says."""
+    """Receives a clip's resized frames one by one and writes them as `job.store` says, under a
+    temporary name that `close` renames to `job.target`: a target that exists is complete (what
+    a resumed `prepare` relies on)."""
 
     def __init__(self, job: ClipJob, out_hw: tuple[int, int], fps: float):
         self.job, self.frames, self.kept = job, 0, []
         job.target.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = job.target.with_name(f".{job.target.name}.partial")
+        if self.partial.is_dir():
+            shutil.rmtree(self.partial)  # an earlier, interrupted attempt
         if job.store == "video":
             self.writer = video_io.H264Writer(
-                job.target, out_hw[1], out_hw[0], fps=round(float(fps)), crf=job.crf, gop=job.gop
+                self.partial,
+                out_hw[1],
+                out_hw[0],
+                fps=round(float(fps)),
+                crf=job.crf,
+                gop=job.gop,
             )
         elif job.store == "jpeg":
-            job.target.mkdir()
+            self.partial.mkdir()
 
     def write(self, image: np.ndarray) -> None:
         self.frames += 1
@@ -113,8 +125,8 @@ class FrameSink:
         elif self.job.store == "jpeg":
             from PIL import Image  # only a JPEG store needs Pillow
 
-            name = self.job.target / f"img_{self.frames:05d}.jpg"  # 1-based, as rawframes
-            Image.fromarray(image).save(name, quality=self.job.quality)
+            name = self.partial / f"img_{self.frames:05d}.jpg"  # 1-based, as rawframes
+            Image.fromarray(image).save(name, quality=self.job.quality, format="JPEG")
         else:
             self.kept.append(image)
 
@@ -122,7 +134,9 @@ class FrameSink:
         if self.job.store == "video":
             self.writer.close()
         elif self.job.store == "uint8":
-            np.save(self.job.target, np.stack(self.kept))
+            with open(self.partial, "wb") as f:
+                np.save(f, np.stack(self.kept))
+        os.replace(self.partial, self.job.target)
 
 
 def reencode_clip(job: ClipJob) -> tuple[str, int, tuple[int, int], tuple[int, int]]:
@@ -153,6 +167,76 @@ def reencode_clip(job: ClipJob) -> tuple[str, int, tuple[int, int], tuple[int, i
     return job.frame_dir, written, src_hw, out_hw
 
 
+@dataclass(frozen=True)
+class ClipResult:
+    """What `reencode_clip` did with one clip, or the error that stopped it."""
+
+    frame_dir: str
+    written: int = 0
+    src_hw: tuple[int, int] = (0, 0)
+    out_hw: tuple[int, int] = (0, 0)
+    error: str | None = None
+
+
+def prepare_clip(job: ClipJob) -> ClipResult:
+    """`reencode_clip`, with a clip that cannot be read returned as its error, not raised: one
+    bad clip does not stop the others."""
+    try:
+        name, written, src_hw, out_hw = reencode_clip(job)
+    except PrepareError as err:
+        partial = job.target.with_name(f".{job.target.name}.partial")
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink(missing_ok=True)
+        return ClipResult(job.frame_dir, error=str(err))
+    return ClipResult(name, written, tuple(src_hw), tuple(out_hw))
+
+
+def in_processes(jobs: list[ClipJob], workers: int) -> Iterator[ClipResult]:
+    """The default runner: `prepare_clip` in a local process pool, results as they finish.
+    (`mg-ray prepare` runs them on Ray Data over the cluster instead: `mg_ray.prepare_job`.)"""
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield from pool.map(prepare_clip, jobs, chunksize=1)
+
+
+JOURNAL = ".prepare-journal.jsonl"  # in the stage folder: one line per clip written
+SETTINGS = ".prepare-settings.json"  # in the stage folder: what it is being prepared with
+
+
+def open_stage(out: Path, settings: dict[str, Any], log) -> tuple[Path, dict[str, ClipResult]]:
+    """The stage folder beside `out` where the dataset is written (renamed to `out` at the end)
+    and the clips an interrupted run with the same settings already wrote there (those in its
+    journal whose file exists). A stage left with other settings is started afresh."""
+    stage = out.parent / f".{out.name}.partial"
+    done: dict[str, ClipResult] = {}
+    if stage.is_dir():
+        try:
+            same = json.loads((stage / SETTINGS).read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log(f"  {stage}: left by a run with other settings; starting afresh")
+            shutil.rmtree(stage)
+    if stage.is_dir():
+        journal = stage / JOURNAL
+        lines = journal.read_text().splitlines() if journal.is_file() else []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the interruption: that clip is redone
+            result = ClipResult(
+                row["frame_dir"], row["written"], tuple(row["src_hw"]), tuple(row["out_hw"])
+            )
+            done[result.frame_dir] = result
+        log(f"  resuming in {stage}: {len(done)} clips already written")
+    else:
+        stage.mkdir(parents=True)
+        (stage / SETTINGS).write_text(json.dumps(settings))
+    return stage, done
+
+
 def prepare(
     src: Path,
     out: Path,
@@ -164,8 +248,15 @@ def prepare(
     log=print,
     store: str = "video",
     quality: int = 90,
+    run_jobs=None,
 ) -> Path:
-    """Write a prepared copy of dataset `src` to `out`; returns `out`. See the module docstring."""
+    """Write a prepared copy of dataset `src` to `out`; returns `out`. See the module docstring.
+
+    `run_jobs(jobs, workers)` runs `prepare_clip` over the clips and yields their results as
+    they finish (default: `in_processes`). The dataset is written to a stage folder beside
+    `out` and renamed to `out` at the end; an interrupted run leaves the stage, and the same
+    command resumes it, skipping the clips already written. A clip that cannot be read is
+    left out of the dataset and named in a warning (and in `dataset.json`'s `prepared`)."""
     src, out = Path(src).expanduser().absolute(), Path(out).expanduser().absolute()
     if not 16 <= short_side <= 4096:
         raise ValueError(f"short_side: expected an integer in [16, 4096], got {short_side}")
@@ -192,7 +283,7 @@ def prepare(
             f"{src / video_io.ANNOTATIONS}: expected a dict with 'split' and an 'annotations' list"
         )
     annotations = data["annotations"]
-    jobs = []
+    sources = []
     for i, ann in enumerate(annotations):
         where = f"{src / video_io.ANNOTATIONS}: annotation {i}"
         if not isinstance(ann, dict):
@@ -208,7 +299,7 @@ def prepare(
         video = src / video_io.VIDEOS / f"{ann['frame_dir']}.mp4"
         if not video.is_file():
             raise PrepareError(f"clip {ann['frame_dir']!r}: video not found: {video}")
-        jobs.append(ClipJob(str(ann["frame_dir"]), video, Path(), short_side, gop, crf))
+        sources.append((str(ann["frame_dir"]), video))
     classes = video_io.read_classes(src / video_io.CLASSES)
     source_meta_path = src / video_io.METADATA
     source_meta = (
@@ -216,130 +307,103 @@ def prepare(
         if source_meta_path.is_file()
         else {"name": src.name}
     )
+    video_io.check_output_folder(out, force)
+    settings = {
+        "source": str(src),
+        "source_fingerprint": source_meta.get("fingerprint") or video_io.fingerprint(src),
+        "short_side": short_side,
+        "gop": gop,
+        "crf": crf,
+        "store": store,
+        "quality": quality,
+    }
 
     start = time.perf_counter()
-    with video_io.staged_output(out, force) as stage:
-        videos = stage / (video_io.VIDEOS if store == "video" else FRAMES)
-        videos.mkdir()
-        jobs = [
-            ClipJob(
-                j.frame_dir,
-                j.source,
-                clip_target(videos, j.frame_dir, store),
-                j.short_side,
-                j.gop,
-                j.crf,
-                store,
-                quality,
-            )
-            for j in jobs
-        ]
-        results: dict[str, tuple[int, tuple[int, int], tuple[int, int]]] = {}
-        every = max(1, len(jobs) // 10)
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            for n, (name, written, src_hw, out_hw) in enumerate(
-                pool.map(reencode_clip, jobs, chunksize=4), 1
-            ):
-                results[name] = (written, src_hw, out_hw)
-                if n % every == 0 or n == len(jobs):
-                    log(f"  {n}/{len(jobs)} clips written ({time.perf_counter() - start:.1f} s)")
+    stage, results = open_stage(out, settings, log)
+    folder = stage / (video_io.VIDEOS if store == "video" else FRAMES)
+    folder.mkdir(exist_ok=True)
+    jobs = [
+        ClipJob(
+            name,
+            video,
+            clip_target(folder, name, store),
+            short_side,
+            gop,
+            crf,
+            store,
+            quality,
+        )
+        for name, video in sources
+        if not (name in results and clip_target(folder, name, store).exists())
+    ]
+    failed: dict[str, str] = {}
+    every = max(1, len(jobs) // 10)
+    with open(stage / JOURNAL, "a") as journal:
+        for n, result in enumerate((run_jobs or in_processes)(jobs, workers), 1):
+            if result.error:
+                failed[result.frame_dir] = result.error
+                log(f"  warning: {result.error} (left out; the other clips go on)")
+            else:
+                results[result.frame_dir] = result
+                row = {
+                    "frame_dir": result.frame_dir,
+                    "written": result.written,
+                    "src_hw": list(result.src_hw),
+                    "out_hw": list(result.out_hw),
+                }
+                journal.write(json.dumps(row) + "\n")
+                journal.flush()  # a clip is resumable once its line is down
+            if n % every == 0 or n == len(jobs):
+                log(f"  {n}/{len(jobs)} clips written ({time.perf_counter() - start:.1f} s)")
 
-        prepared, short_videos = [], []
-        for ann in annotations:
-            written, src_hw, out_hw = results[str(ann["frame_dir"])]
-            img_hw = tuple(int(v) for v in ann["img_shape"])
-            # Keypoints live in img_shape pixels; the video should have the same aspect ratio.
-            if abs(img_hw[1] / img_hw[0] - src_hw[1] / src_hw[0]) > 0.02:
-                raise PrepareError(
-                    f"clip {ann['frame_dir']!r}: img_shape {img_hw} does not match the video's size {src_hw}"
-                )
-            new = dict(ann)
-            new["keypoint"] = scale_keypoints(np.asarray(ann["keypoint"]), img_hw, out_hw)
-            new["img_shape"] = out_hw
-            new["original_shape"] = tuple(ann.get("original_shape", img_hw))
-            if "total_frames" in ann and written != int(ann["total_frames"]):
-                short_videos.append(f"{ann['frame_dir']} ({written} of {ann['total_frames']})")
-            prepared.append(new)
-        video_io.write_annotations(stage, data["split"], prepared)
-        video_io.write_classes(stage, classes)
-        meta = {k: v for k, v in source_meta.items() if k != "fingerprint"}
-        meta["prepared"] = {
-            "source": str(src),
-            "source_fingerprint": source_meta.get("fingerprint"),
-            "short_side": short_side,
-            "gop": gop,
-            "crf": crf,
-        }
-        meta.pop("frame_store", None)
-        if store != "video":
-            meta["frame_store"] = {"format": store, "folder": FRAMES}
-            meta["prepared"]["quality"] = quality if store == "jpeg" else None
-        video_io.write_metadata(stage, **meta)
+    prepared, short_videos = [], []
+    for ann in annotations:
+        name = str(ann["frame_dir"])
+        if name in failed:
+            continue
+        result = results[name]
+        img_hw = tuple(int(v) for v in ann["img_shape"])
+        src_hw, out_hw = result.src_hw, result.out_hw
+        # Keypoints live in img_shape pixels; the video should have the same aspect ratio.
+        if abs(img_hw[1] / img_hw[0] - src_hw[1] / src_hw[0]) > 0.02:
+            raise PrepareError(
+                f"clip {name!r}: img_shape {img_hw} does not match the video's size {src_hw}"
+            )
+        new = dict(ann)
+        new["keypoint"] = scale_keypoints(np.asarray(ann["keypoint"]), img_hw, out_hw)
+        new["img_shape"] = out_hw
+        new["original_shape"] = tuple(ann.get("original_shape", img_hw))
+        if "total_frames" in ann and result.written != int(ann["total_frames"]):
+            short_videos.append(f"{name} ({result.written} of {ann['total_frames']})")
+        prepared.append(new)
+    split = {k: [m for m in v if m not in failed] for k, v in data["split"].items()}
+    video_io.write_annotations(stage, split, prepared)
+    video_io.write_classes(stage, classes)
+    meta = {k: v for k, v in source_meta.items() if k not in ("fingerprint", "frame_store")}
+    meta["prepared"] = {
+        "source": str(src),
+        "source_fingerprint": source_meta.get("fingerprint"),
+        "short_side": short_side,
+        "gop": gop,
+        "crf": crf,
+        "left_out": sorted(failed),
+    }
+    if store != "video":
+        meta["frame_store"] = {"format": store, "folder": FRAMES}
+        meta["prepared"]["quality"] = quality if store == "jpeg" else None
+    video_io.write_metadata(stage, **meta)
+    for name in (JOURNAL, SETTINGS):
+        (stage / name).unlink()
+    video_io.replace_with(stage, out, force)
     if short_videos:
         log(
             f"  warning: {len(short_videos)} clip(s) decode to a frame count other than total_frames, "
             f"kept as they are: {', '.join(short_videos[:5])}{' ...' if len(short_videos) > 5 else ''}"
         )
-    return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", type=Path, required=True, help="source dataset folder (read only)")
-    parser.add_argument("--out", type=Path, required=True, help="new dataset folder")
-    parser.add_argument(
-        "--short-side", type=int, default=256, help="target short side in pixels (never upscales)"
-    )
-    parser.add_argument("--gop", type=int, default=8, help="keyframe interval in frames")
-    parser.add_argument(
-        "--crf", type=int, default=20, help="x264 quality (lower is better, larger)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="encoding processes"
-    )
-    parser.add_argument(
-        "--store",
-        choices=STORES,
-        default="video",
-        help="how frames are kept: H.264 clips, or a frame store of JPEGs or uint8 arrays",
-    )
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of --store jpeg")
-    parser.add_argument(
-        "--force", action="store_true", help="replace an existing mg-ray dataset at --out"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    try:
-        out = prepare(
-            args.src,
-            args.out,
-            args.short_side,
-            args.gop,
-            args.crf,
-            args.workers,
-            args.force,
-            store=args.store,
-            quality=args.quality,
+    if failed:
+        log(
+            f"  warning: {len(failed)} clip(s) could not be read and were left out of {out}: "
+            + ", ".join(sorted(failed)[:10])
+            + (" ..." if len(failed) > 10 else "")
         )
-    except (
-        PrepareError,
-        AnnotationError,
-        ValueError,
-        FileNotFoundError,
-        video_io.DatasetWriteError,
-    ) as err:
-        print(f"mg-ray prepare: error: {err}", file=sys.stderr)
-        return 2
-    seconds = time.perf_counter() - start
-    meta = json.loads((out / video_io.METADATA).read_text())
-    folder = out / (video_io.VIDEOS if args.store == "video" else FRAMES)
-    clips = sum(1 for _ in folder.glob(f"*{store_extension(args.store)}"))
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    how = f"keyframe every {args.gop} frames" if args.store == "video" else f"{args.store} frames"
-    print(f"prepared dataset written to {out}")
-    print(
-        f"  {clips} clips, short side <= {args.short_side}, {how}, {size / 2**20:.1f} MiB, "
-        f"fingerprint {meta['fingerprint'][:16]}, {seconds:.1f} s"
-    )
-    return 0
+    return out

@@ -246,15 +246,21 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
-        # Re-check: another process may have created `out` meanwhile.
-        check_output_folder(out, force)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
+        replace_with(stage, out, force)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def replace_with(stage: Path, out: Path, force: bool) -> None:
+    """Put the finished folder `stage` where `out` is, checking `out` again first (another
+    process may have created it meanwhile); an existing mg-ray dataset there goes only with
+    `force`."""
+    check_output_folder(out, force)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)

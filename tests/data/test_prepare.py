@@ -115,14 +115,67 @@ def test_missing_video_names_the_clip(tiny_dataset: Path, tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_video_names_the_clip_and_leaves_nothing(tiny_dataset: Path, tmp_path: Path):
+def test_a_corrupt_video_is_named_and_left_out_while_the_rest_is_written(
+    tiny_dataset: Path, tmp_path: Path
+):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dataset, broken)
     victim = sorted((broken / "videos").iterdir())[5]
     victim.write_bytes(b"not a video at all")
-    with pytest.raises(prepare.PrepareError, match=f"clip '{victim.stem}'"):
-        prepare.prepare(broken, tmp_path / "out", short_side=64, workers=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+    said = []
+    out = prepare.prepare(broken, tmp_path / "out", short_side=64, workers=1, log=said.append)
+    assert any(f"clip '{victim.stem}'" in line and "left out" in line for line in said), said
+    assert said[-1].endswith(f"could not be read and were left out of {out}: {victim.stem}")
+    data = _load(out)
+    assert victim.stem not in {a["frame_dir"] for a in data["annotations"]}
+    assert len(data["annotations"]) == 29
+    assert all(victim.stem not in members for members in data["split"].values())
+    assert json.loads((out / "dataset.json").read_text())["prepared"]["left_out"] == [victim.stem]
+    assert sorted(p.name for p in (out / "videos").iterdir()) == sorted(
+        f"{a['frame_dir']}.mp4" for a in data["annotations"]
+    )  # no partial file of the bad clip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]  # no stage left
+
+
+def test_an_interrupted_prepare_resumes_where_it_stopped(tiny_dataset: Path, tmp_path: Path):
+    """Killed after three clips (here: the runner raises, as Ctrl-C or SIGTERM would), the run
+    leaves its stage; the same call again writes only the other 27 clips."""
+    given = []
+
+    def three_then_killed(jobs, workers):
+        given.append(len(jobs))
+        for n, result in enumerate(prepare.in_processes(jobs, workers)):
+            if n == 3:
+                raise KeyboardInterrupt
+            yield result
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(tiny_dataset, out, short_side=64, workers=1, run_jobs=three_then_killed)
+    assert not out.exists() and (tmp_path / ".out.partial").is_dir()
+
+    def counted(jobs, workers):
+        given.append(len(jobs))
+        yield from prepare.in_processes(jobs, workers)
+
+    said = []
+    prepare.prepare(tiny_dataset, out, short_side=64, workers=2, run_jobs=counted, log=said.append)
+    assert given == [30, 27] and any("3 clips already written" in line for line in said)
+    assert len(_load(out)["annotations"]) == 30 and len(list((out / "videos").iterdir())) == 30
+    assert not (tmp_path / ".out.partial").exists()
+    assert not {".prepare-journal.jsonl", ".prepare-settings.json"} & {
+        p.name for p in out.iterdir()
+    }
+    # a stage left with other settings is not resumed: it is started afresh
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(
+            tiny_dataset, tmp_path / "o2", short_side=64, workers=1, run_jobs=three_then_killed
+        )
+    said.clear()
+    prepare.prepare(
+        tiny_dataset, tmp_path / "o2", short_side=32, workers=2, run_jobs=counted, log=said.append
+    )
+    assert given[-1] == 30 and any("other settings; starting afresh" in s for s in said)
 
 
 def test_refuses_output_inside_source_and_existing_folders(tiny_dataset: Path, tmp_path: Path):
