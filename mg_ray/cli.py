@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("mg_ray.prepare_job", "re-encode clips (or a frame store) for cheap random access"),
     "convert-openpose": ("mg_ray.data.openpose", "build a dataset from OpenPose JSON output"),
     "convert-imigue": (
-        "mg_ray.data.imigue",
+        "mg_ray.convert_job",
         "build a dataset from the organisers' raw iMiGUE release",
     ),
     "check-data": ("mg_ray.data.check", "validate a dataset folder and print its summary"),

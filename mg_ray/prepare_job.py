@@ -8,6 +8,7 @@ each clip's line to the stage's journal as its result arrives, so an interrupted
 where it stopped (`mg_ray.data.prepare.open_stage`). The cluster is RAY_ADDRESS's, else a
 private local one of `--workers` CPUs. On a cluster of several nodes, `--src` and `--out` must be
 on storage every node sees: the workers read and write the files themselves.
+`mg-ray convert-imigue --videos` cuts its long videos the same way (`mg_ray.convert_job`).
 
 The data floor runs without Ray (`mg_ray.data.prepare` defaults to a local process pool); this
 module, a floor above, is where Ray comes in.
@@ -20,8 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,48 +39,33 @@ from mg_ray.data.prepare import (
 )
 
 
-def _prepare_row(row: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Data row: a clip's job in, its result out (paths travel as strings)."""
-    job = ClipJob(**{**row, "source": Path(row["source"]), "target": Path(row["target"])})
-    result = prepare_clip(job)
-    return {
-        "frame_dir": result.frame_dir,
-        "written": result.written,
-        "src_hw": list(result.src_hw),
-        "out_hw": list(result.out_hw),
-        "error": result.error or "",
-    }
-
-
-def on_ray(jobs: list[ClipJob], workers: int | None) -> Iterator[ClipResult]:
-    """`prepare`'s runner on Ray Data: results as the clips finish, in any order. Starts a
-    private local cluster of `workers` CPUs when none is connected (and stops it at the end)."""
-    import ray  # heavy: only this command's per-clip work needs it
+def ray_map(fn: Callable[[Any], Any], jobs: list[Any], workers: int | None) -> Iterator[Any]:
+    """`fn` of each job on Ray Data over the connected cluster, one CPU a job, results as they
+    finish (in any order); jobs and results travel as Python objects. Starts a private local
+    cluster of `workers` CPUs when none is connected, and stops it at the end."""
+    import ray  # heavy: only these commands' per-clip work needs it
 
     started = not ray.is_initialized()
     init_ray(num_cpus=None if cluster_address() else workers)
     try:
         if not jobs:
             return
-        rows = [{**asdict(j), "source": str(j.source), "target": str(j.target)} for j in jobs]
-        # a few blocks per CPU: enough to spread over every core and balance long clips, few
-        # enough that Ray Data's cost per task stays small beside a clip's
+        # a few blocks per CPU: enough to spread over every core and balance long jobs, few
+        # enough that Ray Data's cost per task stays small beside a job's
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        blocks = max(1, min(len(rows), 4 * cpus))
-        results = ray.data.from_items(rows, override_num_blocks=blocks).map(
-            _prepare_row, num_cpus=1
-        )
+        blocks = max(1, min(len(jobs), 4 * cpus))
+        results = ray.data.from_items([{"job": job} for job in jobs], override_num_blocks=blocks)
+        results = results.map(lambda row: {"result": fn(row["job"])}, num_cpus=1)
         for row in results.iter_rows():
-            yield ClipResult(
-                row["frame_dir"],
-                int(row["written"]),
-                tuple(int(v) for v in row["src_hw"]),
-                tuple(int(v) for v in row["out_hw"]),
-                row["error"] or None,
-            )
+            yield row["result"]
     finally:
         if started:
             ray.shutdown()
+
+
+def on_ray(jobs: list[ClipJob], workers: int | None) -> Iterator[ClipResult]:
+    """`prepare`'s runner on Ray Data (`ray_map` of `prepare_clip`)."""
+    return ray_map(prepare_clip, jobs, workers)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

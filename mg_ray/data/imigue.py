@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -182,6 +184,52 @@ def cut_video(source: Path, gestures: list[Gesture], folder: Path) -> tuple[int,
     return size
 
 
+@dataclass(frozen=True)
+class CutJob:
+    """Cut one long video's gestures into `folder` (`cut_video`)."""
+
+    video_id: str
+    source: Path
+    gestures: tuple[Gesture, ...]
+    folder: Path
+
+
+@dataclass(frozen=True)
+class CutResult:
+    video_id: str
+    img_shape: tuple[int, int] | None = None
+    error: str | None = None
+
+
+def cut_job(job: CutJob) -> CutResult:
+    """`cut_video` into a scratch folder whose clips are moved into `job.folder` once all are
+    written (a resumed run redoes a video whose result was not journaled); a video that cannot
+    be read is returned as its error, not raised: the other videos go on."""
+    scratch = job.folder / f".cut-{job.video_id}"
+    if scratch.exists():
+        shutil.rmtree(scratch)  # an earlier, interrupted attempt
+    scratch.mkdir(parents=True)
+    import av
+
+    try:
+        size = cut_video(job.source, list(job.gestures), scratch)
+    except (ImigueError, av.FFmpegError, OSError, ValueError) as err:
+        shutil.rmtree(scratch, ignore_errors=True)
+        message = str(err) if isinstance(err, ImigueError) else f"{job.source}: {err}"
+        return CutResult(job.video_id, error=message)
+    for g in job.gestures:
+        os.replace(scratch / f"{g.name}.mp4", job.folder / f"{g.name}.mp4")
+    shutil.rmtree(scratch)
+    return CutResult(job.video_id, tuple(int(v) for v in size))
+
+
+def cut_serially(jobs: list[CutJob], workers: int = 1) -> Iterator[CutResult]:
+    """The default runner: one video after another in this process. (`mg-ray convert-imigue`
+    cuts them on Ray Data over the cluster instead: `mg_ray.prepare_job`.)"""
+    for job in jobs:
+        yield cut_job(job)
+
+
 def convert(
     src: Path,
     out: Path,
@@ -192,8 +240,15 @@ def convert(
     classes: Path | None = None,
     force: bool = False,
     log=print,
+    run_cuts=None,
+    workers: int = 1,
 ) -> Path:
-    """Build the dataset at `out` from the raw release at `src`; returns its path."""
+    """Build the dataset at `out` from the raw release at `src`; returns its path.
+
+    With `videos`, `run_cuts(jobs, workers)` cuts each long video's gestures (`cut_job`) and
+    yields the results as they finish (default: `cut_serially`). The dataset is written to a
+    stage folder beside `out` and renamed at the end: an interrupted run resumes, cutting only
+    the videos not yet done; a video that cannot be read has its gestures left out and named."""
     if layout not in ("imigue22", "imigue35"):
         raise ImigueError(f"--layout: expected imigue22 or imigue35, got {layout!r}")
     src = Path(src).expanduser().absolute()
@@ -236,66 +291,87 @@ def convert(
         per_video.append((folder.name, skeleton[:, keep], gestures, video))
 
     annotations, split_lists = [], {}
-    total = sum(len(g) for _, _, g, _ in per_video)
-    done = 0
-    with video_io.staged_output(Path(out), force) as stage:
-        if videos is not None:
-            (stage / video_io.VIDEOS).mkdir()
-        for vid, skeleton, gestures, video in per_video:
-            img_shape = (
-                cut_video(video, gestures, stage / video_io.VIDEOS)
-                if video is not None
-                else IMG_SHAPE
+    settings = {
+        "src": str(src),
+        "videos": str(videos) if videos else None,
+        "split_file": str(Path(split_file).absolute()),
+        "layout": layout,
+        "classes": class_names,
+    }
+    stage, rows = video_io.open_stage(Path(out), settings, force, log)
+    shapes = {r["video"]: tuple(r["img_shape"]) for r in rows}
+    failed: dict[str, str] = {}
+    if videos is not None:
+        folder = stage / video_io.VIDEOS
+        folder.mkdir(exist_ok=True)
+        jobs = [
+            CutJob(vid, video, tuple(gestures), folder)
+            for vid, _, gestures, video in per_video
+            if vid not in shapes
+        ]
+        total, done = len(jobs), 0
+        with open(stage / video_io.JOURNAL, "a") as journal:
+            for result in (run_cuts or cut_serially)(jobs, workers):
+                done += 1
+                if result.error:
+                    failed[result.video_id] = result.error
+                    log(f"  warning: {result.error} (its gestures are left out)")
+                else:
+                    shapes[result.video_id] = result.img_shape
+                    row = {"video": result.video_id, "img_shape": list(result.img_shape)}
+                    video_io.journal_line(journal, row)  # this video is resumable from here
+                log(f"  {done}/{total} videos cut ({result.video_id})")
+    for vid, skeleton, gestures, video in per_video:
+        if vid in failed:
+            continue
+        img_shape = shapes[vid] if video is not None else IMG_SHAPE
+        split, subject = splits[vid]
+        for g in gestures:
+            part = skeleton[g.start : g.end + 1]  # [T, V, 3]
+            score = part[..., 2].copy()
+            xy = part[..., :2].copy()
+            xy[score <= 0] = 0.0  # undetected: (0, 0), score 0
+            score[score < 0] = 0.0
+            annotations.append(
+                {
+                    "frame_dir": g.name,
+                    "label": g.label,
+                    "img_shape": img_shape,
+                    "original_shape": img_shape,
+                    "total_frames": len(part),
+                    "keypoint": np.ascontiguousarray(xy[None]),
+                    "keypoint_score": np.ascontiguousarray(score[None]),
+                    "subject": subject,
+                }
             )
-            split, subject = splits[vid]
-            for g in gestures:
-                part = skeleton[g.start : g.end + 1]  # [T, V, 3]
-                score = part[..., 2].copy()
-                xy = part[..., :2].copy()
-                xy[score <= 0] = 0.0  # undetected: (0, 0), score 0
-                score[score < 0] = 0.0
-                annotations.append(
-                    {
-                        "frame_dir": g.name,
-                        "label": g.label,
-                        "img_shape": img_shape,
-                        "original_shape": img_shape,
-                        "total_frames": len(part),
-                        "keypoint": np.ascontiguousarray(xy[None]),
-                        "keypoint_score": np.ascontiguousarray(score[None]),
-                        "subject": subject,
-                    }
-                )
-                split_lists.setdefault(split, []).append(g.name)
-            done += len(gestures)
-            bar = "#" * int(30 * done / total)
-            print(
-                f"\r  [{bar:<30}] {done}/{total} gestures ({vid})",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        print(file=sys.stderr)
-        video_io.write_annotations(stage, split_lists, annotations)
-        video_io.write_classes(stage, class_names)
-        video_io.write_metadata(
-            stage,
-            name=Path(out).name,
-            layout=LAYOUTS[layout].name,
-            num_classes=len(class_names),
-            converter={
-                "module": __name__,
-                "src": str(src),
-                "videos": str(videos) if videos else None,
-                "split_file": str(Path(split_file).absolute()),
-                "joints_kept": keep,
-            },
-        )
+            split_lists.setdefault(split, []).append(g.name)
+    video_io.write_annotations(stage, split_lists, annotations)
+    video_io.write_classes(stage, class_names)
+    video_io.write_metadata(
+        stage,
+        name=Path(out).name,
+        layout=LAYOUTS[layout].name,
+        num_classes=len(class_names),
+        converter={
+            "module": __name__,
+            "src": str(src),
+            "videos": str(videos) if videos else None,
+            "split_file": str(Path(split_file).absolute()),
+            "joints_kept": keep,
+            "left_out_videos": sorted(failed),
+        },
+    )
+    video_io.close_stage(stage, Path(out), force)
     log(
-        f"  {len(annotations)} clips from {len(per_video)} videos; splits "
+        f"  {len(annotations)} clips from {len(per_video) - len(failed)} videos; splits "
         + ", ".join(f"{k} {len(v)}" for k, v in split_lists.items())
         + ("" if videos else "; skeleton-only (no --videos)")
     )
+    if failed:
+        log(
+            f"  warning: {len(failed)} video(s) could not be cut and their gestures were left "
+            f"out: {', '.join(sorted(failed))}"
+        )
     return Path(out).expanduser().absolute()
 
 
@@ -324,7 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, run_cuts=None) -> int:
     out = convert(
         args.src,
         args.out,
@@ -333,6 +409,8 @@ def run(args: argparse.Namespace) -> int:
         layout=args.layout,
         classes=args.classes,
         force=args.force,
+        run_cuts=run_cuts,
+        workers=getattr(args, "workers", 1),
     )
     print(f"dataset written to {out} (check it with: mg-ray check-data {out})")
     return 0

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -200,43 +199,6 @@ def in_processes(jobs: list[ClipJob], workers: int) -> Iterator[ClipResult]:
         yield from pool.map(prepare_clip, jobs, chunksize=1)
 
 
-JOURNAL = ".prepare-journal.jsonl"  # in the stage folder: one line per clip written
-SETTINGS = ".prepare-settings.json"  # in the stage folder: what it is being prepared with
-
-
-def open_stage(out: Path, settings: dict[str, Any], log) -> tuple[Path, dict[str, ClipResult]]:
-    """The stage folder beside `out` where the dataset is written (renamed to `out` at the end)
-    and the clips an interrupted run with the same settings already wrote there (those in its
-    journal whose file exists). A stage left with other settings is started afresh."""
-    stage = out.parent / f".{out.name}.partial"
-    done: dict[str, ClipResult] = {}
-    if stage.is_dir():
-        try:
-            same = json.loads((stage / SETTINGS).read_text()) == settings
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            log(f"  {stage}: left by a run with other settings; starting afresh")
-            shutil.rmtree(stage)
-    if stage.is_dir():
-        journal = stage / JOURNAL
-        lines = journal.read_text().splitlines() if journal.is_file() else []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut by the interruption: that clip is redone
-            result = ClipResult(
-                row["frame_dir"], row["written"], tuple(row["src_hw"]), tuple(row["out_hw"])
-            )
-            done[result.frame_dir] = result
-        log(f"  resuming in {stage}: {len(done)} clips already written")
-    else:
-        stage.mkdir(parents=True)
-        (stage / SETTINGS).write_text(json.dumps(settings))
-    return stage, done
-
-
 def prepare(
     src: Path,
     out: Path,
@@ -307,7 +269,6 @@ def prepare(
         if source_meta_path.is_file()
         else {"name": src.name}
     )
-    video_io.check_output_folder(out, force)
     settings = {
         "source": str(src),
         "source_fingerprint": source_meta.get("fingerprint") or video_io.fingerprint(src),
@@ -319,7 +280,13 @@ def prepare(
     }
 
     start = time.perf_counter()
-    stage, results = open_stage(out, settings, log)
+    stage, rows = video_io.open_stage(out, settings, force, log)
+    results = {
+        r["frame_dir"]: ClipResult(
+            r["frame_dir"], r["written"], tuple(r["src_hw"]), tuple(r["out_hw"])
+        )
+        for r in rows
+    }
     folder = stage / (video_io.VIDEOS if store == "video" else FRAMES)
     folder.mkdir(exist_ok=True)
     jobs = [
@@ -338,7 +305,7 @@ def prepare(
     ]
     failed: dict[str, str] = {}
     every = max(1, len(jobs) // 10)
-    with open(stage / JOURNAL, "a") as journal:
+    with open(stage / video_io.JOURNAL, "a") as journal:
         for n, result in enumerate((run_jobs or in_processes)(jobs, workers), 1):
             if result.error:
                 failed[result.frame_dir] = result.error
@@ -351,8 +318,7 @@ def prepare(
                     "src_hw": list(result.src_hw),
                     "out_hw": list(result.out_hw),
                 }
-                journal.write(json.dumps(row) + "\n")
-                journal.flush()  # a clip is resumable once its line is down
+                video_io.journal_line(journal, row)  # the clip is resumable from here
             if n % every == 0 or n == len(jobs):
                 log(f"  {n}/{len(jobs)} clips written ({time.perf_counter() - start:.1f} s)")
 
@@ -392,9 +358,7 @@ def prepare(
         meta["frame_store"] = {"format": store, "folder": FRAMES}
         meta["prepared"]["quality"] = quality if store == "jpeg" else None
     video_io.write_metadata(stage, **meta)
-    for name in (JOURNAL, SETTINGS):
-        (stage / name).unlink()
-    video_io.replace_with(stage, out, force)
+    video_io.close_stage(stage, out, force)
     if short_videos:
         log(
             f"  warning: {len(short_videos)} clip(s) decode to a frame count other than total_frames, "

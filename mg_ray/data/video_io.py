@@ -264,3 +264,53 @@ def replace_with(stage: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, out)
+
+
+JOURNAL = ".journal.jsonl"  # in a stage folder: one JSON line per unit of work done
+SETTINGS = ".settings.json"  # in a stage folder: what it is being written with
+
+
+def open_stage(
+    out: Path, settings: dict[str, Any], force: bool, log
+) -> tuple[Path, list[dict[str, Any]]]:
+    """A resumable stage folder `.<out>.partial` beside `out` and the journal lines an
+    interrupted run with the same `settings` left in it (a line cut by the interruption is
+    dropped: that unit is redone). A stage left with other settings is started afresh. Finish
+    with `close_stage`."""
+    out = Path(out).expanduser().absolute()
+    check_output_folder(out, force)
+    stage = out.parent / f".{out.name}.partial"
+    rows: list[dict[str, Any]] = []
+    if stage.is_dir():
+        try:
+            same = json.loads((stage / SETTINGS).read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log(f"  {stage}: left by a run with other settings; starting afresh")
+            shutil.rmtree(stage)
+    if stage.is_dir():
+        journal = stage / JOURNAL
+        for line in journal.read_text().splitlines() if journal.is_file() else []:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        log(f"  resuming in {stage}: {len(rows)} already written")
+    else:
+        stage.mkdir(parents=True)
+        (stage / SETTINGS).write_text(json.dumps(settings))
+    return stage, rows
+
+
+def journal_line(journal, row: dict[str, Any]) -> None:
+    """Append one finished unit's line to an open journal and flush it: resumable from now."""
+    journal.write(json.dumps(row) + "\n")
+    journal.flush()
+
+
+def close_stage(stage: Path, out: Path, force: bool) -> None:
+    """Drop the stage's journal and settings and put it in place of `out`."""
+    for name in (JOURNAL, SETTINGS):
+        (stage / name).unlink(missing_ok=True)
+    replace_with(stage, Path(out).expanduser().absolute(), force)

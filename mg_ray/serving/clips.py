@@ -85,7 +85,11 @@ def read_clip(row: dict[str, Any], i: int, needs_video: bool) -> Iterator[Clip]:
     name = f"clip {row['clip']!r}" if "clip" in row else f"row {i}"
     keypoint, score, img_shape = _skeleton(row, name)
     with tempfile.TemporaryDirectory(prefix="mg-ray-clip-") as scratch:
-        video = _video(row, name, Path(scratch))
+        # a pose-only model whose skeleton gives the frame size reads no video (a skeleton-only
+        # dataset has none)
+        video = (
+            None if not needs_video and img_shape is not None else _video(row, name, Path(scratch))
+        )
         if video is None and (needs_video or img_shape is None):
             raise ClipRequestError(
                 f"{name}: video: missing (give `video` bytes or a `video_path`"

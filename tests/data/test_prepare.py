@@ -160,12 +160,10 @@ def test_an_interrupted_prepare_resumes_where_it_stopped(tiny_dataset: Path, tmp
 
     said = []
     prepare.prepare(tiny_dataset, out, short_side=64, workers=2, run_jobs=counted, log=said.append)
-    assert given == [30, 27] and any("3 clips already written" in line for line in said)
+    assert given == [30, 27] and any("3 already written" in line for line in said)
     assert len(_load(out)["annotations"]) == 30 and len(list((out / "videos").iterdir())) == 30
     assert not (tmp_path / ".out.partial").exists()
-    assert not {".prepare-journal.jsonl", ".prepare-settings.json"} & {
-        p.name for p in out.iterdir()
-    }
+    assert not {".journal.jsonl", ".settings.json"} & {p.name for p in out.iterdir()}
     # a stage left with other settings is not resumed: it is started afresh
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(

@@ -342,3 +342,71 @@ def test_small_pickles_cannot_allocate_much(tmp_path):
         pickle.dumps({"a": np.zeros((3, 4), np.float32), "b": bytearray(b"ok")}, protocol=5)
     )
     assert safe_load_pickle(fine)["a"].shape == (3, 4)
+
+
+def test_a_long_video_that_cannot_be_read_leaves_out_its_gestures_only(tmp_path):
+    raw = raw_release(tmp_path, videos=True)
+    (raw["videos"] / "0204.mp4").write_bytes(b"not a video")
+    said = []
+    out = imigue.convert(
+        raw["src"], tmp_path / "ds", raw["split"], videos=raw["videos"], log=said.append
+    )
+    index = load_index(out)
+    assert [a.frame_dir for a in index.split("train")] == ["0187_0", "0187_1", "0187_2"]
+    assert "val" not in index.splits  # 0204's two gestures were its only ones
+    assert sorted(p.name for p in (out / "videos").iterdir()) == [
+        "0187_0.mp4",
+        "0187_1.mp4",
+        "0187_2.mp4",
+    ]  # no scratch folder left
+    assert any("0204.mp4" in line and "left out" in line for line in said), said
+    assert said[-1].endswith("their gestures were left out: 0204")
+    assert json.loads((out / "dataset.json").read_text())["converter"]["left_out_videos"] == [
+        "0204"
+    ]
+
+
+def test_an_interrupted_conversion_resumes_with_the_videos_not_yet_cut(tmp_path):
+    raw = raw_release(tmp_path, videos=True)
+    given = []
+
+    def one_then_killed(jobs, workers):
+        given.append([j.video_id for j in jobs])
+        yield from imigue.cut_serially(jobs[:1], workers)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imigue.convert(
+            raw["src"],
+            tmp_path / "ds",
+            raw["split"],
+            videos=raw["videos"],
+            run_cuts=one_then_killed,
+            log=lambda *_: None,
+        )
+    assert (tmp_path / ".ds.partial").is_dir() and not (tmp_path / "ds").exists()
+
+    def counted(jobs, workers):
+        given.append([j.video_id for j in jobs])
+        yield from imigue.cut_serially(jobs, workers)
+
+    out = imigue.convert(
+        raw["src"],
+        tmp_path / "ds",
+        raw["split"],
+        videos=raw["videos"],
+        run_cuts=counted,
+        log=lambda *_: None,
+    )
+    assert given == [["0187", "0204"], ["0204"]]
+    assert len(list((out / "videos").iterdir())) == 5 and not (tmp_path / ".ds.partial").exists()
+    assert load_index(out).split("val")[0].frame_dir == "0204_0"
+
+
+def test_convert_imigue_cuts_the_videos_on_ray(tmp_path, capsys):
+    raw = raw_release(tmp_path, videos=True)
+    args = ["convert-imigue", "--src", str(raw["src"]), "--out", str(tmp_path / "ds")]
+    args += ["--split-file", str(raw["split"]), "--videos", str(raw["videos"]), "--workers", "2"]
+    assert cli.main(args) == 0
+    assert "2/2 videos cut" in capsys.readouterr().out
+    assert len(load_index(tmp_path / "ds").split("train")) == 3
