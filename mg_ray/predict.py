@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,30 +172,13 @@ def batch_classify(
     names: list[str],
     num_clips: int | None = None,
     actors: int | None = None,
+    batch_size: int = 4,
 ) -> np.ndarray:
     """`classify` of a dataset's clips (`frame_dir`s) on Ray Data over the connected cluster (a
     private local one without RAY_ADDRESS): `actors` model-holding actors (default: one per GPU
     of the cluster, else one per CPU), each reading and classifying its clips, with Ray Data's
     progress bar; returns the probabilities [len(names), K] in the order of `names`, equal to
     `classify`'s."""
-    probs: dict[int, np.ndarray] = {}
-    for positions, batch in classified_batches(
-        model_uri, tracking_uri, root, names, num_clips, actors
-    ):
-        probs.update(zip(positions.tolist(), batch))
-    return np.stack([probs[i] for i in range(len(names))])
-
-
-def classified_batches(
-    model_uri: str,
-    tracking_uri: str | None,
-    root: Path,
-    names: list[str],
-    num_clips: int | None = None,
-    actors: int | None = None,
-    batch_size: int = 4,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`batch_classify`'s batches as Ray Data finishes them: (positions in `names`, [B, K])."""
     import ray  # heavy: only the batch path needs Ray
 
     from mg_ray.cluster import init_ray
@@ -222,8 +204,10 @@ def classified_batches(
         num_cpus=0 if gpus else 1,
         num_gpus=1 if gpus else 0,
     )
+    probs: dict[int, np.ndarray] = {}
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
-        yield batch["position"], batch["probabilities"]
+        probs.update(zip(batch["position"].tolist(), batch["probabilities"]))
+    return np.stack([probs[i] for i in range(len(names))])
 
 
 def request_body(clips: list[tuple[Path, Any]]) -> dict[str, Any]:

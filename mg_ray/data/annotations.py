@@ -341,6 +341,11 @@ def validate_entry(
 # the dataset index
 
 
+# What `DatasetIndex.video_path` adds to a frame_dir for each way a dataset keeps its frames:
+# H.264 clips, or a frame store (`mg-ray prepare --store`) of JPEG folders or .npy arrays.
+STORE_EXTENSIONS = {"video": ".mp4", "jpeg": "", "uint8": ".npy"}
+
+
 @dataclass
 class DatasetIndex:
     """A loaded, validated dataset folder."""
@@ -469,7 +474,7 @@ def load_index(
 
     store = metadata.get("frame_store")
     if store:  # a frame store (`mg-ray prepare --store`): its clips are read from there
-        formats = {"jpeg": "", "uint8": ".npy"}
+        formats = {k: v for k, v in STORE_EXTENSIONS.items() if k != "video"}
         if not isinstance(store, dict) or store.get("format") not in formats:
             raise AnnotationError(
                 f"{meta_path}: frame_store: expected {{'format': 'jpeg' or 'uint8', 'folder': "

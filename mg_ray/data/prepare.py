@@ -37,6 +37,7 @@ import numpy as np
 
 from mg_ray.data import video_io
 from mg_ray.data.annotations import (
+    STORE_EXTENSIONS,
     frame_dir_is_confined,
     safe_load_pickle,  # the restricted loader: never plain pickle
 )
@@ -68,7 +69,7 @@ def scale_keypoints(
     return (keypoint * np.array([sx, sy], dtype=np.float32)).astype(np.float32)
 
 
-STORES = ("video", "jpeg", "uint8")
+STORES = tuple(STORE_EXTENSIONS)
 FRAMES = "frames"  # the frame store's folder in a dataset
 
 
@@ -86,12 +87,7 @@ class ClipJob:
 
 def clip_target(folder: Path, frame_dir: str, store: str) -> Path:
     """Where a clip's frames go: a video file, a folder of JPEGs or an .npy array."""
-    return folder / f"{frame_dir}{store_extension(store)}"
-
-
-def store_extension(store: str) -> str:
-    """The suffix `DatasetIndex.video_path` adds to a frame_dir for each kind of store."""
-    return {"video": ".mp4", "jpeg": "", "uint8": ".npy"}[store]
+    return folder / f"{frame_dir}{STORE_EXTENSIONS[store]}"
 
 
 class FrameSink:
