@@ -4,7 +4,7 @@ Public API (re-exported lazily, so `import mg_ray.data.layouts` or `mg_ray.data.
 pull in torch and decord):
 
     DataConfig, pose_channels                     config.py
-    load_index, DatasetIndex, Annotation,
+    load_index, index_for, DatasetIndex, Annotation,
     AnnotationError, safe_load_pickle             annotations.py
     sample_frames                                 sampling.py
     joint_heatmaps, limb_heatmaps, pose_heatmaps  heatmaps.py
@@ -23,6 +23,7 @@ _EXPORTS = {
     "DataConfig": "config",
     "pose_channels": "config",
     "load_index": "annotations",
+    "index_for": "annotations",
     "DatasetIndex": "annotations",
     "Annotation": "annotations",
     "AnnotationError": "annotations",

@@ -38,11 +38,14 @@ import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mg_ray.data.layouts import COCO17, LAYOUTS, KeypointLayout, get_layout, layout_for_joints
+
+if TYPE_CHECKING:
+    from mg_ray.data.config import DataConfig
 
 
 class AnnotationError(ValueError):
@@ -491,6 +494,18 @@ def load_index(
         layout=kp_layout,
         fingerprint=metadata.get("fingerprint"),
         metadata=metadata,
+    )
+
+
+def index_for(cfg: DataConfig) -> DatasetIndex:
+    """The index of the dataset `cfg` (a `DataConfig`) names: its folder, annotation file, clip
+    folder and layout (`DataConfig.index_source`)."""
+    return load_index(
+        cfg.root,
+        layout=cfg.layout,
+        annotation_file=cfg.annotation_file,
+        video_dir=cfg.video_dir,
+        video_ext=cfg.video_ext,
     )
 
 

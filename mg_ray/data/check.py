@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mg_ray import paths
-from mg_ray.data.annotations import UNLABELED, AnnotationError, load_index
+from mg_ray.data.annotations import UNLABELED, AnnotationError, DatasetIndex, index_for, load_index
 from mg_ray.data.config import DataConfig
 from mg_ray.data.synth import generate
 
@@ -33,10 +33,14 @@ def generate_once(root: Path, make: Callable[[Path], object]) -> None:
             make(root)
 
 
-def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
+def ensure_dataset(
+    cfg: DataConfig, *, rgb: bool = True, index: DatasetIndex | None = None
+) -> DatasetIndex:
     """Generate the default synthetic dataset if it is missing; check that `cfg`'s dataset loads,
     has the splits it names, labeled for training and validation (the test split too, unless it is
-    null), and, when the model reads RGB (`rgb`), a video folder. Raises FileNotFoundError or
+    null), and, when the model reads RGB (`rgb`), a video folder. Returns the loaded index (a
+    study shares it with every trial); `index`: one loaded before for the same
+    `cfg.index_source()`, checked again for `cfg`'s splits. Raises FileNotFoundError or
     AnnotationError naming the problem."""
     root = Path(cfg.root).expanduser()
     if not root.is_absolute():
@@ -48,13 +52,7 @@ def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
         generate_once(root, generate)
     if not root.exists():
         raise FileNotFoundError(f"data.root: dataset folder {root} does not exist")
-    index = load_index(
-        root,
-        layout=cfg.layout,
-        annotation_file=cfg.annotation_file,
-        video_dir=cfg.video_dir,
-        video_ext=cfg.video_ext,
-    )
+    index = index if index is not None else index_for(cfg)
     for key in ("train_split", "val_split", "test_split"):
         split = getattr(cfg, key)
         if split is not None and split not in index.splits:
@@ -78,6 +76,7 @@ def ensure_dataset(cfg: DataConfig, *, rgb: bool = True) -> None:
             f"pose-only models (model.modality: pose) can train on; an RGB or two-stream "
             f"model needs the clips"
         )
+    return index
 
 
 def report(root: Path) -> tuple[list[str], list[str]]:

@@ -89,6 +89,11 @@ class DataConfig:
             self.video_ext,
         )
 
+    def index_source(self) -> tuple[str, str | None, str, str, str]:
+        """The settings a dataset index is loaded from (`annotations.index_for`): configs with the
+        same source share one index, however their sampling or augmentation differs."""
+        return (str(self.root), self.layout, self.annotation_file, self.video_dir, self.video_ext)
+
     def pose_channels(self, layout: KeypointLayout) -> int:
         """Channels of the pose input: one per joint, or one per limb."""
         return pose_channels(layout, self.heatmap)

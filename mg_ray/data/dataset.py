@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from mg_ray.data.annotations import Annotation, DatasetIndex, load_index
+from mg_ray.data.annotations import Annotation, DatasetIndex, index_for
 from mg_ray.data.config import DataConfig, pose_channels
 from mg_ray.data.heatmaps import pose_heatmaps
 from mg_ray.data.layouts import KeypointLayout
@@ -317,17 +317,18 @@ class MicroGestureDataset(Dataset):
 
 
 def build_dataset(
-    cfg: DataConfig, split: str, mode: str, num_clips: int | None = None, rgb: bool = True
+    cfg: DataConfig,
+    split: str,
+    mode: str,
+    num_clips: int | None = None,
+    rgb: bool = True,
+    index: DatasetIndex | None = None,
 ) -> MicroGestureDataset:
     """The dataset of split `split` described by `cfg` (mode "train" or "test"; test clips
-    default to cfg.test_clips; rgb=False: pose only, no video decoded)."""
-    index = load_index(
-        cfg.root,
-        layout=cfg.layout,
-        annotation_file=cfg.annotation_file,
-        video_dir=cfg.video_dir,
-        video_ext=cfg.video_ext,
-    )
+    default to cfg.test_clips; rgb=False: pose only, no video decoded). `index`: the dataset's
+    index when the caller has it loaded already (`index_for(cfg)`; its arrays may be read-only,
+    as when they come from Ray's object store); else it is loaded here."""
+    index = index if index is not None else index_for(cfg)
     return MicroGestureDataset(
         index,
         split,

@@ -154,14 +154,24 @@ def write_classes(folder: Path, classes: list[str]) -> Path:
 
 def fingerprint(folder: Path) -> str:
     """sha256 over annotations.pkl then classes.txt: identifies the dataset's content for lineage.
+    A folder of one pickle per split (the MiGA releases) hashes each `<split>.pkl`, by name then
+    content, in name order, in place of annotations.pkl.
 
     Videos are not hashed (too slow for large sets); they are named by the annotations.
     """
     digest = hashlib.sha256()
-    for name in (ANNOTATIONS, CLASSES):
-        if name == CLASSES and not (folder / name).is_file():
+    if (folder / ANNOTATIONS).is_file():
+        annotations = [folder / ANNOTATIONS]
+    else:
+        annotations = sorted(p for p in folder.glob("*.pkl") if p.is_file())
+        if not annotations:
+            raise FileNotFoundError(f"{folder / ANNOTATIONS}: annotation file not found")
+    for path in [*annotations, folder / CLASSES]:
+        if path.name == CLASSES and not path.is_file():
             continue  # a dataset whose class names are built in (its layout's)
-        with open(folder / name, "rb") as f:
+        if path.name != ANNOTATIONS and path.name != CLASSES:
+            digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -178,7 +188,7 @@ def dataset_fingerprint(root: str | Path | None) -> str:
         recorded = json.loads(meta.read_text()).get("fingerprint")
         if recorded:
             return str(recorded)
-    if (folder / ANNOTATIONS).is_file():
+    if (folder / ANNOTATIONS).is_file() or any(folder.glob("*.pkl")):
         return fingerprint(folder)
     return "unknown"
 

@@ -188,14 +188,17 @@ def system_metrics(
         monitor.finish()
 
 
-def log_training_data(mlflow_client: MlflowClient, run_id: str, data_cfg) -> None:
+def log_training_data(
+    mlflow_client: MlflowClient, run_id: str, data_cfg, fingerprint: str | None = None
+) -> None:
     """The dataset a training run reads (a `DataConfig`) as its dataset inputs: training,
-    validation and test splits."""
+    validation and test splits. `fingerprint`: the dataset's, when the caller has it (else it is
+    computed here: `dataset_fingerprint`)."""
     log_dataset(
         mlflow_client,
         run_id,
         data_cfg.root,
-        dataset_fingerprint(data_cfg.root),
+        fingerprint if fingerprint is not None else dataset_fingerprint(data_cfg.root),
         {
             "training": data_cfg.train_split,
             "validation": data_cfg.val_split,

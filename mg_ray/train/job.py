@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume and not train_run_exists(storage, name):
         raise SystemExit(f"error: --resume: no Train run called {name!r} in {storage}")
-    ensure_dataset(cfg.data, rgb=cfg.model.modality != "pose")
+    index = ensure_dataset(cfg.data, rgb=cfg.model.modality != "pose")
     tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
     res = cfg.resources
     request = dict(
@@ -131,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     init_ray(args.address)
     check_resources(**request)
 
-    outcome = train(cfg, name=name, storage_path=storage, tags={"mg_ray.stage": args.stage})
+    outcome = train(
+        cfg, name=name, storage_path=storage, tags={"mg_ray.stage": args.stage}, index=index
+    )
     m = outcome.metrics
     print(
         f"train {name}: FINISHED | mlflow run {outcome.run_id} | best val_top1 "

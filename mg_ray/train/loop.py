@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from mg_ray.config import dump_yaml, to_dict
-from mg_ray.data import build_dataset
+from mg_ray.data import DataConfig, DatasetIndex, build_dataset, index_for
 from mg_ray.metrics import classification_metrics
 from mg_ray.model_file import MODEL_FILE, build_from_spec, model_spec, safe_load, save_model_file
 from mg_ray.models import (
@@ -50,7 +50,8 @@ STREAMS = ("rgb", "pose")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """loop_config: {"experiment": ExperimentConfig, "tracking_uri": str}."""
+    """loop_config: {"experiment": ExperimentConfig, "tracking_uri": str, "index": SharedIndex or
+    None (the driver's loaded dataset index; None: this worker loads it)}."""
     entered = time.perf_counter()
     cfg: ExperimentConfig = loop_config["experiment"]
     context = ray.train.get_context()
@@ -60,7 +61,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     amp = autocast_dtype(cfg.optim.amp, device)
 
     # ---- setup -------------------------------------------------------------------------------
-    data = Data.build(cfg, rank, world, device)
+    data = Data.build(cfg, rank, world, device, loop_config.get("index"))
     seed_everything(cfg.optim.seed)  # same initial weights and prototypes on every rank
     spec = model_spec(cfg.model, cfg.data, data.num_classes, data.train_set.pose_channels)
     model, criterion = build_model_and_loss(cfg, spec, device, loop_config["tracking_uri"])
@@ -129,9 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = epoch == cfg.optim.epochs - 1
         if last and cfg.data.test_split:
             started = time.perf_counter()
-            metrics.update(
-                final_test(model, best, cfg, data.class_names, device, amp, rank, world, outbox)
-            )
+            metrics.update(final_test(model, best, cfg, data, device, amp, rank, world, outbox))
             metrics["test_s"] = time.perf_counter() - started
 
         if rank == 0 and improved:
@@ -159,10 +158,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # setup and reports
 
 
+@dataclass(frozen=True)
+class SharedIndex:
+    """A dataset index its driver loaded (and checked) once, in Ray's object store for every
+    worker of every trial. `ray.get` hands a worker the keypoint arrays read-only from its node's
+    shared memory, instead of each worker parsing the annotation files again and holding a copy
+    of its own (`benchmarks/bench_worker_setup.py` measures both)."""
+
+    source: tuple  # `DataConfig.index_source()` of the config it was loaded for
+    ref: ray.ObjectRef
+
+    @classmethod
+    def put(cls, cfg: DataConfig, index: DatasetIndex) -> SharedIndex:
+        return cls(cfg.index_source(), ray.put(index))
+
+    def serves(self, cfg: DataConfig) -> bool:
+        """`cfg` reads this index's dataset (a trial may search over another annotation file)."""
+        return cfg.index_source() == self.source
+
+    def index_for(self, cfg: DataConfig) -> DatasetIndex | None:
+        """The shared index when it `serves` `cfg`, else None."""
+        return ray.get(self.ref) if self.serves(cfg) else None
+
+
 @dataclass
 class Data:
-    """This rank's datasets and loaders: the training shard, and its share of validation."""
+    """This rank's index, datasets and loaders: the training shard, and its share of validation."""
 
+    index: DatasetIndex  # also the test split's, in the last epoch
     train_set: Any
     val_set: Any
     train_loader: Any
@@ -184,12 +207,24 @@ class Data:
             sampler.set_epoch(epoch)
 
     @classmethod
-    def build(cls, cfg: ExperimentConfig, rank: int, world: int, device: torch.device) -> Data:
-        decode = "rgb" in modality_streams(
-            cfg.model.modality
-        )  # a pose-only model: no video decoded
-        train_set = build_dataset(cfg.data, cfg.data.train_split, mode="train", rgb=decode)
-        val_set = build_dataset(cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode)
+    def build(
+        cls,
+        cfg: ExperimentConfig,
+        rank: int,
+        world: int,
+        device: torch.device,
+        shared: SharedIndex | None = None,
+    ) -> Data:
+        index = shared.index_for(cfg.data) if shared is not None else None
+        if index is None:
+            index = index_for(cfg.data)  # loaded once, for every split this worker reads
+        decode = "rgb" in modality_streams(cfg.model.modality)  # pose only: no video decoded
+        train_set = build_dataset(
+            cfg.data, cfg.data.train_split, mode="train", rgb=decode, index=index
+        )
+        val_set = build_dataset(
+            cfg.data, cfg.data.val_split, mode="test", num_clips=1, rgb=decode, index=index
+        )
         per_worker_batch = cfg.optim.batch_size // world
         workers = cfg.data.num_workers
         train_loader = ray.train.torch.prepare_data_loader(
@@ -211,7 +246,7 @@ class Data:
             num_workers=workers,
             persistent_workers=workers > 0,
         )
-        return cls(train_set, val_set, train_loader, val_loader)
+        return cls(index, train_set, val_set, train_loader, val_loader)
 
 
 def resume(checkpoint, training: dict[str, Any], rank: int, older=list) -> Resumed:
@@ -434,9 +469,7 @@ def evaluate(model, loader, device, amp_dtype, stream_weights, world: int) -> Pr
     )
 
 
-def final_test(
-    model, best, cfg, class_names, device, amp_dtype, rank, world, outbox
-) -> dict[str, float]:
+def final_test(model, best, cfg, data, device, amp_dtype, rank, world, outbox) -> dict[str, float]:
     """Multi-clip test evaluation of the best weights (then the current weights are restored)."""
     current = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     if best.model is not None:
@@ -447,6 +480,7 @@ def final_test(
         mode="test",
         num_clips=cfg.data.test_clips,
         rgb="rgb" in modality_streams(cfg.model.modality),
+        index=data.index,
     )
     loader = DataLoader(
         Subset(test_set, range(rank, len(test_set), world)),
@@ -459,7 +493,7 @@ def final_test(
     if outbox is not None:
         names = [test_set.clip_name(i) for i in test.indices]
         outbox.log_classification_report(
-            "test", test.labels, test.fused, test.stream_probs, class_names, names
+            "test", test.labels, test.fused, test.stream_probs, data.class_names, names
         )
     return metrics
 

@@ -24,10 +24,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from mg_ray import tracking
 from mg_ray.config import flatten, to_dict
+from mg_ray.data import DatasetIndex
 from mg_ray.tracking.models import log_run_model
 from mg_ray.tracking.tags import STORAGE_PATH, TRAIN_RUN
 from mg_ray.train.config import ExperimentConfig
-from mg_ray.train.loop import train_loop_per_worker
+from mg_ray.train.loop import SharedIndex, train_loop_per_worker
 from mg_ray.train.outbox import MLflowLoggingCallback
 
 
@@ -46,17 +47,18 @@ def build_trainer(
     tracking_uri: str,
     run_id: str,
     callbacks: Sequence[Any] = (),
+    index: SharedIndex | None = None,
     train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
     checkpoint_config: Any = None,
 ) -> TorchTrainer:
     """Ray's `TorchTrainer` for `cfg` as Train run `name`, logging into MLflow run `run_id`.
-    `train_loop` and `checkpoint_config` (default: keep the best by val_top1, and the latest)
-    are for tests."""
+    `index`: the dataset's index in the object store (None: each worker loads it). `train_loop`
+    and `checkpoint_config` (default: keep the best by val_top1, and the latest) are for tests."""
     resources = cfg.resources
     return TorchTrainer(
         train_loop,
         # the config travels as the dataclass: the loop takes it as it is
-        train_loop_config={"experiment": cfg, "tracking_uri": tracking_uri},
+        train_loop_config={"experiment": cfg, "tracking_uri": tracking_uri, "index": index},
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
@@ -88,9 +90,11 @@ def fit(
     tracking_uri: str,
     run_id: str,
     callbacks: Sequence[Any] = (),
+    index: SharedIndex | None = None,
 ) -> TrainOutcome:
     """Train `cfg` on the connected Ray cluster as Train run `name`, logging into MLflow run
-    `run_id` (its owner opened it). Raises what Ray Train raises when training fails."""
+    `run_id` (its owner opened it). `index`: the dataset's index, shared (None: each worker loads
+    it). Raises what Ray Train raises when training fails."""
     trainer = build_trainer(
         cfg,
         name=name,
@@ -98,6 +102,7 @@ def fit(
         tracking_uri=tracking_uri,
         run_id=run_id,
         callbacks=callbacks,
+        index=index,
     )
     result = trainer.fit()
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
@@ -112,10 +117,12 @@ def train(
     name: str,
     storage_path: str | Path,
     tags: dict[str, str] | None = None,
+    index: DatasetIndex | None = None,
 ) -> TrainOutcome:
     """`fit()` into an MLflow run of its own, keyed by the Train run's name: created (or found
     again, when the Train run resumes) before training, ended FINISHED / FAILED / KILLED
-    however training ends."""
+    however training ends. `index`: the dataset's index as the caller loaded and checked it, put
+    in the object store for the workers (Ray must be initialised; None: each worker loads it)."""
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = tracking.client(tracking_uri)
     run_id, resumed = tracking.start_or_resume_run(
@@ -128,6 +135,7 @@ def train(
     )
     if not resumed:
         tracking.log_training_data(client, run_id, cfg.data)
+    shared = SharedIndex.put(cfg.data, index) if index is not None else None
     status = "FAILED"
     try:
         with tracking.system_metrics(
@@ -137,7 +145,12 @@ def train(
             interval_s=cfg.tracking.system_metrics_interval_s,
         ):
             outcome = fit(
-                cfg, name=name, storage_path=storage_path, tracking_uri=tracking_uri, run_id=run_id
+                cfg,
+                name=name,
+                storage_path=storage_path,
+                tracking_uri=tracking_uri,
+                run_id=run_id,
+                index=shared,
             )
         log_run_model(client, run_id, tracking_uri)
         status = "FINISHED"

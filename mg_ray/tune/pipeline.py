@@ -72,12 +72,14 @@ def _run_pipeline(
 ) -> dict[str, Any]:
     """`run_pipeline` once the pipeline's lock is held."""
     # Every stage's checks before Ray starts: a bad last stage fails now, not after the first.
+    loaded: dict[tuple, Any] = {}  # the stages' dataset indexes: one per dataset
     checked = {
         stage: preflight(
             pipeline.stage_space(stage, {s: "0" * 32 for s in spec.init}),
             study_name=stage_study(name, stage),
             data_root=data_root,
             address=address,
+            loaded=loaded,
         )
         for stage, spec in pipeline.stages.items()
     }

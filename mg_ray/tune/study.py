@@ -35,10 +35,13 @@ from ray import tune
 from mg_ray import paths, ray_env, tracking
 from mg_ray.cluster import check_local_resources, check_resources, init_ray
 from mg_ray.config import apply_overrides, from_mapping, to_dict
+from mg_ray.data import DatasetIndex
 from mg_ray.data.check import ensure_dataset
+from mg_ray.data.video_io import dataset_fingerprint
 from mg_ray.registry import promote_run
 from mg_ray.tracking import tags
 from mg_ray.train.config import ExperimentConfig
+from mg_ray.train.loop import SharedIndex
 from mg_ray.tune import trial_state
 from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import summarise
@@ -89,6 +92,7 @@ class Checked:
     probe: ExperimentConfig  # the config every trial starts from (fixed values applied)
     tracking_uri: str
     request: dict[str, Any]  # the resource request of one trial, for `check_resources`
+    index: DatasetIndex  # the dataset's, loaded and checked: every trial's workers share it
 
     def for_space(self, space: SearchSpace) -> Checked:
         """The same checks for `space` where it differs from the checked one only in fixed values
@@ -103,16 +107,26 @@ def probe_config(space: SearchSpace, base: dict[str, Any]) -> ExperimentConfig:
 
 
 def preflight(
-    space: SearchSpace, *, study_name: str, data_root: str | None, address: str | None
+    space: SearchSpace,
+    *,
+    study_name: str,
+    data_root: str | None,
+    address: str | None,
+    loaded: dict[tuple, DatasetIndex] | None = None,
 ) -> Checked:
     """Every check that needs no cluster, before Ray starts: the config every trial starts from,
     the dataset (generated when it is the default synthetic one), the MLflow store, and on a
-    local cluster the CPUs a trial needs."""
+    local cluster the CPUs a trial needs. `loaded`: indexes loaded before, by
+    `DataConfig.index_source()` (a pipeline's stages read one dataset: it is loaded once)."""
     base = base_config_dict(space)
     if data_root is not None:
         base = apply_overrides(base, {"data.root": str(data_root)})
     probe = probe_config(space, base)
-    ensure_dataset(probe.data, rgb=probe.model.modality != "pose")
+    source = probe.data.index_source()
+    known = loaded.get(source) if loaded is not None else None
+    index = ensure_dataset(probe.data, rgb=probe.model.modality != "pose", index=known)
+    if loaded is not None:
+        loaded[source] = index
     tracking_uri = tracking.resolve_tracking_uri(probe.tracking.tracking_uri)
     tracking.check_store(tracking_uri)
     res = probe.resources
@@ -125,7 +139,7 @@ def preflight(
         what=f"each trial of study {study_name!r}",
     )
     check_local_resources(address, **request)
-    return Checked(base, probe, tracking_uri, request)
+    return Checked(base, probe, tracking_uri, request, index)
 
 
 def check_storage(storage_path: str | Path | None, optuna_storage: str | None) -> tuple[Path, str]:
@@ -231,6 +245,7 @@ def _run_study(
         storage=storage,
         concurrency=concurrency,
         verbose=verbose,
+        index=SharedIndex.put(checked.probe.data, checked.index),
         callbacks=[
             ResourceWatch(checked.request, space.study.placement_timeout_s),
             DiskWatch(study_folders(ctx, client), space.study.min_free_disk_mb),
@@ -353,6 +368,8 @@ def open_study(
         train_storage=str(storage / f"{study_name}_train"),
         optuna_storage=optuna_storage,
         max_epochs=checked.probe.optim.epochs,
+        base_data_source=checked.probe.data.index_source(),
+        dataset_fingerprint=dataset_fingerprint(checked.probe.data.root),
     )
 
 
@@ -365,12 +382,15 @@ def build_tuner(
     concurrency: int,
     verbose: int,
     callbacks: list | None,
+    index: SharedIndex | None = None,
 ) -> tune.Tuner:
     """Ray Tune's `Tuner` of the study: OptunaSearch (TPE, its study in the RDB storage), ASHA on
     the epochs a trial completed, `TrialRuns` for the trials' MLflow runs. An experiment that
-    exists under `storage` is restored instead (the same command resumes a study)."""
+    exists under `storage` is restored instead (the same command resumes a study). `index`: the
+    dataset's index for every trial's workers."""
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx), {"cpu": space.study.trial_driver_cpus}
+        tune.with_parameters(run_trial, ctx=ctx, index=index),
+        {"cpu": space.study.trial_driver_cpus},
     )
     ray_env.apply_defaults(ray_env.STUDY_DRIVER)
     experiment_path = storage / ctx.name

@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from mg_ray import ray_env, tracking
 from mg_ray.config import apply_overrides, flatten, from_mapping, to_dict
 from mg_ray.train.config import ExperimentConfig
+from mg_ray.train.loop import SharedIndex
 from mg_ray.train.trainer import fit
 from mg_ray.tune.space import SearchSpace, trial_overrides
 
@@ -41,6 +42,8 @@ class StudyContext:
     train_storage: str  # where the trials' Train runs (and checkpoints) live
     optuna_storage: str  # Optuna RDB storage URL holding the study of the same name
     max_epochs: int  # a trial that reported this many epochs completed
+    base_data_source: tuple = ()  # `DataConfig.index_source()` of the trials' base config
+    dataset_fingerprint: str | None = None  # that dataset's, computed once by the driver
 
 
 def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
@@ -63,14 +66,19 @@ def run_key(ctx: StudyContext, trial_id: str) -> str:
     return f"{ctx.name}/{trial_id}"
 
 
-def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
-    """The Tune function trainable: one Ray Train run with this trial's configuration."""
+def run_trial(params: dict[str, Any], ctx: StudyContext, index: SharedIndex | None = None) -> None:
+    """The Tune function trainable: one Ray Train run with this trial's configuration. `index`:
+    the dataset's index the driver loaded (passed with `tune.with_parameters` beside `ctx`,
+    which Tune also keeps in its experiment state, where an object reference does not belong);
+    handed on to the workers when the trial reads that dataset."""
     ray_env.apply_defaults(ray_env.TRIAL)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, params)
     client = tracking.client(ctx.tracking_uri)
     run = tracking.require_run(client, ctx.experiment, run_key(ctx, trial_id))
-    describe_run(client, run, cfg)
+    shared = index if index is not None and index.serves(cfg.data) else None
+    same_data = cfg.data.index_source() == ctx.base_data_source
+    describe_run(client, run, cfg, ctx.dataset_fingerprint if same_data else None)
     with tracking.system_metrics(
         ctx.tracking_uri,
         run.info.run_id,
@@ -84,18 +92,20 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
             tracking_uri=ctx.tracking_uri,
             run_id=run.info.run_id,
             callbacks=[TuneReportCallback()],
+            index=shared,
         )
 
 
-def describe_run(client, run, cfg: ExperimentConfig) -> None:
+def describe_run(client, run, cfg: ExperimentConfig, fingerprint: str | None = None) -> None:
     """What a trial's run says of its training: the whole config as parameters, the dataset as
     inputs, and the runs its streams were initialised from (lineage). Each part is written on
     the trial's first start, and again on a restart that finds it missing (a start that failed
-    half-way); a resumed trial's run keeps what it has."""
+    half-way); a resumed trial's run keeps what it has. `fingerprint`: the dataset's, when the
+    driver computed it (else it is computed here)."""
     run_id = run.info.run_id
     if not run.data.params:
         tracking.log_params(client, run_id, flatten(to_dict(cfg)))
     if not run.inputs.dataset_inputs:
-        tracking.log_training_data(client, run_id, cfg.data)
+        tracking.log_training_data(client, run_id, cfg.data, fingerprint)
     for key, value in tracking.lineage(cfg.model.rgb_init, cfg.model.pose_init).items():
         client.set_tag(run_id, key, value)

@@ -6,7 +6,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from mg_ray.config import ConfigError, from_mapping
-from mg_ray.data import DataConfig, build_dataset, clip_inputs, load_index, load_skeleton
+from mg_ray.data import (
+    DataConfig,
+    build_dataset,
+    clip_inputs,
+    index_for,
+    load_index,
+    load_skeleton,
+)
 from mg_ray.data.dataset import MicroGestureDataset, PipelineParams
 from mg_ray.data.layouts import COCO17
 
@@ -174,3 +181,35 @@ def test_shared_tiny_dataset_loads(tiny_dataset):
     ds = build_dataset(cfg_for(tiny_dataset), "train", "train")
     item = ds[0]
     assert item["rgb"].shape == (3, 4, 64, 64) and item["pose"].shape[0] == ds.pose_channels
+
+
+def read_only(index):
+    """`index` as Ray's object store hands it to a worker: every array read-only."""
+    for clips in index.splits.values():
+        for ann in clips:
+            ann.keypoint.flags.writeable = False
+            ann.keypoint_score.flags.writeable = False
+    return index
+
+
+def test_a_loaded_read_only_index_gives_the_same_items(root):
+    """A study's workers share the driver's index (`SharedIndex`): every split is built from it,
+    its arrays read-only, and the items are those of a dataset that loads its own index."""
+    cfg = cfg_for(root, test_clips=2)
+    index = read_only(index_for(cfg))
+    for split, mode in (("train", "train"), ("val", "test"), ("test", "test")):
+        shared, own = build_dataset(cfg, split, mode, index=index), build_dataset(cfg, split, mode)
+        assert shared.index is index
+        for i in range(len(own)):
+            if mode == "train":  # the same random crop and flip
+                torch.manual_seed(i)
+                shared._rng = own._rng = None
+            a, b = shared[i], own[i]
+            assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["pose"], b["pose"])
+
+
+def test_the_index_source_names_what_an_index_is_loaded_from(root):
+    cfg = cfg_for(root)
+    assert cfg.index_source() == cfg_for(root, rgb_frames=8, flip_prob=0.0).index_source()
+    assert cfg.index_source() != cfg_for(root, annotation_file="other.pkl").index_source()
+    assert cfg.index_source() != cfg_for(root, layout="coco17").index_source()

@@ -107,6 +107,20 @@ def test_a_skeleton_only_dataset_is_refused_for_rgb_models_and_an_unlabeled_test
     ensure_dataset(cfg, rgb=False)
     with pytest.raises(AnnotationError, match="no video folder: this dataset is skeleton-only"):
         ensure_dataset(cfg, rgb=True)
+    # an index loaded before (a pipeline's earlier stage) is checked again for this config
+    index = ensure_dataset(cfg, rgb=False)
+    assert ensure_dataset(cfg, rgb=False, index=index) is index
+    with pytest.raises(AnnotationError, match="data.test_split: .*carry no label"):
+        ensure_dataset(DataConfig(root=str(miga)), rgb=False, index=index)
+
+
+def test_per_split_pickles_have_a_fingerprint(miga):
+    """MiGA's folders (no annotations.pkl, no dataset.json) are fingerprinted like the others:
+    registered versions compare their datasets by it, and "unknown" never matches."""
+    first = video_io.dataset_fingerprint(miga)
+    assert first not in ("", "unknown") and first == video_io.dataset_fingerprint(miga)
+    (miga / "val.pkl").rename(miga / "val2.pkl")  # the same bytes under another split name
+    assert video_io.dataset_fingerprint(miga) != first
 
 
 def raw_release(tmp_path: Path, videos: bool) -> dict[str, Path]:

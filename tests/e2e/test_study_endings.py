@@ -13,6 +13,7 @@ tests/e2e/test_pipeline.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -179,8 +180,13 @@ def test_asha_killed_in_a_checkpoint_window_resumes_and_stops_the_same_trials(
 
 
 def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -> tuple[str, int]:
-    """Until the trial that trains with `lr` has written its first checkpoint; then its run id
-    and the epochs its run held in MLflow a moment after (the checkpoint fully written)."""
+    """Until Ray Train has recorded the first checkpoint of the trial that trains with `lr`;
+    then its run id and the epochs its run holds in MLflow.
+
+    Recorded, not only written: a restored Train run resumes from the checkpoint its controller's
+    snapshot (`checkpoint_manager_snapshot.json`, Ray Train's own file in the run's folder)
+    names. Killing once `checkpoint.pt` appeared, as this test first did, sometimes came before
+    the snapshot on a loaded machine, and the trial then rightly started over."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         trials = (
@@ -190,11 +196,20 @@ def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -
         if trial is not None:
             tune_id = trial.data.tags["mg_ray.trial_id"]
             folder = home / "ray_results" / "asha_train" / f"asha_{tune_id}"
-            if list(folder.glob("checkpoint_*/checkpoint.pt")):
-                time.sleep(0.2)
+            if recorded_checkpoint(folder):
                 return trial.info.run_id, epochs_logged(client, trial.info.run_id)
         time.sleep(0.1)
     raise AssertionError("no checkpoint of the fourth trial:\n" + log.read_text()[-4000:])
+
+
+def recorded_checkpoint(run_folder: Path) -> bool:
+    """Ray Train's snapshot in `run_folder` names a latest checkpoint (read while Ray may be
+    rewriting it: a partial file counts as none yet)."""
+    try:
+        snapshot = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(snapshot.get("latest_checkpoint_result"))
 
 
 def test_two_studies_at_once_one_failed_and_one_cut_by_its_time_budget(tiny_dataset, tmp_path):

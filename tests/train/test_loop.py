@@ -17,7 +17,9 @@ def test_every_epoch_shuffles_the_shard_anew():
     loader = DataLoader(
         dataset, sampler=DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True)
     )
-    data = Data(train_set=dataset, val_set=dataset, train_loader=loader, val_loader=loader)
+    data = Data(
+        index=None, train_set=dataset, val_set=dataset, train_loader=loader, val_loader=loader
+    )
     orders = []
     for epoch in range(3):
         data.start_epoch(epoch)

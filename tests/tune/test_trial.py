@@ -79,3 +79,96 @@ def test_get_all_reported_checkpoints_inside_a_trial_returns_every_epochs_checkp
     assert result.metrics["reported"] == 3 and result.metrics["reported_epochs"] == [0, 1, 2]
     # and the controller logged each epoch into the trial's MLflow run, through its UserCallback
     assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0, 1, 2]
+
+
+def _reports_what_data_build_gets(config):
+    import ray.train
+    import torch
+
+    from mg_ray.train.loop import Data
+
+    ctx = ray.train.get_context()
+    data = Data.build(
+        config["experiment"],
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        torch.device("cpu"),
+        config["index"],
+    )
+    keypoint = data.index.splits["train"][0].keypoint
+    ray.train.report(
+        {
+            "shared": not keypoint.flags.writeable,  # mapped from the object store, read-only
+            "train": len(data.train_set),
+            "val": len(data.val_set),
+            "same_index": data.train_set.index is data.val_set.index is data.index,
+        }
+    )
+
+
+def _trial_with_a_shared_index(config, index):
+    """What `run_trial` does with the study's index: hand it on to the workers."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mg_ray.train.trainer import build_trainer
+
+    cfg = load_config(
+        "small",
+        {
+            "data.root": config["root"],
+            "data.num_workers": 0,
+            "resources.num_workers": 2,
+            "resources.cpus_per_worker": 0.5,
+            "tracking.experiment": "t",
+        },
+    )
+    build_trainer(
+        cfg,
+        name=f"s_{tune.get_context().get_trial_id()}",
+        storage_path=config["storage"],
+        tracking_uri=config["uri"],
+        run_id=config["run_id"],
+        callbacks=[TuneReportCallback()],
+        index=index if cfg.data.index_source() == index.source else None,
+        train_loop=_reports_what_data_build_gets,
+    ).fit()
+
+
+def test_every_worker_of_a_trial_reads_the_drivers_index_from_the_object_store(
+    ray_cluster, tmp_path, tiny_dataset
+):
+    """The study's driver loads the dataset's index once (`preflight`) and puts it in the object
+    store; through Tune's trial and Ray Train's controller every worker gets that one index,
+    read-only, for all its splits, instead of parsing the annotation files itself."""
+    from ray import tune
+
+    from mg_ray.data import DataConfig, index_for
+    from mg_ray.train.loop import SharedIndex
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id, _ = tracking.start_or_resume_run(
+        client, tracking.get_or_create_experiment(client, "t"), "trial"
+    )
+    data = DataConfig(root=tiny_dataset)
+    shared = SharedIndex.put(data, index_for(data))
+    assert not shared.serves(DataConfig(root=tiny_dataset, annotation_file="other.pkl"))
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(_trial_with_a_shared_index, index=shared), {"cpu": 0.1}
+        ),
+        param_space={
+            "storage": str(tmp_path / "train"),
+            "uri": uri,
+            "run_id": run_id,
+            "root": str(tiny_dataset),
+        },
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
+    )
+    [result] = tuner.fit()
+    assert result.error is None, result.error
+    index = index_for(data)
+    assert result.metrics["shared"] and result.metrics["same_index"]
+    assert result.metrics["train"] == len(index.split("train"))
+    assert result.metrics["val"] == len(index.split("val"))
