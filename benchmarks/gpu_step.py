@@ -58,6 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mg_ray.data import build_dataset, load_index
+    from mg_ray.data.transforms import network_input
     from mg_ray.model_file import build_from_spec, model_spec
     from mg_ray.models import TwoStreamCriterion
     from mg_ray.train.config import load_config
@@ -75,8 +76,8 @@ def main() -> None:
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     amp = device.type == "cuda"
 
-    def to_device(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device, non_blocking=True).contiguous(memory_format=layout)
+    def to_device(x: torch.Tensor) -> torch.Tensor:  # uint8 RGB is normalised on the device
+        return network_input(x, device, layout)
 
     flops = forward_flops(model, {k: to_device(train_set[0][k][None]) for k in ("rgb", "pose")})
     loader = DataLoader(

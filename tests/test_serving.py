@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from mg_ray.config import to_dict
 from mg_ray.data import build_dataset, load_index
+from mg_ray.data.transforms import network_input
 from mg_ray.model_file import MODEL_FILE, build_from_spec, model_spec, save_model_file
 from mg_ray.models import fuse_probabilities
 from mg_ray.tracking.models import save_pyfunc
@@ -91,7 +92,8 @@ def test_bytes_paths_and_arrays_classify_as_the_evaluation_loop_does(served, tin
         video = index.video_path(ann.frame_dir)
         item = val[i]
         with torch.no_grad():
-            expected = fuse_probabilities(net(item["rgb"], item["pose"])).mean(0).numpy()
+            rgb, pose = network_input(item["rgb"]), network_input(item["pose"])
+            expected = fuse_probabilities(net(rgb, pose)).mean(0).numpy()
         rows = pd.DataFrame(
             {
                 "video": [video.read_bytes(), str(video), f"file://{video}"],

@@ -74,7 +74,6 @@ from mg_ray.data.transforms import (
     crop_resize_frames,
     flip_keypoints,
     integer_box,
-    normalize,
     random_resized_box,
     scale_keypoints,
     whole_frame_box,
@@ -152,7 +151,8 @@ def clip_inputs(
     keypoint float [M, T, V, 2] pixels of `img_shape` (h, w) (None: the video's size);
     keypoint_score float [M, T, V]. mode "train": one random clip with augmentation (needs
     `rng`); mode "test": `num_clips` deterministic clips, no augmentation.
-    Returns rgb float32 [num_clips, 3, T_rgb, S, S] and pose float32 [num_clips, C, T_pose, s, s].
+    Returns rgb uint8 [num_clips, 3, T_rgb, S, S] (0..255; `transforms.network_input` normalises
+    it on the device the network runs on) and pose float32 [num_clips, C, T_pose, s, s].
 
     rgb=False (a pose-only model): no frame is decoded and rgb is None. The crop is then taken
     in the img_shape frame; with `img_shape` None, or equal to the video's size, the pose is
@@ -193,8 +193,8 @@ def clip_inputs(
         ibox = integer_box(clip_box)
 
         if rgb:
-            clip_rgb = crop_resize_frames(frames[clip], ibox, size, flip)  # [Tr, 3, S, S]
-            rgb_out.append(normalize(clip_rgb).permute(1, 0, 2, 3))  # [3, Tr, S, S]
+            clip_rgb = crop_resize_frames(frames[clip], ibox, size, flip)  # uint8 [Tr, 3, S, S]
+            rgb_out.append(clip_rgb.permute(1, 0, 2, 3))  # [3, Tr, S, S]
 
         sel = pose_idx[clip]
         ckp = crop_keypoints(kp[:, sel], ibox, (size, size))  # [M, Tp, V, 2] in the S x S crop

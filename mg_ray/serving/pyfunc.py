@@ -39,6 +39,7 @@ from mg_ray.config import from_mapping
 from mg_ray.data.config import DataConfig
 from mg_ray.data.dataset import PipelineParams, clip_inputs
 from mg_ray.data.layouts import get_layout, layout_for_joints
+from mg_ray.data.transforms import network_input
 from mg_ray.data.video import VideoError
 from mg_ray.model_file import load_model_file
 from mg_ray.models import fuse_probabilities
@@ -123,7 +124,7 @@ class MicroGestureClassifier(mlflow.pyfunc.PythonModel):
         rgb, pose = (
             None
             if x is None or self.model.modality == skip
-            else torch.as_tensor(x).float().to(self.device)
+            else network_input(torch.as_tensor(x), self.device)
             for x, skip in ((rgb, "pose"), (pose, "rgb"))
         )
         with torch.no_grad():

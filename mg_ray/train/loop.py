@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from mg_ray.config import dump_yaml, to_dict
 from mg_ray.data import DataConfig, DatasetIndex, build_dataset, index_for
+from mg_ray.data.transforms import network_input
 from mg_ray.metrics import classification_metrics
 from mg_ray.model_file import MODEL_FILE, build_from_spec, model_spec, safe_load, save_model_file
 from mg_ray.models import (
@@ -544,8 +545,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def to_device(
     x: torch.Tensor | None, device: torch.device, layout: torch.memory_format
 ) -> torch.Tensor | None:
-    """A batch tensor on `device` in `layout` (None, for a stream the model lacks, stays None)."""
-    return None if x is None else x.to(device, non_blocking=True, memory_format=layout)
+    """A batch tensor on `device` in `layout`, uint8 RGB normalised there (`network_input`;
+    None, for a stream the model lacks, stays None)."""
+    return network_input(x, device, layout)
 
 
 def input_layout(device: torch.device) -> torch.memory_format:

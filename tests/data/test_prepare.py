@@ -296,11 +296,11 @@ def test_frame_store_samples_equal_the_video_paths_up_to_the_codecs(stores):
         for store in ("video", "jpeg"):
             ours = items[store][i]
             torch.testing.assert_close(ours["pose"], exact["pose"])  # the same skeleton crop
-            # normalised pixels (std ~58 grey levels): measured 0.049-0.056, ~3 grey levels, at
-            # this tiny size (64x86 frames of sharp synthetic edges); another seed: 0.25-0.32
-            assert (ours["rgb"] - exact["rgb"]).abs().mean() < 0.08, (store, i)
+            # uint8 items: measured 2.9-3.3 grey levels at this tiny size (64x86 frames of
+            # sharp synthetic edges); another seed: 15-18
+            assert (ours["rgb"].float() - exact["rgb"].float()).abs().mean() < 4.5, (store, i)
         # another seed samples other frames and crops: far further apart than the codecs
-        assert (other_seed[i]["rgb"] - exact["rgb"]).abs().mean() > 0.2
+        assert (other_seed[i]["rgb"].float() - exact["rgb"].float()).abs().mean() > 10
 
 
 def test_a_frame_store_clip_that_is_gone_or_broken_is_a_video_error(stores, tmp_path: Path):

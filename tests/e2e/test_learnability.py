@@ -5,6 +5,10 @@ the better single stream.
 
 The recipe, shortened from `search_spaces/quick.yaml` to keep the suite's time: an RGB-only and
 a pose-only model, merged into the two-stream initialisation and fine-tuned for one epoch.
+The RGB stage trains 16 epochs: at 9 (this test's earlier setting) its val top-1 was a lottery
+over `optim.seed` (float32 items: 0.59 / 0.30 / 0.20 / 0.43 for seeds 0-3; uint8 items: 0.35 /
+0.46 / 0.48 / 0.36), and the test passed on seed 0's lucky draw; at 16 the uint8 items gave
+0.63 / 0.60 / 0.63 for seeds 0-2 (`mg-ray train --stage rgb`, one run each, 2 workers).
 "Single stream" is checked both ways: the two single-stream models, and the fused model's own RGB
 and pose heads.
 
@@ -33,7 +37,7 @@ study: {seed: 0, trial_driver_cpus: 0.05, num_trials: 1}
 stages:
   rgb:
     modality: rgb
-    fixed: {optim.epochs: 9, optim.milestones: [7, 8]}
+    fixed: {optim.epochs: 16, optim.milestones: [12, 15]}
   pose:
     modality: pose
     fixed: {optim.epochs: 12, optim.milestones: [9, 11]}

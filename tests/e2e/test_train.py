@@ -55,6 +55,7 @@ OFF_DEFAULT += ("data.sigma=1.2", "data.heatmap=limbs")
 
 def fused_top1(model, dataset) -> tuple[float, np.ndarray]:
     """Single-process evaluation of a checkpointed model on a whole split."""
+    from mg_ray.data.transforms import network_input
     from mg_ray.models import fuse_probabilities
 
     model.eval()
@@ -62,7 +63,7 @@ def fused_top1(model, dataset) -> tuple[float, np.ndarray]:
     with torch.no_grad():
         for i in range(len(dataset)):
             item = dataset[i]
-            out = model(item["rgb"][None], item["pose"][None])
+            out = model(network_input(item["rgb"][None]), item["pose"][None])
             probs.append(fuse_probabilities(out, model_stream_weights(model)).numpy()[0])
             labels.append(int(item["label"]))
     probs = np.stack(probs)
