@@ -144,8 +144,9 @@ def test_asha_killed_in_a_checkpoint_window_resumes_and_stops_the_same_trials(
     log = tmp_path / "killed.log"
     proc = start(home, *args, log=log)
     with ending(proc):  # SIGKILLed once the fourth trial is in its window
-        fourth, before_kill = wait_for_checkpoint_window(client, home, proc, log, lr=LRS[3])
-    assert before_kill == 0  # the epoch was in its checkpoint, not yet in MLflow
+        fourth = wait_for_checkpoint_window(client, home, proc, log, lr=LRS[3])
+    # the epoch was in its checkpoint, not yet in MLflow, when the driver's processes died
+    assert epochs_logged(client, fourth) == 0
     done = run(home, *args, timeout=900)
     out = done.stdout + done.stderr
     assert "resuming study 'asha'" in done.stdout, done.stdout[-3000:]
@@ -179,14 +180,16 @@ def test_asha_killed_in_a_checkpoint_window_resumes_and_stops_the_same_trials(
         assert o.user_attrs["mlflow_run_id"] == children[tune_id].info.run_id
 
 
-def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -> tuple[str, int]:
+def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -> str:
     """Until Ray Train has recorded the first checkpoint of the trial that trains with `lr`;
-    then its run id and the epochs its run holds in MLflow.
+    returns the trial's run id at once (the caller kills the driver then).
 
     Recorded, not only written: a restored Train run resumes from the checkpoint its controller's
     snapshot (`checkpoint_manager_snapshot.json`, Ray Train's own file in the run's folder)
-    names. Killing once `checkpoint.pt` appeared, as this test first did, sometimes came before
-    the snapshot on a loaded machine, and the trial then rightly started over."""
+    names, and the controller writes it before its report callbacks log the epoch into MLflow.
+    The trial's folder is found through MLflow while the trial starts; from then on only that
+    file is polled, tightly: on the tiny dataset an epoch takes under a second, and a poll that
+    queried MLflow each time on a loaded machine missed the window."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         trials = (
@@ -196,8 +199,10 @@ def wait_for_checkpoint_window(client, home: Path, proc, log: Path, lr: float) -
         if trial is not None:
             tune_id = trial.data.tags["mg_ray.trial_id"]
             folder = home / "ray_results" / "asha_train" / f"asha_{tune_id}"
-            if recorded_checkpoint(folder):
-                return trial.info.run_id, epochs_logged(client, trial.info.run_id)
+            while time.monotonic() < deadline and proc.poll() is None:
+                if recorded_checkpoint(folder):
+                    return trial.info.run_id
+                time.sleep(0.005)
         time.sleep(0.1)
     raise AssertionError("no checkpoint of the fourth trial:\n" + log.read_text()[-4000:])
 
