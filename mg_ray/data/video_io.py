@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mg_ray.data.annotations import annotation_files
+
 ANNOTATIONS = "annotations.pkl"
 CLASSES = "classes.txt"
 METADATA = "dataset.json"
@@ -160,13 +162,7 @@ def fingerprint(folder: Path) -> str:
     Videos are not hashed (too slow for large sets); they are named by the annotations.
     """
     digest = hashlib.sha256()
-    if (folder / ANNOTATIONS).is_file():
-        annotations = [folder / ANNOTATIONS]
-    else:
-        annotations = sorted(p for p in folder.glob("*.pkl") if p.is_file())
-        if not annotations:
-            raise FileNotFoundError(f"{folder / ANNOTATIONS}: annotation file not found")
-    for path in [*annotations, folder / CLASSES]:
+    for path in [*annotation_files(folder, ANNOTATIONS), folder / CLASSES]:
         if path.name == CLASSES and not path.is_file():
             continue  # a dataset whose class names are built in (its layout's)
         if path.name != ANNOTATIONS and path.name != CLASSES:

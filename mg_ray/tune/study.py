@@ -368,7 +368,6 @@ def open_study(
         train_storage=str(storage / f"{study_name}_train"),
         optuna_storage=optuna_storage,
         max_epochs=checked.probe.optim.epochs,
-        base_data_source=checked.probe.data.index_source(),
         dataset_fingerprint=dataset_fingerprint(checked.probe.data.root),
     )
 

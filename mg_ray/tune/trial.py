@@ -42,8 +42,7 @@ class StudyContext:
     train_storage: str  # where the trials' Train runs (and checkpoints) live
     optuna_storage: str  # Optuna RDB storage URL holding the study of the same name
     max_epochs: int  # a trial that reported this many epochs completed
-    base_data_source: tuple = ()  # `DataConfig.index_source()` of the trials' base config
-    dataset_fingerprint: str | None = None  # that dataset's, computed once by the driver
+    dataset_fingerprint: str | None = None  # the shared index's dataset's, computed once
 
 
 def trial_config(ctx: StudyContext, params: dict[str, Any]) -> ExperimentConfig:
@@ -76,8 +75,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext, index: SharedIndex | No
     cfg = trial_config(ctx, params)
     client = tracking.client(ctx.tracking_uri)
     run = tracking.require_run(client, ctx.experiment, run_key(ctx, trial_id))
-    shared = index if index is not None and index.serves(cfg.data) else None
-    same_data = cfg.data.index_source() == ctx.base_data_source
+    same_data = index is not None and index.serves(cfg.data)
     describe_run(client, run, cfg, ctx.dataset_fingerprint if same_data else None)
     with tracking.system_metrics(
         ctx.tracking_uri,
@@ -92,7 +90,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext, index: SharedIndex | No
             tracking_uri=ctx.tracking_uri,
             run_id=run.info.run_id,
             callbacks=[TuneReportCallback()],
-            index=shared,
+            index=index,  # a worker whose data it does not serve loads its own
         )
 
 
