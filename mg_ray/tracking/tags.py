@@ -13,6 +13,7 @@ ROLE = "mg_ray.role"  # pipeline, study or trial
 PIPELINE, STAGE = "mg_ray.pipeline", "mg_ray.stage"
 STAGES = "mg_ray.stages"  # a pipeline's stages, in order
 STUDY, TRIAL = "mg_ray.study", "mg_ray.trial_id"
+OPTUNA_TRIAL = "mg_ray.optuna_trial"  # the number of the Optuna trial drawn for a trial run
 SPACE_FILE = "mg_ray.space_file"
 DEFINITION = "mg_ray.space_sha256"  # the fingerprint of a study's space or a pipeline's file
 

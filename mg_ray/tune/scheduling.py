@@ -135,9 +135,12 @@ class StudySearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def tag_optuna_trial(storage_url: str, study_name: str, tune_trial_id: str, **attrs: str) -> bool:
+def tag_optuna_trial(
+    storage_url: str, study_name: str, tune_trial_id: str, **attrs: str
+) -> int | None:
     """Set user attributes on the running Optuna trial drawn for `tune_trial_id`, through the
-    storage's public interface; False when there is none (a trial drawn by an older mg-ray)."""
+    storage's public interface, and return its number; None when there is none (a trial drawn
+    by an older mg-ray)."""
     storage = optuna.storages.get_storage(storage_url)
     study_id = storage.get_study_id_from_name(study_name)
     for trial in reversed(storage.get_all_trials(study_id, deepcopy=False)):
@@ -148,8 +151,8 @@ def tag_optuna_trial(storage_url: str, study_name: str, tune_trial_id: str, **at
             stored_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             for key, value in attrs.items():
                 storage.set_trial_user_attr(stored_id, key, value)
-            return True
-    return False
+            return trial.number
+    return None
 
 
 def prune_optuna_trials(storage_url: str, study_name: str, tune_trial_ids: list[str]) -> None:

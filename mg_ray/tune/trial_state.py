@@ -134,7 +134,7 @@ class TrialRuns(Callback):
             if tags.STOP_REASON in client.get_run(run_id).data.tags:
                 client.delete_tag(run_id, tags.STOP_REASON)
         self.session.open[trial.trial_id] = run_id
-        tag_optuna_trial(  # the Optuna trial drawn for it links back to its run
+        number = tag_optuna_trial(  # the Optuna trial drawn for it links back to its run
             ctx.optuna_storage,
             ctx.name,
             trial.trial_id,
@@ -145,6 +145,8 @@ class TrialRuns(Callback):
                 ),
             },
         )
+        if number is not None:  # and the run names it: ties between trials follow it
+            client.set_tag(run_id, tags.OPTUNA_TRIAL, str(number))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if epochs_seen(trial) >= self.session.ctx.max_epochs:

@@ -275,11 +275,11 @@ def check_one_objective(home: Path, client, parent, children, version) -> None:
         assert last_results[trial_id]["best_val_top1"] == score == optuna_values[trial_id]
         scores[child.info.run_id] = score
     completed = [c for c in children if c.data.tags["mg_ray.trial_state"] == "completed"]
-    # the best score; a tie (likely on the tiny dataset) goes to the trial started first
-    best = min(
-        completed,
-        key=lambda c: (-c.data.metrics["best_val_top1"], c.info.start_time, c.info.run_id),
-    )
+    # the best score; a tie (likely on the tiny dataset) goes to the trial Optuna drew first,
+    # which every trial run names
+    numbers = {c.info.run_id: int(c.data.tags["mg_ray.optuna_trial"]) for c in children}
+    assert sorted(numbers.values()) == list(range(len(children)))
+    best = min(completed, key=lambda c: (-c.data.metrics["best_val_top1"], numbers[c.info.run_id]))
     assert version.run_id == best.info.run_id == parent.data.tags["best_run_id"]
     assert (
         float(version.tags["val_top1"])

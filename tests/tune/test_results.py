@@ -1,7 +1,8 @@
 """The best-trial rule (`results.ranked_trials`, `results.best_trials`) on a real sqlite MLflow
 store: among a study's completed trials, the best score (`best_val_top1` for val_top1, the metric
-itself otherwise), ties to the trial that started first, then to the smaller run id; trials that
-were stopped, failed, orphaned or have no score never win, and other studies are not looked at."""
+itself otherwise), ties to the trial Optuna drew first, then to the trial that started first, then
+to the smaller run id; trials that were stopped, failed, orphaned or have no score never win, and
+other studies are not looked at."""
 
 from __future__ import annotations
 
@@ -28,7 +29,15 @@ def store(tmp_path):
     client = tracking.client(uri)
     experiment_id = client.create_experiment(EXPERIMENT)
 
-    def trial(study: str, state: str, start: int, run_id_hint: str = "", **metrics) -> str:
+    def trial(
+        study: str,
+        state: str,
+        start: int,
+        run_id_hint: str = "",
+        optuna: int | None = None,
+        **metrics,
+    ) -> str:
+        drawn = {tags.OPTUNA_TRIAL: str(optuna)} if optuna is not None else {}
         run = client.create_run(
             experiment_id,
             start_time=start,
@@ -38,6 +47,7 @@ def store(tmp_path):
                 tags.ROLE: "trial",
                 tags.STATE: state,
                 tags.TRIAL: f"t{start}",
+                **drawn,
             },
         )
         for key, value in metrics.items():
@@ -83,6 +93,45 @@ def test_ties_go_to_the_earlier_trial_then_the_smaller_run_id(store):
     same_b = trial("s", "completed", 30, "b", best_val_top1=0.6)
     ranked = ranked_trials(study_runs(client, experiment_id, "s"), "val_top1", "max")
     assert [r.info.run_id for r in ranked] == [*sorted([same_a, same_b]), first, late]
+
+
+def test_ties_go_first_to_the_trial_optuna_drew_first(store):
+    """Tune draws a trial's parameters when it creates it and starts its run when a slot frees:
+    Optuna's trial 0 can start after trial 1. A tie goes to the smaller Optuna number, as
+    Optuna's own best trial does (next test); a run without one (an older mg-ray's) comes after."""
+    client, experiment_id, trial = store.client, store.experiment_id, store.trial
+    second = trial("s", "completed", 10, optuna=1, best_val_top1=0.5)
+    first = trial("s", "completed", 20, optuna=0, best_val_top1=0.5)
+    older = trial("s", "completed", 5, best_val_top1=0.5)
+    ten = trial("s", "completed", 30, optuna=10, best_val_top1=0.5)  # 10 after 1: a number
+    ranked = ranked_trials(study_runs(client, experiment_id, "s"), "val_top1", "max")
+    assert [r.info.run_id for r in ranked] == [first, second, ten, older]
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_optunas_best_trial_on_a_tie_is_the_smallest_number(tmp_path, direction):
+    """The anchor of the rule above (Optuna does not document its tie order): on a real sqlite
+    storage, with the tied trials told in shuffled orders, `Study.best_trial` (which
+    optuna-dashboard shows) is the tied trial with the smallest number."""
+    import random
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng = random.Random(0)
+    for attempt in range(6):
+        study = optuna.create_study(
+            storage=f"sqlite:///{tmp_path / f'{direction}-{attempt}.db'}", direction=direction
+        )
+        values = [rng.choice([0.1, 0.5]) for _ in range(8)]
+        drawn = [study.ask() for _ in values]
+        told = list(range(len(values)))
+        rng.shuffle(told)
+        for number in told:
+            study.tell(drawn[number], values[number])
+        best = max(values) if direction == "maximize" else min(values)
+        tied = [n for n, v in enumerate(values) if v == best]
+        assert study.best_trial.number == tied[0], (values, told)
 
 
 def test_a_minimised_metric_is_scored_as_reported(store):

@@ -120,7 +120,7 @@ def test_optuna_is_told_what_tune_did_with_each_trial(tmp_path):
     def result(epochs: int, score: float) -> dict:
         return {"epochs_completed": epochs, "best_val_top1": score, "training_iteration": 1}
 
-    assert tag_optuna_trial(url, "s", "done", mlflow_run_id="abc")  # when its run opens
+    assert tag_optuna_trial(url, "s", "done", mlflow_run_id="abc") == 0  # its number, at start
     for epochs, score in ((1, 0.3), (2, 0.5), (3, 0.5)):
         search.on_trial_result("done", result(epochs, score))
     search.on_trial_complete("done", result(3, 0.5))
@@ -129,7 +129,7 @@ def test_optuna_is_told_what_tune_did_with_each_trial(tmp_path):
     search.on_trial_result("failed", result(1, 0.1))
     search.on_trial_complete("failed", error=True)
     search.on_trial_result("cut", result(1, 0.4))
-    assert not tag_optuna_trial(url, "s", "unknown", mlflow_run_id="x")
+    assert tag_optuna_trial(url, "s", "unknown", mlflow_run_id="x") is None
     prune_optuna_trials(url, "s", ["cut"])  # the time budget ended it
 
     study = optuna.load_study(study_name="s", storage=url)
