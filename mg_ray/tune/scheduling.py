@@ -92,6 +92,11 @@ class StudySearch(OptunaSearch):
       PRUNED, and Optuna gives a pruned trial its last intermediate value. Ray's OptunaSearch
       would tell it COMPLETE with that value, and TPE would take an epoch-1 score for a finished
       run. Completed trials are COMPLETE, failed ones FAIL, as before.
+    - An epoch trained again (a resume that skipped a damaged checkpoint and went back to an
+      older one, or a driver killed after Optuna was told an epoch Tune's own state lacks)
+      replaces the value Optuna holds for its step, as the epoch's second value in the trial's
+      MLflow run is the one MLflow shows: Optuna's `Trial.report` would keep the first and warn.
+      The replacement goes through the storage's interface (`set_trial_intermediate_value`).
     - Each Optuna trial carries its Tune trial id (user attribute `tune_trial_id`); the study
       driver adds the MLflow run's id and link when the run opens (`tag_optuna_trial`).
     - The Optuna study names its objective (`set_metric_names`), for optuna-dashboard and plots.
@@ -106,6 +111,8 @@ class StudySearch(OptunaSearch):
         self.time_attr, self.max_t = time_attr, max_t
         self.reported: dict[str, int] = {}  # trial id -> the last step Optuna was told
         storage, name = kwargs.get("storage"), kwargs.get("study_name")
+        self.optuna_storage, self.optuna_study_name = storage, name
+        self.stored_ids: dict[str, int] = {}  # trial id -> its Optuna trial's id in the storage
         if storage is not None and name is not None and kwargs.get("metric"):
             with warnings.catch_warnings():  # experimental since Optuna 3.2
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -121,9 +128,31 @@ class StudySearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         step = int(result.get(self.time_attr, 0))
-        if self.metric in result and step > self.reported.get(trial_id, 0):
+        if self.metric not in result or step < 1:
+            return
+        stored = self.stored_trial(trial_id)
+        if stored is not None and step in stored[1].intermediate_values:  # an epoch trained again
+            stored_id, trial = stored
+            value = float(result[self.metric])
+            running = trial.state == optuna.trial.TrialState.RUNNING
+            if running and trial.intermediate_values[step] != value:
+                self.optuna_storage.set_trial_intermediate_value(stored_id, step, value)
+        elif stored is not None or step > self.reported.get(trial_id, 0):
             super().on_trial_result(trial_id, {**result, "training_iteration": step})
-            self.reported[trial_id] = step
+        self.reported[trial_id] = max(step, self.reported.get(trial_id, 0))
+
+    def stored_trial(self, trial_id: str) -> tuple[int, optuna.trial.FrozenTrial] | None:
+        """The Optuna trial drawn for Tune trial `trial_id` as its storage holds it now, with its
+        id there; None without a storage (or for a searcher pickled by an older mg-ray)."""
+        storage = getattr(self, "optuna_storage", None)
+        if storage is None or not hasattr(self, "stored_ids"):
+            return None
+        if trial_id not in self.stored_ids:
+            found = running_trial_id(storage, self.optuna_study_name, trial_id)
+            if found is None:
+                return None
+            self.stored_ids[trial_id] = found
+        return self.stored_ids[trial_id], storage.get_trial(self.stored_ids[trial_id])
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -142,16 +171,23 @@ def tag_optuna_trial(
     storage's public interface, and return its number; None when there is none (a trial drawn
     by an older mg-ray)."""
     storage = optuna.storages.get_storage(storage_url)
+    stored_id = running_trial_id(storage, study_name, tune_trial_id)
+    if stored_id is None:
+        return None
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(stored_id, key, value)
+    return storage.get_trial(stored_id).number
+
+
+def running_trial_id(storage, study_name: str, tune_trial_id: str) -> int | None:
+    """The storage's id of the running Optuna trial drawn for `tune_trial_id`, or None."""
     study_id = storage.get_study_id_from_name(study_name)
     for trial in reversed(storage.get_all_trials(study_id, deepcopy=False)):
         if (
             trial.user_attrs.get(TUNE_TRIAL_ID) == tune_trial_id
             and trial.state == optuna.trial.TrialState.RUNNING
         ):
-            stored_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-            for key, value in attrs.items():
-                storage.set_trial_user_attr(stored_id, key, value)
-            return trial.number
+            return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     return None
 
 

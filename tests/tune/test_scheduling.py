@@ -142,3 +142,52 @@ def test_optuna_is_told_what_tune_did_with_each_trial(tmp_path):
     assert by_id["stopped"].intermediate_values == {1: 0.2, 2: 0.25}
     assert by_id["stopped"].value == 0.25  # its last value, as Optuna gives a pruned trial
     assert by_id["cut"].value == 0.4 and study.best_trial.user_attrs["tune_trial_id"] == "done"
+
+
+def test_an_epoch_trained_again_replaces_its_value_in_optuna(tmp_path):
+    """A resume that skipped a damaged checkpoint trains epochs 2 and 3 again; their new values
+    replace the first ones in Optuna, as in the trial's MLflow run (its latest value at a step is
+    the one MLflow shows). Also when the searcher restored is older than the storage (the driver
+    was killed after Optuna was told epoch 3): Optuna's `Trial.report` would keep the first
+    value. Real sqlite storage, Tune's searcher save/restore."""
+    import optuna
+
+    from mg_ray.tune.scheduling import StudySearch
+    from mg_ray.tune.space import Parameter, SearchSpace
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = SearchSpace(parameters={"optim.lr": Parameter("float", low=0.001, high=0.1, log=True)})
+
+    def searcher() -> StudySearch:
+        return StudySearch(
+            space.sample,
+            time_attr="epochs_completed",
+            max_t=4,
+            metric="best_val_top1",
+            mode="max",
+            storage=optuna.storages.RDBStorage(url),
+            study_name="s",
+            seed=0,
+        )
+
+    def result(epochs: int, score: float) -> dict:
+        return {"epochs_completed": epochs, "best_val_top1": score, "training_iteration": 1}
+
+    search = searcher()
+    search.suggest("t")
+    search.on_trial_result("t", result(1, 0.1))
+    search.on_trial_result("t", result(2, 0.2))
+    saved = tmp_path / "searcher.pkl"
+    search.save(str(saved))  # Tune's last snapshot of the searcher: epochs 1-2
+    search.on_trial_result("t", result(3, 0.3))  # told to Optuna, then the driver is killed
+
+    resumed = searcher()
+    resumed.restore(str(saved))
+    # the resume goes back to the checkpoint of epoch 1: epochs 2 and 3 are trained again
+    for epochs, score in ((2, 0.25), (3, 0.35), (3, 0.35), (4, 0.4)):
+        resumed.on_trial_result("t", result(epochs, score))
+    resumed.on_trial_complete("t", result(4, 0.4))
+
+    [trial] = optuna.load_study(study_name="s", storage=url).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 0.4
+    assert trial.intermediate_values == {1: 0.1, 2: 0.25, 3: 0.35, 4: 0.4}
