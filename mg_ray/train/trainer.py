@@ -14,6 +14,7 @@ its trials' runs (`mg_ray.tune.trial_state`).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,34 @@ def fit(
     )
     result = trainer.fit()
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+    if result.filesystem.type_name == "local":  # (on a cloud storage_path, nothing is removed)
+        kept = [c.path for c, _ in result.best_checkpoints]
+        kept += [result.checkpoint.path] if result.checkpoint else []
+        for folder in unregistered_checkpoints(result.path, kept):
+            shutil.rmtree(folder)
+            print(
+                f"removed checkpoint {folder}: written, but never recorded by Ray Train "
+                "(the run was killed in between); Ray Train would never use or remove it"
+            )
     return TrainOutcome(
         metrics=dict(result.metrics or {}), checkpoint_path=best.path if best else None
+    )
+
+
+def unregistered_checkpoints(run_folder: str | Path, kept: Sequence[str | Path]) -> list[Path]:
+    """The checkpoint folders of the finished Train run in `run_folder` that Ray Train does not
+    hold (`kept`: the run's `Result.best_checkpoints` and `Result.checkpoint`).
+
+    Ray Train deletes the checkpoints it registered beyond `num_to_keep` itself. A folder it does
+    not hold was uploaded by a worker's `report` and never registered by the controller: the
+    driver was killed in between. A restored run resumes from the checkpoint the controller
+    registered last, so such a folder is never used, and never removed, by Ray Train. Folders
+    are named `checkpoint_<time>` in the run's folder (Ray Train's layout on a storage_path)."""
+    held = {Path(path).resolve() for path in kept}
+    return sorted(
+        folder
+        for folder in Path(run_folder).glob("checkpoint_*")
+        if folder.is_dir() and folder.resolve() not in held
     )
 
 

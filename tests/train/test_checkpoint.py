@@ -135,3 +135,23 @@ def test_a_checkpoint_that_cannot_be_loaded_is_skipped_for_an_older_one(tmp_path
     resumed = resume(kept[0], fresh, rank=0)  # no older one
     assert resumed.start_epoch == 0 and "training starts over" in capsys.readouterr().out
     assert all(torch.equal(before[k], v) for k, v in fresh["model"].state_dict().items())
+
+
+def test_only_checkpoints_ray_train_does_not_hold_are_unregistered(tmp_path):
+    """`trainer.unregistered_checkpoints`: in a finished Train run's folder, the checkpoint
+    folders that are neither its best nor its latest (what Ray Train holds); files and other
+    folders of the run are not checkpoints."""
+    from mg_ray.train.trainer import unregistered_checkpoints
+
+    run = tmp_path / "run"
+    names = ["checkpoint_2026-12-06_10-00-00.000001", "checkpoint_2026-12-06_10-00-05.000002"]
+    names += ["checkpoint_2026-12-06_10-00-09.000003"]
+    for name in names:
+        (run / name).mkdir(parents=True)
+        (run / name / CHECKPOINT_FILE).write_bytes(b"x")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own file
+    (run / ".validate_storage_marker").mkdir()
+    best, orphan, latest = (run / name for name in names)
+    assert unregistered_checkpoints(run, [str(best), str(latest)]) == [orphan]
+    assert unregistered_checkpoints(run, [best, orphan, latest]) == []
+    assert unregistered_checkpoints(tmp_path / "missing", []) == []
