@@ -38,6 +38,25 @@ TRIAL: dict[str, tuple[str, str]] = {
 }
 
 
+# Every Train run, in the process that calls `TorchTrainer.fit()` (a trial's function, or the
+# `mg-ray train` driver), before it does: Ray Train hands these on to the run's controller.
+TRAIN_RUN: dict[str, tuple[str, str]] = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": (
+        "0.2",
+        (
+            "how often the Train controller polls its workers (Ray Train's default: 2 s). A "
+            "worker's `ray.train.report` waits for that poll and the controller handles a report "
+            "only then, so the default adds up to 2 s to every epoch and several to a run's end, "
+            "more than short epochs train (`benchmarks/bench_train_poll.py` measures both "
+            "settings side by side). A poll is one small call per worker. Ray Train reads the "
+            "variable from the environment and "
+            "forwards it to the controller (its constants' environment-variable section); its "
+            "docs do not list it: without it, runs are only slower."
+        ),
+    ),
+}
+
+
 def apply_defaults(settings: dict[str, tuple[str, str]]) -> None:
     for name, (value, _why) in settings.items():
         os.environ.setdefault(name, value)

@@ -23,7 +23,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from mg_ray import tracking
+from mg_ray import ray_env, tracking
 from mg_ray.config import flatten, to_dict
 from mg_ray.data import DatasetIndex
 from mg_ray.tracking.models import log_run_model
@@ -96,6 +96,7 @@ def fit(
     """Train `cfg` on the connected Ray cluster as Train run `name`, logging into MLflow run
     `run_id` (its owner opened it). `index`: the dataset's index, shared (None: each worker loads
     it). Raises what Ray Train raises when training fails."""
+    ray_env.apply_defaults(ray_env.TRAIN_RUN)
     trainer = build_trainer(
         cfg,
         name=name,

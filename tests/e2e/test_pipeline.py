@@ -43,8 +43,8 @@ stages:
   fused:
     modality: rgbpose
     init: {rgb: rgb, pose: pose}
-    fixed: {optim.epochs: 2, optim.milestones: [2]}
-    study: {num_trials: 2, asha: {grace_period: 2}}
+    fixed: {optim.epochs: 6, optim.milestones: [6]}
+    study: {num_trials: 2, asha: {grace_period: 6}}
     parameters:
       optim.lr: {type: float, low: 0.001, high: 0.01, log: true}
 ensemble:

@@ -300,9 +300,10 @@ def budget_study(tiny_dataset, tmp_path: Path) -> None:
 def interrupt_after(
     proc, home: Path, log: Path, epochs: int, signum: int, group: bool, meanwhile=None
 ) -> int:
-    """Send `signum` once the study's trial has `epochs` epochs in MLflow; the exit status.
-    `meanwhile()` runs first, once the study holds its lock."""
+    """Send `signum` once the study's trial has `epochs` more epochs in MLflow than it had when
+    `proc` started; the exit status. `meanwhile()` runs first, once the study holds its lock."""
     client = mlflow_client(home)
+    before = logged_epochs(client, home)
     try:
         if meanwhile is not None:
             deadline = time.monotonic() + 120
@@ -312,13 +313,7 @@ def interrupt_after(
             meanwhile()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            # (the store is read once the study has created it)
-            trials = (
-                runs(client, "tags.`mg_ray.role` = 'trial'")
-                if (home / "mlflow.db").exists()
-                else []
-            )
-            if trials and epochs_logged(client, trials[0].info.run_id) >= epochs:
+            if logged_epochs(client, home) >= before + epochs:
                 break
             time.sleep(0.3)
         assert proc.poll() is None, "the study ended before the signal:\n" + log.read_text()[-4000:]
@@ -331,6 +326,14 @@ def interrupt_after(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def logged_epochs(client, home: Path) -> int:
+    """The epochs the study's one trial has in MLflow (0 before the store or the trial exists)."""
+    if not (home / "mlflow.db").exists():
+        return 0
+    trials = runs(client, "tags.`mg_ray.role` = 'trial'")
+    return epochs_logged(client, trials[0].info.run_id) if trials else 0
 
 
 def check_interrupted(client, home: Path, log: Path, first_run_id: str | None = None) -> str:
@@ -377,9 +380,13 @@ def small_disk(folder: Path) -> Path | None:
     return folder if mounted.returncode == 0 else None
 
 
+EPOCHS = 12
+
+
 def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | None) -> None:
     home = (disk or tmp_path) / "home"
-    space = write_space(tmp_path, trials=1, epochs=6, study="  min_free_disk_mb: 50")
+    # (12 epochs: an epoch takes under a second here, and each signal must find the trial training)
+    space = write_space(tmp_path, trials=1, epochs=EPOCHS, study="  min_free_disk_mb: 50")
     args = (
         "tune",
         "--space",
@@ -413,7 +420,7 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
     run_id = check_interrupted(client, home, first)
 
     second = tmp_path / "second.log"
-    status = interrupt_after(start(home, *args, log=second), home, second, 3, signal.SIGTERM, False)
+    status = interrupt_after(start(home, *args, log=second), home, second, 2, signal.SIGTERM, False)
     assert status == 143, second.read_text()[-4000:]
     assert "resuming study 'stopped-by-signal'" in second.read_text()
     check_interrupted(client, home, second, run_id)
@@ -459,17 +466,16 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
         client, home, "stopped-by-signal", trials=1, parent_status="FINISHED"
     ).values()
     assert resumed.info.run_id == run_id and resumed.data.tags["mg_ray.trial_state"] == "completed"
-    assert epochs_logged(client, resumed.info.run_id) == 6  # resumed twice, not rerun
+    assert epochs_logged(client, resumed.info.run_id) == EPOCHS  # resumed twice, not rerun
     [trial] = optuna_study(home, "stopped-by-signal").trials  # the same Optuna trial, completed
-    assert trial.state.name == "COMPLETE" and sorted(trial.intermediate_values) == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]
+    assert trial.state.name == "COMPLETE"
+    assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
     assert trial.value == resumed.data.metrics["best_val_top1"]
+    # every epoch's value is the one MLflow shows for it: an epoch trained again after the
+    # skipped checkpoint holds its second value in both
+    scores = client.get_metric_history(resumed.info.run_id, "best_val_top1")
+    latest = {m.step + 1: m.value for m in sorted(scores, key=lambda m: m.timestamp)}
+    assert trial.intermediate_values == latest, (trial.intermediate_values, scores)
     assert client.get_model_version_by_alias("endings-model", "champion")
 
 

@@ -317,7 +317,10 @@ def test_ray_job_stop_interrupts_the_study_and_resubmitting_resumes_it(
     from mlflow import MlflowClient
 
     space = tmp_path / "stopped.yaml"
-    space.write_text(TINY_QUICK.replace("optim.epochs: 1", "optim.epochs: 8").replace("[1]", "[8]"))
+    # (20 epochs: an epoch takes under a second here, and `ray job stop` must find it training)
+    space.write_text(
+        TINY_QUICK.replace("optim.epochs: 1", "optim.epochs: 20").replace("[1]", "[20]")
+    )
     env = stack.client_env()
 
     def submit(submission_id: str, *wait: str) -> subprocess.CompletedProcess:
@@ -390,5 +393,5 @@ def test_ray_job_stop_interrupts_the_study_and_resubmitting_resumes_it(
     assert "resuming study 'stopped'" in again.stdout
     [trial] = client.search_runs([experiment.experiment_id], "tags.`mg_ray.role` = 'trial'")
     assert trial.info.status == "FINISHED" and trial.data.tags["mg_ray.trial_state"] == "completed"
-    assert len({m.step for m in client.get_metric_history(trial.info.run_id, "val_top1")}) == 8
+    assert len({m.step for m in client.get_metric_history(trial.info.run_id, "val_top1")}) == 20
     assert client.get_model_version_by_alias("mg-ray-fused", "champion")
