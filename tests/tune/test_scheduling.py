@@ -92,6 +92,31 @@ def test_a_resumed_asha_stops_the_trials_an_uninterrupted_one_stops():
     assert run(forgetful, ["t4", "t5", "t6"], {})["t4"] == 4  # empty rungs prune nothing
 
 
+def study_search(url: str, max_t: int):
+    """The study's searcher over one parameter, on the Optuna storage at `url` (study "s")."""
+    import optuna
+
+    from mg_ray.tune.scheduling import StudySearch
+    from mg_ray.tune.space import Parameter, SearchSpace
+
+    space = SearchSpace(parameters={"optim.lr": Parameter("float", low=0.001, high=0.1, log=True)})
+    return StudySearch(
+        space.sample,
+        time_attr="epochs_completed",
+        max_t=max_t,
+        metric="best_val_top1",
+        mode="max",
+        storage=optuna.storages.RDBStorage(url),
+        study_name="s",
+        seed=0,
+    )
+
+
+def result(epochs: int, score: float) -> dict:
+    """A trial's result as the loop reports it (Tune's own iteration count restarts at 1)."""
+    return {"epochs_completed": epochs, "best_val_top1": score, "training_iteration": 1}
+
+
 def test_optuna_is_told_what_tune_did_with_each_trial(tmp_path):
     """Through Tune's searcher interface, on a real sqlite Optuna storage: every epoch is an
     intermediate value (the one ASHA stopped on included), a trial stopped before its last epoch
@@ -99,26 +124,12 @@ def test_optuna_is_told_what_tune_did_with_each_trial(tmp_path):
     Tune trial id, the driver adds its MLflow run, and the objective is named."""
     import optuna
 
-    from mg_ray.tune.scheduling import StudySearch, prune_optuna_trials, tag_optuna_trial
-    from mg_ray.tune.space import Parameter, SearchSpace
+    from mg_ray.tune.scheduling import prune_optuna_trials, tag_optuna_trial
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    space = SearchSpace(parameters={"optim.lr": Parameter("float", low=0.001, high=0.1, log=True)})
-    search = StudySearch(
-        space.sample,
-        time_attr="epochs_completed",
-        max_t=3,
-        metric="best_val_top1",
-        mode="max",
-        storage=optuna.storages.RDBStorage(url),
-        study_name="s",
-        seed=0,
-    )
+    search = study_search(url, max_t=3)
     for trial_id in ("done", "stopped", "failed", "cut"):
         assert set(search.suggest(trial_id)) == {"optim.lr"}
-
-    def result(epochs: int, score: float) -> dict:
-        return {"epochs_completed": epochs, "best_val_top1": score, "training_iteration": 1}
 
     assert tag_optuna_trial(url, "s", "done", mlflow_run_id="abc") == 0  # its number, at start
     for epochs, score in ((1, 0.3), (2, 0.5), (3, 0.5)):
@@ -152,28 +163,8 @@ def test_an_epoch_trained_again_replaces_its_value_in_optuna(tmp_path):
     value. Real sqlite storage, Tune's searcher save/restore."""
     import optuna
 
-    from mg_ray.tune.scheduling import StudySearch
-    from mg_ray.tune.space import Parameter, SearchSpace
-
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    space = SearchSpace(parameters={"optim.lr": Parameter("float", low=0.001, high=0.1, log=True)})
-
-    def searcher() -> StudySearch:
-        return StudySearch(
-            space.sample,
-            time_attr="epochs_completed",
-            max_t=4,
-            metric="best_val_top1",
-            mode="max",
-            storage=optuna.storages.RDBStorage(url),
-            study_name="s",
-            seed=0,
-        )
-
-    def result(epochs: int, score: float) -> dict:
-        return {"epochs_completed": epochs, "best_val_top1": score, "training_iteration": 1}
-
-    search = searcher()
+    search = study_search(url, max_t=4)
     search.suggest("t")
     search.on_trial_result("t", result(1, 0.1))
     search.on_trial_result("t", result(2, 0.2))
@@ -181,7 +172,7 @@ def test_an_epoch_trained_again_replaces_its_value_in_optuna(tmp_path):
     search.save(str(saved))  # Tune's last snapshot of the searcher: epochs 1-2
     search.on_trial_result("t", result(3, 0.3))  # told to Optuna, then the driver is killed
 
-    resumed = searcher()
+    resumed = study_search(url, max_t=4)
     resumed.restore(str(saved))
     # the resume goes back to the checkpoint of epoch 1: epochs 2 and 3 are trained again
     for epochs, score in ((2, 0.25), (3, 0.35), (3, 0.35), (4, 0.4)):
