@@ -49,9 +49,9 @@ TRAIN_RUN: dict[str, tuple[str, str]] = {
             "only then, so the default adds up to 2 s to every epoch and several to a run's end, "
             "more than short epochs train (`benchmarks/bench_train_poll.py` measures both "
             "settings side by side). A poll is one small call per worker. Ray Train reads the "
-            "variable from the environment and "
-            "forwards it to the controller (its constants' environment-variable section); its "
-            "docs do not list it: without it, runs are only slower."
+            "variable from the environment and forwards it to the controller (its constants' "
+            "environment-variable section); its docs do not list it: without it, runs are only "
+            "slower."
         ),
     ),
 }
