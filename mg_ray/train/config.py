@@ -25,7 +25,7 @@ class ModelConfig:
     dropout: float | None = None
     # The pooling before the prototype loss's embedding: "max" is the paper's and PCAN's; "avg"
     # shares the classifier's (mmaction2's) average pooling and is the default because the
-    # learnability recipe needs it (tests/e2e/test_learnability.py, one run each: max gave the
+    # learnability recipe needs it (tests/e2e/test_pipeline.py, one run each: max gave the
     # fused model 0.50 against the pose-only model's 0.57, avg 0.53 against 0.51).
     embed_pool: Literal["max", "avg"] = "avg"
     stream_weights: tuple[float, float] = (1.0, 1.0)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from mg_ray import tracking
-from mg_ray.cluster import init_ray
 from mg_ray.registry import promote_run
 from mg_ray.tracking import tags
 from mg_ray.tune.ensemble import ensemble
@@ -85,7 +84,8 @@ def _run_pipeline(
     }
     first = next(iter(checked.values()))
     tracking_uri, experiment = first.tracking_uri, first.probe.tracking.experiment
-    init_ray(address)
+    # Ray starts with the first stage that must run (`run_study`): a finished pipeline run again
+    # only reports, and the ensemble and the promotion need no cluster.
 
     client = tracking.client(tracking_uri)
     experiment_id = tracking.get_or_create_experiment(client, experiment)
