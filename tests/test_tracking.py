@@ -44,6 +44,27 @@ def test_a_run_started_with_another_definition_is_refused_untouched(tmp_path):
     assert resumed and again == first
 
 
+def test_a_finished_run_is_found_only_finished_and_with_its_definition(tmp_path):
+    """What lets a study that ended FINISHED be reported without starting Ray."""
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.get_or_create_experiment(client, "t")
+
+    def finished(definition: str = "aaa"):
+        return tracking.finished_run(client, exp, "study/s", definition, "study 's'")
+
+    assert finished() is None  # no run yet
+    run_id, _ = tracking.start_or_resume_run(client, exp, "study/s", tags={tags.DEFINITION: "aaa"})
+    for status in ("RUNNING", "KILLED", "FAILED"):  # open or interrupted: to be resumed
+        if status != "RUNNING":
+            tracking.terminate_run(client, run_id, status)
+        assert finished() is None, status
+    tracking.terminate_run(client, run_id, "FINISHED")
+    assert finished().info.run_id == run_id
+    with pytest.raises(tracking.DefinitionChanged, match=f"study 's' already exists .*{run_id}"):
+        finished("bbb")
+    assert client.get_run(run_id).info.status == "FINISHED"  # looked at, not reopened
+
+
 def test_unreachable_tracking_server_is_a_clear_error():
     with pytest.raises(ConnectionError, match="cannot be reached"):
         tracking.check_tracking_server("http://127.0.0.1:9", timeout_s=2)

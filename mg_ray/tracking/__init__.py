@@ -13,6 +13,7 @@ The names most callers need are here: `from mg_ray import tracking; tracking.cli
 from mg_ray.tracking.runs import (
     DefinitionChanged,
     find_run,
+    finished_run,
     git_commit,
     lineage,
     log_dataset,
@@ -46,6 +47,7 @@ __all__ = [
     "client",
     "column",
     "find_run",
+    "finished_run",
     "get_or_create_experiment",
     "git_commit",
     "lineage",

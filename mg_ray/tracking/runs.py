@@ -70,6 +70,19 @@ def _check_definition(run, fingerprint: str | None, what: str) -> None:
         )
 
 
+def finished_run(
+    mlflow_client: MlflowClient, experiment_id: str, run_key: str, fingerprint: str, what: str
+):
+    """The run found by `run_key` when it ended FINISHED, else None. A found run started with
+    another definition (`fingerprint`) is refused first, with `DefinitionChanged` naming `what`,
+    as `start_or_resume_run` refuses it."""
+    run = find_run(mlflow_client, experiment_id, run_key)
+    if run is None:
+        return None
+    _check_definition(run, fingerprint, what)
+    return run if run.info.status == "FINISHED" else None
+
+
 def start_or_resume_run(
     mlflow_client: MlflowClient,
     experiment_id: str,

@@ -26,7 +26,7 @@ from mg_ray.tune.ensemble import ensemble
 from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import best_trials, study_view
 from mg_ray.tune.space import Pipeline, definition_fingerprint
-from mg_ray.tune.study import check_storage, preflight, run_study
+from mg_ray.tune.study import check_storage, preflight, run_study, study_key
 from mg_ray.tune.watch import StudyStopped
 
 
@@ -121,7 +121,7 @@ def _run_pipeline(
         for stage, spec in pipeline.stages.items():
             study = stage_study(name, stage)
             init_runs = {stream: best[source].info.run_id for stream, source in spec.init.items()}
-            stage_run = tracking.find_run(client, experiment_id, f"study/{study}")
+            stage_run = tracking.find_run(client, experiment_id, study_key(study))
             if stage_run is not None and stage_run.info.status == "FINISHED":
                 print(f"stage {stage}: completed before (study {study!r}), not run again")
                 summary["stages"][stage] = {

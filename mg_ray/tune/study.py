@@ -222,6 +222,20 @@ def _run_study(
         checked = preflight(space, study_name=study_name, data_root=data_root, address=address)
     else:
         checked = checked.for_space(space)
+    client = tracking.client(checked.tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(client, checked.probe.tracking.experiment)
+    done = tracking.finished_run(  # a changed space is refused here
+        client,
+        experiment_id,
+        study_key(study_name),
+        definition_fingerprint(space),
+        f"study {study_name!r}",
+    )
+    if done is not None:  # the study is over: report it (and register its best) without Ray
+        print(
+            f"study {study_name!r}: completed before (MLflow run {done.info.run_id}), not run again"
+        )
+        return conclude(space, checked, study_name, done.info.run_id, optuna_storage, promote)
     init_ray(address)
     check_resources(**checked.request)
     concurrency = max_concurrent_trials(space, checked.probe, ray.cluster_resources())
@@ -235,7 +249,6 @@ def _run_study(
         parent_run_id=parent_run_id,
         extra_tags=tags,
     )
-    client = tracking.client(ctx.tracking_uri)
 
     # the tuner: a new one, or the interrupted study's restored
     tuner = build_tuner(
@@ -277,28 +290,7 @@ def _run_study(
                 f"study {study_name!r} interrupted; run the same command to resume it",
                 session.signum,
             )
-        summary = summarise(
-            client,
-            ctx.parent_run_id,
-            client.get_run(ctx.parent_run_id).info.experiment_id,
-            study_name,
-            metric=space.study.metric,
-            mode=space.study.mode,
-            searched=list(space.parameters),
-            optuna_storage=optuna_storage,
-            tracking_uri=ctx.tracking_uri,
-        )
-        summary["data_root"] = str(checked.probe.data.root)
-        summary["study_run_id"] = ctx.parent_run_id
-        if promote and summary.get("best_run_id"):
-            summary["promotion"] = promote_run(
-                summary["best_run_id"],
-                space.study.register_as,
-                tracking_uri=ctx.tracking_uri,
-                metric=space.study.metric,
-                mode=space.study.mode,
-                context={"study": study_name, "trial": summary["best_trial_id"]},
-            )
+        summary = conclude(space, checked, study_name, ctx.parent_run_id, optuna_storage, promote)
         status = "FINISHED"
         return summary
     except StudyStopped:  # its trials resume with the same command, as after Ctrl-C
@@ -318,6 +310,47 @@ def _run_study(
         tracking.terminate_run(client, ctx.parent_run_id, status)
 
 
+def study_key(study_name: str) -> str:
+    """The key of a study's MLflow run."""
+    return f"study/{study_name}"
+
+
+def conclude(
+    space: SearchSpace,
+    checked: Checked,
+    study_name: str,
+    study_run_id: str,
+    optuna_storage: str,
+    promote: bool,
+) -> dict[str, Any]:
+    """The summary of a study whose trials have all ended, and its best trial registered."""
+    client = tracking.client(checked.tracking_uri)
+    study = space.study
+    summary = summarise(
+        client,
+        study_run_id,
+        client.get_run(study_run_id).info.experiment_id,
+        study_name,
+        metric=study.metric,
+        mode=study.mode,
+        searched=list(space.parameters),
+        optuna_storage=optuna_storage,
+        tracking_uri=checked.tracking_uri,
+    )
+    summary["data_root"] = str(checked.probe.data.root)
+    summary["study_run_id"] = study_run_id
+    if promote and summary.get("best_run_id"):
+        summary["promotion"] = promote_run(
+            summary["best_run_id"],
+            study.register_as,
+            tracking_uri=checked.tracking_uri,
+            metric=study.metric,
+            mode=study.mode,
+            context={"study": study_name, "trial": summary["best_trial_id"]},
+        )
+    return summary
+
+
 def open_study(
     space: SearchSpace,
     checked: Checked,
@@ -334,7 +367,7 @@ def open_study(
     client = tracking.client(checked.tracking_uri)
     experiment = checked.probe.tracking.experiment
     experiment_id = tracking.get_or_create_experiment(client, experiment)
-    key, fingerprint = f"study/{study_name}", definition_fingerprint(space)
+    key, fingerprint = study_key(study_name), definition_fingerprint(space)
     study_run_id, _ = tracking.start_or_resume_run(  # a changed space is refused here
         client,
         experiment_id,

@@ -295,7 +295,7 @@ def budget_study(tiny_dataset, tmp_path: Path) -> None:
     assert cut.value == {m.step + 1: m.value for m in scores}[seen]
 
     again = run(home, *args)  # the same command: the study is over, nothing fails, nothing is added
-    assert "resuming study 'budget'" in again.stdout, again.stdout[-3000:]
+    assert "study 'budget': completed before" in again.stdout, again.stdout[-3000:]
     check_closed(client, home, "budget", trials=1, parent_status="FINISHED")
 
 
