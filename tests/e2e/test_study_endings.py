@@ -263,8 +263,9 @@ def budget_study(tiny_dataset, tmp_path: Path) -> None:
     folder.mkdir()
     home = folder / "home"
     # (long enough for an epoch while the other study's trial starts on the same two cores:
-    # on CI a 40 s budget once cut the trial before its first epoch)
-    space = write_space(folder, trials=1, epochs=200, study="  time_budget_s: 75")
+    # on CI a 40 s budget once cut the trial before its first epoch, when an epoch reached Tune
+    # up to 2 s after it ended; with the controller's 0.2 s poll, 55 s leaves 15 s more)
+    space = write_space(folder, trials=1, epochs=200, study="  time_budget_s: 55")
     args = (
         "tune",
         "--space",
