@@ -131,7 +131,8 @@ class StudySettings:
     # back) before it stops, resumable (`mg_ray.tune.watch`); null waits for ever.
     placement_timeout_s: float | None = 600
     # The study stops, resumable, when a local store it writes (checkpoints, MLflow, Optuna) has
-    # less free space than this (`mg_ray.tune.watch`); 0 never stops it.
+    # less free space than this, the checkpoints' folder than this plus the largest checkpoint so
+    # far (`mg_ray.tune.watch`); 0 turns the watch off.
     min_free_disk_mb: float = 100
     # Trials TPE draws at random before it models the results (Optuna's `n_startup_trials`);
     # null: Optuna's default, 10. A short search needs fewer for TPE to act at all.

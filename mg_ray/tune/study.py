@@ -261,7 +261,11 @@ def _run_study(
         index=SharedIndex.put(checked.probe.data, checked.index),
         callbacks=[
             ResourceWatch(checked.request, space.study.placement_timeout_s),
-            DiskWatch(study_folders(ctx, client), space.study.min_free_disk_mb),
+            DiskWatch(
+                study_folders(ctx, client),
+                space.study.min_free_disk_mb,
+                checkpoints=local_folder(ctx.train_storage),
+            ),
             *(callbacks or []),
         ],
     )

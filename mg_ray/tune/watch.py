@@ -16,7 +16,13 @@ back.
 Disk: `DiskWatch` reads the free space of the study's local stores (checkpoints, the MLflow
 store and its artifacts, the Optuna storage) as often, and stops the study the same way once one
 has less than `study.min_free_disk_mb`: before a checkpoint or a database write fails halfway,
-which would fail trials that only lacked space.
+which would fail trials that only lacked space. The checkpoints' folder must also hold the next
+checkpoint: once a trial has written one, it needs `study.min_free_disk_mb` plus the largest
+checkpoint of the study so far (a paper-size checkpoint, weights, best weights and SGD momentum,
+is about 440 MB: several times the default margin). A trial that fails (and would be retried)
+has the disk checked at once, so one that failed for lack of space stops the study, resumable,
+rather than retry into the same full disk. What is left: a study's first checkpoint, whose size
+is not known yet, is guarded by `study.min_free_disk_mb` alone.
 """
 
 from __future__ import annotations
@@ -102,23 +108,52 @@ class ResourceWatch(Watch):
 
 
 class DiskWatch(Watch):
-    """paths: local folders the study writes to (`local_folder` of its stores' URIs)."""
+    """paths: local folders the study writes to (`local_folder` of its stores' URIs);
+    checkpoints: the one of them that holds the trials' Train runs and their checkpoints."""
 
-    def __init__(self, paths: list[Path], min_free_mb: float):
-        self.paths, self.min_free_mb = paths, min_free_mb
+    def __init__(self, paths: list[Path], min_free_mb: float, checkpoints: Path | None = None):
+        self.paths, self.min_free_mb, self.checkpoints = paths, min_free_mb, checkpoints
+        self.largest_mb = 0.0  # the largest checkpoint seen (kept after Ray deletes it)
 
     def poll(self, now: float) -> None:
         self.check()
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
+        """A trial failed and Tune is about to start it again: if it failed for lack of space,
+        stop the study now (the trial resumes with the same command) rather than retry it into
+        the same full disk. (Not on `on_trial_error`: that trial has failed for good in Tune and
+        Optuna, and stays failed.)"""
+        self.check()
+
     def check(self) -> None:
+        if not self.min_free_mb:  # study.min_free_disk_mb: 0 turns the watch off
+            return
+        if self.checkpoints is not None:
+            self.largest_mb = max(self.largest_mb, largest_checkpoint_mb(self.checkpoints))
         for path in self.paths:
             free_mb = shutil.disk_usage(existing(path)).free / 2**20
-            if free_mb < self.min_free_mb:
+            next_checkpoint = self.largest_mb if path == self.checkpoints else 0.0
+            if free_mb < self.min_free_mb + next_checkpoint:
+                needs = f"study.min_free_disk_mb ({self.min_free_mb:g})"
+                if next_checkpoint:
+                    needs += f" plus the largest checkpoint so far ({next_checkpoint:.0f} MB)"
                 raise DiskFull(
-                    f"{path}: {free_mb:.0f} MB free, under study.min_free_disk_mb "
-                    f"({self.min_free_mb:g}); the study stops. Free some space and run the same "
-                    "command to resume it."
+                    f"{path}: {free_mb:.0f} MB free, under {needs}; the study stops. Free some "
+                    "space and run the same command to resume it."
                 )
+
+
+def largest_checkpoint_mb(train_runs: Path) -> float:
+    """The size of the largest `checkpoint_*` folder of the Train runs under `train_runs`, in MB
+    (a folder being written counts what it has so far)."""
+    largest = 0
+    for folder in train_runs.glob("*/checkpoint_*"):
+        try:
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        except OSError:  # Ray deleted it meanwhile
+            continue
+        largest = max(largest, size)
+    return largest / 2**20
 
 
 def local_folder(uri: str) -> Path | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from mg_ray.tune.trial_state import RUN_STATUS
+from mg_ray.tune.watch import largest_checkpoint_mb
 from tests.e2e.helpers import (
     cli_env,
     command,
@@ -428,9 +429,12 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
     assert "resuming study 'stopped-by-signal'" in second.read_text()
     check_interrupted(client, home, second, run_id)
 
-    if disk is not None:  # the disk fills up (to 25 MB free): one line naming it, exit 2
+    if disk is not None:  # the disk fills up: one line naming it, exit 2
+        # free space over study.min_free_disk_mb (50), but not for that plus one more checkpoint
+        train_storage = home / "ray_results" / "stopped-by-signal_train"
+        largest = largest_checkpoint_mb(train_storage)
         filler = disk / "filler"
-        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 25 * 2**20))
+        filler.write_bytes(b"\0" * int(shutil.disk_usage(disk).free - (50 + largest / 2) * 2**20))
         full = subprocess.run(
             command(*args),
             check=False,
@@ -440,9 +444,11 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
             timeout=300,
         )
         assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
-        train_storage = home / "ray_results" / "stopped-by-signal_train"
         assert f"{train_storage}: " in full.stderr, full.stderr[-3000:]
-        assert "MB free, under study.min_free_disk_mb (50); the study stops" in full.stderr
+        assert (
+            "MB free, under study.min_free_disk_mb (50) plus the largest checkpoint so far "
+            f"({largest:.0f} MB); the study stops"
+        ) in full.stderr, full.stderr[-3000:]
         [child] = check_closed(
             client, home, "stopped-by-signal", trials=1, parent_status="KILLED"
         ).values()

@@ -77,8 +77,40 @@ def test_a_store_short_of_space_stops_the_study_naming_its_folder(tmp_path):
     assert str(full.value).startswith(f"{store}: ")
     assert "under study.min_free_disk_mb (1e+12); the study stops" in str(full.value)
 
+    with pytest.raises(DiskFull):  # a trial that failed (to be retried): the disk is checked
+        DiskWatch([store], min_free_mb=1e12).on_trial_recover(0, [], trial=None)
+
     assert local_folder(f"sqlite:///{tmp_path}/mlflow.db") == tmp_path
     assert local_folder(f"file://{tmp_path}/mlartifacts") == tmp_path / "mlartifacts"
     assert local_folder(str(tmp_path / "ray_results")) == tmp_path / "ray_results"
     assert local_folder("http://127.0.0.1:5000") is None
     assert local_folder("s3://bucket/results") is None
+
+
+def test_the_checkpoints_folder_must_also_hold_the_largest_checkpoint_so_far(tmp_path):
+    """Once a trial has written a checkpoint, the next needs as much again: a paper-size one is
+    several times the default margin. (A sparse file: its size counts, not the disk it uses.)"""
+    import shutil
+
+    from mg_ray.tune.watch import DiskFull, DiskWatch, largest_checkpoint_mb
+
+    train_runs = tmp_path / "quick_train"
+    checkpoint = train_runs / "quick_abc" / "checkpoint_2026-12-07_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (train_runs / "quick_abc" / "checkpoint_manager_snapshot.json").write_text("{}")
+    with open(checkpoint / "checkpoint.pt", "wb") as f:
+        f.truncate(2000 * 2**20)
+    assert largest_checkpoint_mb(train_runs) == 2000
+    assert largest_checkpoint_mb(tmp_path / "none-yet") == 0
+
+    # a margin 1000 MB under the free space: enough alone, not with the next checkpoint
+    margin = max(1.0, shutil.disk_usage(tmp_path).free / 2**20 - 1000)  # (0: no watch)
+    DiskWatch([train_runs], margin).check()  # other stores: the margin alone
+    watch = DiskWatch([train_runs], margin, checkpoints=train_runs)
+    with pytest.raises(
+        DiskFull, match=r"plus the largest checkpoint so far \(2000 MB\); the study"
+    ):
+        watch.check()
+    shutil.rmtree(checkpoint)  # Ray keeps a few checkpoints: one it deleted still counts
+    with pytest.raises(DiskFull):
+        watch.check()
