@@ -2,7 +2,8 @@
 exactly those processes.
 
 Runs against a temporary MG_RAY_HOME and free ports, so it collides with no other stack on the
-machine. Ray head start-up dominates its time.
+machine. A stack's start takes about 15 s: one stack serves the authentication, `ray job stop`
+and stop.sh checks; the README's section starts its own, as written.
 """
 
 from __future__ import annotations
@@ -133,8 +134,18 @@ def stack(tmp_path):
         shutil.rmtree(stack.ray_temp, ignore_errors=True)
 
 
-def test_local_stack_starts_authenticates_and_stops(stack):
+def test_local_stack_authenticates_takes_a_stopped_job_and_stops(stack, tiny_dataset, tmp_path):
+    """One stack serves the three checks (each stack start takes about 15 s): token auth on
+    loopback, a study job stopped with `ray job stop` and submitted again, and stop.sh ending
+    exactly the stack's processes."""
     ray_pgid, mlflow_pgid = stack.pid("ray-head.pid"), stack.pid("mlflow.pid")
+    ours = check_authentication(stack, ray_pgid, mlflow_pgid)
+    ray_job_stop_interrupts_the_study_and_resubmitting_resumes_it(stack, tiny_dataset, tmp_path)
+    check_stop(stack, ray_pgid, mlflow_pgid, ours)
+
+
+def check_authentication(stack, ray_pgid: int, mlflow_pgid: int) -> set[int]:
+    """The stack's processes (returned), MLflow on loopback, Ray's job API behind the token."""
     ours = group_pids(ray_pgid) | group_pids(mlflow_pgid)
     assert ray_pgid in ours and mlflow_pgid in ours
 
@@ -178,7 +189,11 @@ def test_local_stack_starts_authenticates_and_stops(stack):
     # A second start is a no-op.
     again = stack.run("start.sh")
     assert again.returncode == 0 and "already running" in again.stdout
+    return ours
 
+
+def check_stop(stack, ray_pgid: int, mlflow_pgid: int, ours: set[int]) -> None:
+    """stop.sh ends the stack's processes (`ours`) and frees its ports; twice is harmless."""
     stopped = stack.run("stop.sh", timeout=90)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     deadline = time.monotonic() + 10
@@ -307,9 +322,9 @@ def test_readme_cluster_section_verbatim(tmp_path, tiny_dataset):
     assert not any(port_open(stack.ports[name]) for name in ("RAY", "DASHBOARD", "MLFLOW"))
 
 
-def test_ray_job_stop_interrupts_the_study_and_resubmitting_resumes_it(
+def ray_job_stop_interrupts_the_study_and_resubmitting_resumes_it(
     stack, tiny_dataset, tmp_path
-):
+) -> None:
     """`ray job stop` (SIGTERM to the job's driver, SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, which
     the README's submit raises to 60 s) is an interruption: the job ends STOPPED, the study run
     KILLED, its trial `interrupted`, nothing registered; the same job submitted again resumes the
