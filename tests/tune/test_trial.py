@@ -11,83 +11,27 @@ from mg_ray.train.config import load_config
 pytestmark = pytest.mark.slow
 
 
-def _reports_three_checkpoints(config):
+def _reports_checkpoints_and_what_data_build_gets(config):
+    """Three epochs' checkpoints (rank 0's), then what Ray Train says it holds, and what
+    `Data.build` gets from the index the driver put in the object store."""
     import tempfile
     from pathlib import Path
 
-    import ray.train
-
-    for epoch in range(3):
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "checkpoint.pt").write_text(str(epoch))
-            ray.train.report(
-                {"epoch": epoch, "val_top1": 0.1 * epoch},
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-            )
-    reported = ray.train.get_all_reported_checkpoints()
-    ray.train.report(
-        {
-            "epoch": 3,
-            "reported": len(reported),
-            "reported_epochs": [c.metrics["epoch"] for c in reported],
-        }
-    )
-
-
-def _trial(config):
-    """What `mg_ray.tune.trial.run_trial` does, with a loop that asks Ray Train for every
-    checkpoint it reported."""
-    import ray.train
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mg_ray.train.trainer import build_trainer
-
-    cfg = load_config(
-        "small",
-        {"resources.num_workers": 1, "resources.cpus_per_worker": 0.5, "tracking.experiment": "t"},
-    )
-    build_trainer(
-        cfg,
-        name=f"t_{tune.get_context().get_trial_id()}",
-        storage_path=config["storage"],
-        tracking_uri=config["uri"],
-        run_id=config["run_id"],
-        callbacks=[TuneReportCallback()],
-        train_loop=_reports_three_checkpoints,
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-    ).fit()
-
-
-def test_get_all_reported_checkpoints_inside_a_trial_returns_every_epochs_checkpoint(
-    ray_cluster, tmp_path
-):
-    from ray import tune
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking.client(uri)
-    run_id, _ = tracking.start_or_resume_run(
-        client, tracking.get_or_create_experiment(client, "t"), "trial"
-    )
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": 0.1}),
-        param_space={"storage": str(tmp_path / "train"), "uri": uri, "run_id": run_id},
-        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
-    )
-    [result] = tuner.fit()
-    assert result.error is None, result.error
-    assert result.metrics["reported"] == 3 and result.metrics["reported_epochs"] == [0, 1, 2]
-    # and the controller logged each epoch into the trial's MLflow run, through its UserCallback
-    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0, 1, 2]
-
-
-def _reports_what_data_build_gets(config):
     import ray.train
     import torch
 
     from mg_ray.train.loop import Data
 
     ctx = ray.train.get_context()
+    for epoch in range(3):
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "checkpoint.pt").write_text(str(epoch))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(
+                {"epoch": epoch, "val_top1": 0.1 * epoch},
+                checkpoint=checkpoint if ctx.get_world_rank() == 0 else None,
+            )
+    reported = ray.train.get_all_reported_checkpoints()
     data = Data.build(
         config["experiment"],
         ctx.get_world_rank(),
@@ -98,6 +42,9 @@ def _reports_what_data_build_gets(config):
     keypoint = data.index.splits["train"][0].keypoint
     ray.train.report(
         {
+            "epoch": 3,
+            "reported": len(reported),
+            "reported_epochs": [c.metrics["epoch"] for c in reported],
             "shared": not keypoint.flags.writeable,  # mapped from the object store, read-only
             "train": len(data.train_set),
             "val": len(data.val_set),
@@ -106,8 +53,10 @@ def _reports_what_data_build_gets(config):
     )
 
 
-def _trial_with_a_shared_index(config, index):
-    """What `run_trial` does with the study's index: hand it on to the workers."""
+def _trial(config, index):
+    """What `mg_ray.tune.trial.run_trial` does, the study's index included (handed on to the
+    workers), with a loop that asks Ray Train for every checkpoint it reported."""
+    import ray.train
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -125,22 +74,27 @@ def _trial_with_a_shared_index(config, index):
     )
     build_trainer(
         cfg,
-        name=f"s_{tune.get_context().get_trial_id()}",
+        name=f"t_{tune.get_context().get_trial_id()}",
         storage_path=config["storage"],
         tracking_uri=config["uri"],
         run_id=config["run_id"],
         callbacks=[TuneReportCallback()],
         index=index if cfg.data.index_source() == index.source else None,
-        train_loop=_reports_what_data_build_gets,
+        train_loop=_reports_checkpoints_and_what_data_build_gets,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
     ).fit()
 
 
-def test_every_worker_of_a_trial_reads_the_drivers_index_from_the_object_store(
+def test_inside_a_trial_ray_train_holds_every_checkpoint_and_workers_read_the_drivers_index(
     ray_cluster, tmp_path, tiny_dataset
 ):
-    """The study's driver loads the dataset's index once (`preflight`) and puts it in the object
-    store; through Tune's trial and Ray Train's controller every worker gets that one index,
-    read-only, for all its splits, instead of parsing the annotation files itself."""
+    """One trial (each trial start takes seconds) serves two checks:
+
+    - `ray.train.get_all_reported_checkpoints()` inside a trial returns every epoch's checkpoint,
+      and the controller logs each epoch into the trial's MLflow run, through its UserCallback;
+    - the study's driver loads the dataset's index once (`preflight`) and puts it in the object
+      store; through Tune's trial and Ray Train's controller every worker gets that one index,
+      read-only, for all its splits, instead of parsing the annotation files itself."""
     from ray import tune
 
     from mg_ray.data import DataConfig, index_for
@@ -155,9 +109,7 @@ def test_every_worker_of_a_trial_reads_the_drivers_index_from_the_object_store(
     shared = SharedIndex.put(data, index_for(data))
     assert not shared.serves(DataConfig(root=tiny_dataset, annotation_file="other.pkl"))
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(_trial_with_a_shared_index, index=shared), {"cpu": 0.1}
-        ),
+        tune.with_resources(tune.with_parameters(_trial, index=shared), {"cpu": 0.1}),
         param_space={
             "storage": str(tmp_path / "train"),
             "uri": uri,
@@ -168,6 +120,8 @@ def test_every_worker_of_a_trial_reads_the_drivers_index_from_the_object_store(
     )
     [result] = tuner.fit()
     assert result.error is None, result.error
+    assert result.metrics["reported"] == 3 and result.metrics["reported_epochs"] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "val_top1")] == [0, 1, 2]
     index = index_for(data)
     assert result.metrics["shared"] and result.metrics["same_index"]
     assert result.metrics["train"] == len(index.split("train"))
