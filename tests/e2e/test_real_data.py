@@ -86,6 +86,7 @@ def test_raw_release_and_miga_pickles_train_and_an_unlabeled_split_gets_a_submis
         str(miga),
         "--split",
         "test",
+        "--serial",  # (Ray Data's path for a split: tests/e2e/test_serving.py)
         "--submission",
         str(out),
     )
