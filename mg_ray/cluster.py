@@ -14,6 +14,8 @@ import shutil
 import signal
 import threading
 
+from mg_ray import ray_env
+
 
 class ResourceError(RuntimeError):
     """The cluster cannot run what was asked: raised before anything waits on resources."""
@@ -51,6 +53,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        ray_env.apply_defaults(ray_env.LOCAL_CLUSTER)  # inherited by the cluster's processes
         ray.init(
             address="local",
             num_cpus=num_cpus,

@@ -47,11 +47,31 @@ TRAIN_RUN: dict[str, tuple[str, str]] = {
             "how often the Train controller polls its workers (Ray Train's default: 2 s). A "
             "worker's `ray.train.report` waits for that poll and the controller handles a report "
             "only then, so the default adds up to 2 s to every epoch and several to a run's end, "
-            "more than short epochs train (`benchmarks/bench_train_poll.py` measures both "
+            "more than short epochs train (`benchmarks/bench_train_env.py` measures both "
             "settings side by side). A poll is one small call per worker. Ray Train reads the "
             "variable from the environment and forwards it to the controller (its constants' "
             "environment-variable section); its docs do not list it: without it, runs are only "
             "slower."
+        ),
+    ),
+}
+
+
+# The process that starts a private local cluster (`mg_ray.cluster.init_ray` without an address),
+# before it does: the cluster's processes (trial actors, Train controllers) inherit them.
+LOCAL_CLUSTER: dict[str, tuple[str, str]] = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": (
+        "0",
+        (
+            "Ray Train starts one more actor process per worker group to watch for node drains "
+            "(a spot instance's reclaim), for `ray.train.get_preemption_info`, which mg-ray's "
+            "loop does not call. A private local cluster is one node that nothing drains; "
+            "without the watcher a short run trains faster "
+            "(`benchmarks/bench_train_env.py --compare preemption-watcher`). A node lost "
+            "without a drain is a worker-group failure either way (`resources.max_failures`). "
+            "Like the poll interval, a variable Ray Train reads and forwards to its controller "
+            "(its constants' environment-variable section), not listed in its docs. Clusters "
+            "joined with an address keep Ray's default."
         ),
     ),
 }
