@@ -226,7 +226,7 @@ def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path
         # A node lost for good: the study stops after its placement_timeout_s with one line,
         # resumable; once a node joins, the same command completes it.
         lost = SPACE.replace(
-            "register_as: multinode-model", "register_as: mn-lost\n  placement_timeout_s: 15"
+            "register_as: multinode-model", "register_as: mn-lost\n  placement_timeout_s: 5"
         )
         proc, log = study("mn-lost", lost)
         with ending(proc):
@@ -235,7 +235,7 @@ def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path
             assert proc.wait(timeout=300) == 2, log.read_text()[-8000:]
         text = log.read_text()
         assert "each trial of study 'mn-lost' needs 1.85 CPUs" in text, text[-4000:]
-        assert "(study.placement_timeout_s: 15); the study stops" in text, text[-4000:]
+        assert "(study.placement_timeout_s: 5); the study stops" in text, text[-4000:]
         new_node("node4.log")
         wait_for_cpus(env, address, 2, tmp_path / "node4.log")
         proc, log = study("mn-lost", lost)
