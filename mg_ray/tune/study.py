@@ -235,7 +235,9 @@ def _run_study(
         print(
             f"study {study_name!r}: completed before (MLflow run {done.info.run_id}), not run again"
         )
-        return conclude(space, checked, study_name, done.info.run_id, optuna_storage, promote)
+        return conclude(
+            client, space, checked, study_name, done.info.run_id, optuna_storage, promote
+        )
     init_ray(address)
     check_resources(**checked.request)
     concurrency = max_concurrent_trials(space, checked.probe, ray.cluster_resources())
@@ -294,7 +296,9 @@ def _run_study(
                 f"study {study_name!r} interrupted; run the same command to resume it",
                 session.signum,
             )
-        summary = conclude(space, checked, study_name, ctx.parent_run_id, optuna_storage, promote)
+        summary = conclude(
+            client, space, checked, study_name, ctx.parent_run_id, optuna_storage, promote
+        )
         status = "FINISHED"
         return summary
     except StudyStopped:  # its trials resume with the same command, as after Ctrl-C
@@ -320,6 +324,7 @@ def study_key(study_name: str) -> str:
 
 
 def conclude(
+    client,
     space: SearchSpace,
     checked: Checked,
     study_name: str,
@@ -327,8 +332,8 @@ def conclude(
     optuna_storage: str,
     promote: bool,
 ) -> dict[str, Any]:
-    """The summary of a study whose trials have all ended, and its best trial registered."""
-    client = tracking.client(checked.tracking_uri)
+    """The summary of a study whose trials have all ended, and its best trial registered
+    (`client`: the study driver's MLflow client)."""
     study = space.study
     summary = summarise(
         client,
