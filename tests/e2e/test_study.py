@@ -348,14 +348,22 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     study_page = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90)
-        dom = dump_dom(chromium, home, url)
-        page = dump_dom(chromium, home, study_page)
-        artifact = dump_dom(chromium, home, f"{study_page}/artifacts/study/optuna_plots.html")
+        # Each page is dumped again (at most three times) until what it is checked for has
+        # rendered: on a loaded machine the UI may still be fetching when the dump is taken.
+        dom = dump_dom(chromium, home, url, until='col-id="metrics.`best_val_top1`"')
+        page = dump_dom(chromium, home, study_page, until="Best trial")
+        artifact = dump_dom(
+            chromium,
+            home,
+            f"{study_page}/artifacts/study/optuna_plots.html",
+            until="mlflow-html-iframe",
+        )
         model_id = client.get_run(best_run_id).outputs.model_outputs[0].model_id
         model_page = dump_dom(
             chromium,
             home,
             f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/models/{model_id}",
+            until="#/models/tiny-model/versions/1",
         )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -382,30 +390,35 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     assert drawn.count("js-plotly-plot") >= 2 and "parcoords" in drawn, drawn[:2000]
 
 
-def dump_dom(chromium: str, home: Path, url: str) -> str:
-    """The DOM of `url` once headless Chromium has run its scripts (20 s of virtual time)."""
-    return subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--window-size=2400,1400",  # wide: the runs table renders only the columns in view
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={home / 'chromium'}",
-            "--virtual-time-budget=20000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    ).stdout
+def dump_dom(chromium: str, home: Path, url: str, until: str = "", tries: int = 3) -> str:
+    """The DOM of `url` once headless Chromium has run its scripts (20 s of virtual time),
+    taken again, up to `tries` times, while it lacks `until`; the last dump is returned."""
+    for _ in range(tries):
+        dom = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--window-size=2400,1400",  # wide: the runs table renders only the columns in view
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={home / 'chromium'}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        ).stdout
+        if until in dom:
+            break
+    return dom
 
 
 def check_optuna_dashboard(
