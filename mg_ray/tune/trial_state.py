@@ -268,13 +268,18 @@ def wait_for_train_actors_to_end(timeout_s: float = 60.0) -> None:
     actors, which own them: they end a moment later), through Ray's State API. When the State API
     does not answer (a Ctrl-C in the terminal of a local cluster reaches its dashboard too), there
     is nothing to wait for: the local cluster ends with this process."""
-    job_id = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    job_id = context.get_job_id()
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             alive = [
                 a
                 for a in list_actors(
+                    # this cluster's, by address: without one, the State API looks for "the"
+                    # cluster on this host, and another one running here (a second study's, a
+                    # `ray start` cluster) makes that fail, or answer for the wrong cluster
+                    address=context.gcs_address,
                     filters=[("job_id", "=", job_id), ("state", "=", "ALIVE")],
                     limit=10_000,
                     timeout=5,
