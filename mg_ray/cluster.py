@@ -9,10 +9,13 @@ Once connected, SIGTERM raises `Terminated`, an interruption like Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import threading
+from collections.abc import Iterator
 
 from mg_ray import ray_env
 
@@ -54,17 +57,54 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray_env.apply_defaults(ray_env.LOCAL_CLUSTER)  # inherited by the cluster's processes
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
+        dashboard_port = local_dashboard_port()
+        # The cluster's processes find its State API through RAY_API_SERVER_ADDRESS (Ray's
+        # documented variable for the dashboard's address), set while Ray starts them, whatever
+        # it was: what in them asks the State API without an address, as Ray Train's
+        # placement-group cleaner does, otherwise looks for "the" cluster on this host. With
+        # another cluster here (a second study's, a `ray start` one) that fails and the cleaner
+        # ends: the CPUs of each trial ASHA stops then stay held by its dead controller's
+        # placement group, and the next trial waits for them forever. (This process's own
+        # environment is given back: the variable overrides any address given to Ray's job and
+        # State clients, and this process may talk to other clusters.)
+        with environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}"):
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                log_to_driver=True,
+            )
     # A Ray driver turns SIGTERM into sys.exit(15) (ray.init installs that handler), which code
     # that closes runs on an interruption does not catch: make it one (Terminated).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, raise_terminated)
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """`values` in os.environ meanwhile; what was there before is put back."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def local_dashboard_port(default: int = 8265) -> int:
+    """Ray's default dashboard port when it is free on 127.0.0.1, else a free one."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", default))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def local_resources() -> dict[str, float]:

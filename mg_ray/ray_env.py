@@ -58,7 +58,9 @@ TRAIN_RUN: dict[str, tuple[str, str]] = {
 
 
 # The process that starts a private local cluster (`mg_ray.cluster.init_ray` without an address),
-# before it does: the cluster's processes (trial actors, Train controllers) inherit them.
+# before it does: the cluster's processes (trial actors, Train controllers) inherit them. (There
+# `init_ray` also sets RAY_API_SERVER_ADDRESS, to the cluster's own dashboard: a value it
+# computes, and one no user setting may replace; its reason is written there.)
 LOCAL_CLUSTER: dict[str, tuple[str, str]] = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": (
         "0",

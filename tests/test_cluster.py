@@ -115,3 +115,54 @@ def test_gpus_per_worker_is_a_share_of_one_gpu():
 
     with pytest.raises(ConfigError, match="gpus_per_worker.*\\(0, 1\\]"):
         ResourcesConfig(gpus_per_worker=2).validate()
+
+
+# A second local cluster on this host, as another study's driver starts one; it ends with its
+# standard input.
+OTHER_CLUSTER = (
+    "import sys, ray; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+    "print('up', flush=True); sys.stdin.read(); ray.shutdown()"
+)
+
+
+@pytest.mark.slow
+def test_a_private_clusters_processes_reach_its_own_state_api_beside_another_cluster():
+    """Ray Train's placement-group cleaner asks the State API, with no address, whether its
+    Train controller still lives; with a second cluster on the host that call fails unless the
+    cluster's processes know their own dashboard (`init_ray`), and the CPUs of every trial ASHA
+    stops stay held. Asked here the same way, from an actor of a private cluster started while
+    another cluster runs. The driver's own environment is given back."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    from mg_ray.cluster import init_ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def my_state(self) -> str:
+            from ray.util.state import get_actor
+
+            me = ray.get_runtime_context().get_actor_id()
+            return get_actor(me, timeout=30).state  # no address, as the cleaner asks
+
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_CLUSTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+        init_ray(num_cpus=1)
+        try:
+            assert ray.get(Probe.remote().my_state.remote(), timeout=120) == "ALIVE"
+        finally:
+            ray.shutdown()
+        assert os.environ.get("RAY_API_SERVER_ADDRESS") == before
+    finally:
+        other.communicate(input="", timeout=120)

@@ -181,8 +181,12 @@ fi
 echo "starting Ray head: GCS 127.0.0.1:$RAY_PORT, dashboard/jobs $RAY_DASHBOARD_URL (log: $RAY_LOG, Ray logs: $RAY_TEMP_DIR/session_latest/logs)"
 : >"$RAY_LOG"
 # Inherited by every job driver and worker on this node: outputs go to the stack's locations.
-# No drain on SIGTERM (it waits up to 30 s for Serve replicas; there are none here).
+# No drain on SIGTERM (it waits up to 30 s for Serve replicas; there are none here). RAY_ADDRESS:
+# what in the cluster's processes asks Ray's State API without an address (Ray Train's
+# placement-group cleaner, which frees the CPUs of a trial ASHA stopped) finds this cluster,
+# not "the" cluster of this host, which fails while another one runs here (a private study's).
 MG_RAY_HOME="$MG_RAY_HOME" MLFLOW_TRACKING_URI="$MLFLOW_URL" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
+    RAY_ADDRESS="127.0.0.1:$RAY_PORT" \
     start_detached "$RAY_PID_FILE" "$RAY_LOG" ray "${ray_args[@]}"
 
 # --- readiness ------------------------------------------------------------------------------------

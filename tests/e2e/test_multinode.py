@@ -136,14 +136,20 @@ def test_a_study_on_two_nodes_spreads_each_trials_workers(tiny_dataset, tmp_path
     ray_temp = Path(f"/tmp/mgr-{secrets.token_hex(4)}")  # Ray's unix sockets: keep the path short
     token = tmp_path / "ray_token"
     token.write_text(secrets.token_hex(32))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
     env = {
         **cli_env(home),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # The cluster's own address, for what in its processes finds "the" cluster through the
+        # State API without one: Ray Train's placement-group cleaner, which frees the workers'
+        # CPUs when a lost node took a trial's controller with it. The suite may run another
+        # test's local cluster on this host meanwhile, and then, with no address, the cleaner
+        # fails ("Found multiple active Ray instances"). One host per node has one cluster.
+        "RAY_ADDRESS": address,
     }
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     ray = [
         sys.executable,
         "-m",

@@ -128,6 +128,10 @@ def test_inside_a_trial_ray_train_holds_every_checkpoint_and_workers_read_the_dr
     assert result.metrics["val"] == len(index.split("val"))
     # On a private local cluster Ray Train starts no preemption watcher (`ray_env.LOCAL_CLUSTER`):
     # the State API lists dead actors too, so none means none was ever started.
+    import ray
     from ray.util.state import list_actors
 
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], timeout=30)
+    this_cluster = ray.get_runtime_context().gcs_address  # not another test's, running beside it
+    assert not list_actors(
+        address=this_cluster, filters=[("class_name", "=", "PreemptionWatcher")], timeout=30
+    )
