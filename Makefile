@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 study: setup
 	$(PY) jobs/tune.py --space search_spaces/quick.yaml
 
+# Two test processes, each module whole in one, the longest first (tests/conftest.py).
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # On a CUDA machine with the project installed in $(VENV) (no setup here: such a machine may have
 # no package index); without CUDA it says so and exits 2.

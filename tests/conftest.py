@@ -28,6 +28,33 @@ TINY_SETTINGS = {
 }
 
 
+# `make test` runs the suite in two processes (pytest-xdist: `-n 2 --dist loadfile`, each module
+# whole in one process, so that its module-scoped runs and clusters are made once). An
+# end-to-end test leaves one of the two cores idle for about a third of its time, mostly while
+# Ray starts a trial's processes one after another, each importing torch; the other process
+# uses it. A process takes the next module in collection order when it is nearly done with its
+# own, so the end-to-end modules go first, the longest first (their seconds in the clean-clone
+# CI of 0e05207, run one after another): the two processes then end close together.
+LONGEST_FIRST = [
+    "tests/e2e/test_study_endings.py",  # 400 s
+    "tests/e2e/test_pipeline.py",  # 290 s
+    "tests/e2e/test_multinode.py",  # 189 s
+    "tests/infra/test_local_stack.py",  # 162 s
+    "tests/e2e/test_study.py",  # 110 s
+    "tests/e2e/test_real_data.py",  # 95 s
+    "tests/e2e/test_train.py",  # 90 s
+    "tests/e2e/test_serving.py",  # 55 s
+    "tests/tune/test_trial.py",  # 40 s
+]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: the order does not matter
+        return
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("mg_ray_home")
