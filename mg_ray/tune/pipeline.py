@@ -121,8 +121,15 @@ def _run_pipeline(
         for stage, spec in pipeline.stages.items():
             study = stage_study(name, stage)
             init_runs = {stream: best[source].info.run_id for stream, source in spec.init.items()}
-            stage_run = tracking.find_run(client, experiment_id, study_key(study))
-            if stage_run is not None and stage_run.info.status == "FINISHED":
+            stage_space = pipeline.stage_space(stage, init_runs)
+            stage_run = tracking.finished_run(  # the rule `run_study` skips a study by
+                client,
+                experiment_id,
+                study_key(study),
+                definition_fingerprint(stage_space),
+                f"study {study!r}",
+            )
+            if stage_run is not None:
                 print(f"stage {stage}: completed before (study {study!r}), not run again")
                 summary["stages"][stage] = {
                     "study": study,
@@ -135,7 +142,7 @@ def _run_pipeline(
                     + (f", initialised from {init_runs}" if init_runs else "")
                 )
                 summary["stages"][stage] = run_study(
-                    pipeline.stage_space(stage, init_runs),
+                    stage_space,
                     study_name=study,
                     storage_path=storage_path,
                     promote=False,

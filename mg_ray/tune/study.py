@@ -242,6 +242,8 @@ def _run_study(
     check_resources(**checked.request)
     concurrency = max_concurrent_trials(space, checked.probe, ray.cluster_resources())
     ctx = open_study(
+        client,
+        experiment_id,
         space,
         checked,
         study_name=study_name,
@@ -361,6 +363,8 @@ def conclude(
 
 
 def open_study(
+    client,
+    experiment_id: str,
     space: SearchSpace,
     checked: Checked,
     *,
@@ -372,10 +376,8 @@ def open_study(
     extra_tags: dict[str, str] | None,
 ) -> StudyContext:
     """The study's MLflow run, opened (or reopened, on resume: a changed space is refused), and
-    the context every trial gets."""
-    client = tracking.client(checked.tracking_uri)
-    experiment = checked.probe.tracking.experiment
-    experiment_id = tracking.get_or_create_experiment(client, experiment)
+    the context every trial gets. `client`, `experiment_id`: the driver's, for the study's
+    experiment."""
     key, fingerprint = study_key(study_name), definition_fingerprint(space)
     study_run_id, _ = tracking.start_or_resume_run(  # a changed space is refused here
         client,
@@ -405,7 +407,7 @@ def open_study(
         base=checked.base,
         space=space,
         tracking_uri=checked.tracking_uri,
-        experiment=experiment,
+        experiment=checked.probe.tracking.experiment,
         parent_run_id=study_run_id,
         train_storage=str(storage / f"{study_name}_train"),
         optuna_storage=optuna_storage,
