@@ -10,10 +10,12 @@ Once connected, SIGTERM raises `Terminated`, an interruption like Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -57,29 +59,52 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray_env.apply_defaults(ray_env.LOCAL_CLUSTER)  # inherited by the cluster's processes
-        dashboard_port = local_dashboard_port()
-        # The cluster's processes find its State API through RAY_API_SERVER_ADDRESS (Ray's
-        # documented variable for the dashboard's address), set while Ray starts them, whatever
-        # it was: what in them asks the State API without an address, as Ray Train's
-        # placement-group cleaner does, otherwise looks for "the" cluster on this host. With
-        # another cluster here (a second study's, a `ray start` one) that fails and the cleaner
-        # ends: the CPUs of each trial ASHA stops then stay held by its dead controller's
-        # placement group, and the next trial waits for them forever. (This process's own
-        # environment is given back: the variable overrides any address given to Ray's job and
-        # State clients, and this process may talk to other clusters.)
-        with environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}"):
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                log_to_driver=True,
-            )
+        # The port is chosen before Ray binds it, so two drivers starting here at once could both
+        # pick 8265 and one dashboard would fail after a minute: they take turns (a host lock).
+        with host_lock("start-local-ray"):
+            start_local_ray(num_cpus)
     # A Ray driver turns SIGTERM into sys.exit(15) (ray.init installs that handler), which code
     # that closes runs on an interruption does not catch: make it one (Terminated).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    """Start a private local cluster with its dashboard (and State API) on loopback."""
+    import ray
+
+    dashboard_port = local_dashboard_port()
+    # The cluster's processes find its State API through RAY_API_SERVER_ADDRESS (Ray's
+    # documented variable for the dashboard's address), set while Ray starts them, whatever
+    # it was: what in them asks the State API without an address, as Ray Train's
+    # placement-group cleaner does, otherwise looks for "the" cluster on this host. With
+    # another cluster here (a second study's, a `ray start` one) that fails and the cleaner
+    # ends: the CPUs of each trial ASHA stops then stay held by its dead controller's
+    # placement group, and the next trial waits for them forever. (This process's own
+    # environment is given back: the variable overrides any address given to Ray's job and
+    # State clients, and this process may talk to other clusters.)
+    with environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}"):
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            log_to_driver=True,
+        )
+
+
+@contextlib.contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock shared by every process on this host (released if one dies)."""
+    path = os.path.join(tempfile.gettempdir(), f"mg-ray-{name}.lock")
+    # Read-only is enough for flock, and lets other users on the host open the same file.
+    handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 @contextlib.contextmanager

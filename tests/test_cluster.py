@@ -166,3 +166,45 @@ def test_a_private_clusters_processes_reach_its_own_state_api_beside_another_clu
         assert os.environ.get("RAY_API_SERVER_ADDRESS") == before
     finally:
         other.communicate(input="", timeout=120)
+
+
+# Holds the host lock `init_ray` takes around starting a local cluster, until its input ends.
+LOCK_HOLDER = (
+    "import sys; from mg_ray.cluster import host_lock\n"
+    "with host_lock('start-local-ray'):\n"
+    "    print('held', flush=True); sys.stdin.read()\n"
+)
+
+
+def test_local_clusters_on_one_host_start_one_at_a_time():
+    """Two drivers starting private clusters at once could both see Ray's dashboard port free
+    and pick it; one dashboard would then fail after a minute. Starting one is therefore done
+    under a host lock: while another process holds it, a second start waits."""
+    import subprocess
+    import sys
+    import threading
+
+    from mg_ray.cluster import host_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = threading.Event()
+
+        def take() -> None:
+            with host_lock("start-local-ray"):
+                got.set()
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        assert not got.wait(timeout=1.0)  # waits while the other process holds it
+        holder.stdin.close()
+        assert got.wait(timeout=30)  # and gets it once that process lets go
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
