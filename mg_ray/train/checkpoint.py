@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mg_ray.model_file import safe_load
+from mg_ray.model_file import build_from_spec, safe_load
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -80,6 +80,16 @@ def save_checkpoint(
         path,
     )
     return path
+
+
+def checkpoint_mb(spec: dict[str, Any]) -> float:
+    """About the size of a training checkpoint of the model `spec` describes, in MB, before one
+    is written: the model's weights, the best epoch's weights and SGD's momentum, three copies
+    of its float32 state (`save_checkpoint`; the optimiser's momentum covers the parameters, the
+    state also holds BatchNorm's buffers). Counted on a copy of the model built on the CPU and
+    dropped (PyTorch's meta device would allocate nothing, but its first use takes seconds)."""
+    state = sum(t.numel() * t.element_size() for t in build_from_spec(spec).state_dict().values())
+    return 3 * state / 2**20
 
 
 def restore_checkpoint(folder: Path, *, model, criterion, optimizer, scheduler) -> Resumed:

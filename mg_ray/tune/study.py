@@ -38,8 +38,10 @@ from mg_ray.config import apply_overrides, from_mapping, to_dict
 from mg_ray.data import DatasetIndex
 from mg_ray.data.check import ensure_dataset
 from mg_ray.data.video_io import dataset_fingerprint
+from mg_ray.model_file import model_spec
 from mg_ray.registry import promote_run
 from mg_ray.tracking import tags
+from mg_ray.train.checkpoint import checkpoint_mb
 from mg_ray.train.config import ExperimentConfig
 from mg_ray.train.loop import SharedIndex
 from mg_ray.tune import trial_state
@@ -269,6 +271,7 @@ def _run_study(
                 study_folders(ctx, client),
                 space.study.min_free_disk_mb,
                 checkpoints=local_folder(ctx.train_storage),
+                expected_checkpoint_mb=checkpoint_mb(study_model_spec(checked)),
             ),
             *(callbacks or []),
         ],
@@ -360,6 +363,14 @@ def conclude(
             context={"study": study_name, "trial": summary["best_trial_id"]},
         )
     return summary
+
+
+def study_model_spec(checked: Checked) -> dict[str, Any]:
+    """The model every trial trains: the searched values change no layer of it."""
+    probe, index = checked.probe, checked.index
+    return model_spec(
+        probe.model, probe.data, index.num_classes, probe.data.pose_channels(index.layout)
+    )
 
 
 def open_study(

@@ -17,12 +17,12 @@ Disk: `DiskWatch` reads the free space of the study's local stores (checkpoints,
 store and its artifacts, the Optuna storage) as often, and stops the study the same way once one
 has less than `study.min_free_disk_mb`: before a checkpoint or a database write fails halfway,
 which would fail trials that only lacked space. The checkpoints' folder must also hold the next
-checkpoint: once a trial has written one, it needs `study.min_free_disk_mb` plus the largest
-checkpoint of the study so far (a paper-size checkpoint, weights, best weights and SGD momentum,
-is about 440 MB: several times the default margin). A trial that fails (and would be retried)
-has the disk checked at once, so one that failed for lack of space stops the study, resumable,
-rather than retry into the same full disk. What is left: a study's first checkpoint, whose size
-is not known yet, is guarded by `study.min_free_disk_mb` alone.
+checkpoint: `study.min_free_disk_mb` plus the largest checkpoint of the study so far, or before
+the first, the size the study's model gives (`mg_ray.train.checkpoint.checkpoint_mb`; a
+paper-size checkpoint, weights, best weights and SGD momentum, is about 440 MB: several times
+the default margin). A trial that fails (and would be retried) has the disk checked at once, so
+one that failed for lack of space stops the study, resumable, rather than retry into the same
+full disk.
 """
 
 from __future__ import annotations
@@ -109,10 +109,19 @@ class ResourceWatch(Watch):
 
 class DiskWatch(Watch):
     """paths: local folders the study writes to (`local_folder` of its stores' URIs);
-    checkpoints: the one of them that holds the trials' Train runs and their checkpoints."""
+    checkpoints: the one of them that holds the trials' Train runs and their checkpoints, which
+    must also have room for one more checkpoint: the largest seen so far, or before any,
+    `expected_checkpoint_mb` (`mg_ray.train.checkpoint.checkpoint_mb` of the study's model)."""
 
-    def __init__(self, paths: list[Path], min_free_mb: float, checkpoints: Path | None = None):
+    def __init__(
+        self,
+        paths: list[Path],
+        min_free_mb: float,
+        checkpoints: Path | None = None,
+        expected_checkpoint_mb: float = 0.0,
+    ):
         self.paths, self.min_free_mb, self.checkpoints = paths, min_free_mb, checkpoints
+        self.expected_mb = expected_checkpoint_mb
         self.largest_mb = 0.0  # the largest checkpoint seen (kept after Ray deletes it)
 
     def poll(self, now: float) -> None:
@@ -130,13 +139,17 @@ class DiskWatch(Watch):
             return
         if self.checkpoints is not None:
             self.largest_mb = max(self.largest_mb, largest_checkpoint_mb(self.checkpoints))
+        if self.largest_mb:
+            next_checkpoint, which = self.largest_mb, "the largest checkpoint so far"
+        else:
+            next_checkpoint, which = self.expected_mb, "a checkpoint of the study's model"
         for path in self.paths:
             free_mb = shutil.disk_usage(existing(path)).free / 2**20
-            next_checkpoint = self.largest_mb if path == self.checkpoints else 0.0
-            if free_mb < self.min_free_mb + next_checkpoint:
+            needed = next_checkpoint if path == self.checkpoints else 0.0
+            if free_mb < self.min_free_mb + needed:
                 needs = f"study.min_free_disk_mb ({self.min_free_mb:g})"
-                if next_checkpoint:
-                    needs += f" plus the largest checkpoint so far ({next_checkpoint:.0f} MB)"
+                if needed:
+                    needs += f" plus {which} ({needed:.0f} MB)"
                 raise DiskFull(
                     f"{path}: {free_mb:.0f} MB free, under {needs}; the study stops. Free some "
                     "space and run the same command to resume it."

@@ -155,3 +155,26 @@ def test_only_checkpoints_ray_train_does_not_hold_are_unregistered(tmp_path):
     assert unregistered_checkpoints(run, [str(best), str(latest)]) == [orphan]
     assert unregistered_checkpoints(run, [best, orphan, latest]) == []
     assert unregistered_checkpoints(tmp_path / "missing", []) == []
+
+
+def test_the_expected_size_of_a_checkpoint_is_the_size_of_one_written(tmp_path):
+    """`checkpoint_mb` (what a study expects before its first checkpoint) against a
+    checkpoint written as the loop writes it: after a step of SGD with momentum, with a best."""
+    from mg_ray.model_file import build_from_spec
+    from mg_ray.train.checkpoint import checkpoint_mb
+
+    spec = {"preset": "small", "num_classes": K, "kwargs": {"rgb_frames": 4, "pose_frames": 8}}
+    run = build()
+    run["model"] = model = build_from_spec(spec)
+    run["criterion"] = TwoStreamCriterion(K, model.embed_dim, alpha=0.2, seed=0)
+    run["optimizer"] = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    run["scheduler"] = torch.optim.lr_scheduler.LambdaLR(run["optimizer"], lambda e: 1.0)
+    rgb, pose, labels = torch.rand(2, 3, 4, 64, 64), torch.rand(2, 17, 8, 16, 16), torch.arange(2)
+    run["criterion"](model(rgb, pose), labels)["loss"].backward()
+    run["optimizer"].step()
+    best = Best.of(0, 0.5, model, run["criterion"])
+    path = save_checkpoint(tmp_path, **run, epoch=0, best=best, metrics={"val_top1": 0.5})
+    written = path.stat().st_size / 2**20
+    # (3.04 MB written, 2.86 expected: the file also holds the prototypes, twice, and each
+    # tensor's framing, which count for more the smaller the model)
+    assert checkpoint_mb(spec) == pytest.approx(written, rel=0.1), written

@@ -114,3 +114,30 @@ def test_the_checkpoints_folder_must_also_hold_the_largest_checkpoint_so_far(tmp
     shutil.rmtree(checkpoint)  # Ray keeps a few checkpoints: one it deleted still counts
     with pytest.raises(DiskFull):
         watch.check()
+
+
+def test_before_any_checkpoint_the_checkpoints_folder_must_hold_one_of_the_studys_model(tmp_path):
+    """A study's first checkpoint is guarded too, by the size `checkpoint_mb` expects of its
+    model (a paper-size one is about 440 MB, over four times the default margin); the largest
+    checkpoint written replaces it once there is one."""
+    import shutil
+
+    from mg_ray.model_file import model_spec
+    from mg_ray.train.checkpoint import checkpoint_mb
+    from mg_ray.train.config import ExperimentConfig
+    from mg_ray.tune.watch import DiskFull, DiskWatch
+
+    paper = ExperimentConfig()
+    paper.model.preset = "paper"
+    # 38.7 M parameters of float32 (BatchNorm's buffers besides), three copies
+    assert checkpoint_mb(model_spec(paper.model, paper.data, 32, 17)) == pytest.approx(444, abs=2)
+
+    train_runs = tmp_path / "quick_train"
+    margin = max(1.0, shutil.disk_usage(tmp_path).free / 2**20 - 1000)
+    watch = DiskWatch([train_runs], margin, checkpoints=train_runs, expected_checkpoint_mb=2000)
+    with pytest.raises(DiskFull, match=r"plus a checkpoint of the study's model \(2000 MB\)"):
+        watch.check()
+    checkpoint = train_runs / "quick_abc" / "checkpoint_2026-12-07_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "checkpoint.pt").write_bytes(b"0" * 2**20)
+    watch.check()  # 1 MB written: the study's checkpoints are small after all
