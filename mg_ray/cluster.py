@@ -10,7 +10,6 @@ Once connected, SIGTERM raises `Terminated`, an interruption like Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -18,8 +17,9 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
-from mg_ray import ray_env
+from mg_ray import paths, ray_env
 
 
 class ResourceError(RuntimeError):
@@ -42,6 +42,10 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated(f"signal {signal.Signals(signum).name}")
 
 
+# Held while a driver starts a private local cluster (`init_ray`), by every mg-ray on this host.
+LOCAL_START_LOCK = Path(tempfile.gettempdir()) / "mg-ray-start-local-ray.lock"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address` / RAY_ADDRESS, or start a private local cluster.
 
@@ -61,7 +65,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray_env.apply_defaults(ray_env.LOCAL_CLUSTER)  # inherited by the cluster's processes
         # The port is chosen before Ray binds it, so two drivers starting here at once could both
         # pick 8265 and one dashboard would fail after a minute: they take turns (a host lock).
-        with host_lock("start-local-ray"):
+        with paths.exclusive(LOCAL_START_LOCK):
             start_local_ray(num_cpus)
     # A Ray driver turns SIGTERM into sys.exit(15) (ray.init installs that handler), which code
     # that closes runs on an interruption does not catch: make it one (Terminated).
@@ -92,19 +96,6 @@ def start_local_ray(num_cpus: int | None) -> None:
             dashboard_port=dashboard_port,
             log_to_driver=True,
         )
-
-
-@contextlib.contextmanager
-def host_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock shared by every process on this host (released if one dies)."""
-    path = os.path.join(tempfile.gettempdir(), f"mg-ray-{name}.lock")
-    # Read-only is enough for flock, and lets other users on the host open the same file.
-    handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
 
 
 @contextlib.contextmanager

@@ -13,8 +13,11 @@ folder: `$MG_RAY_HOME`, or `~/.mg-ray` when unset.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -78,6 +81,19 @@ def ensure_writable_file(path: Path, what: str) -> Path:
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise StorageError(f"{what}: file {path} is not writable. {_FIX}")
     return path
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """One process (or thread) at a time on this host: an exclusive `flock` on `lock_file`,
+    created if missing, released on leaving and by the process's death, even a SIGKILL."""
+    # Read-only is enough for flock, and lets other users on the host open the same file.
+    handle = os.open(lock_file, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 _FIX = (

@@ -170,8 +170,8 @@ def test_a_private_clusters_processes_reach_its_own_state_api_beside_another_clu
 
 # Holds the host lock `init_ray` takes around starting a local cluster, until its input ends.
 LOCK_HOLDER = (
-    "import sys; from mg_ray.cluster import host_lock\n"
-    "with host_lock('start-local-ray'):\n"
+    "import sys; from mg_ray.cluster import LOCAL_START_LOCK; from mg_ray.paths import exclusive\n"
+    "with exclusive(LOCAL_START_LOCK):\n"
     "    print('held', flush=True); sys.stdin.read()\n"
 )
 
@@ -184,7 +184,8 @@ def test_local_clusters_on_one_host_start_one_at_a_time():
     import sys
     import threading
 
-    from mg_ray.cluster import host_lock
+    from mg_ray.cluster import LOCAL_START_LOCK
+    from mg_ray.paths import exclusive
 
     holder = subprocess.Popen(
         [sys.executable, "-c", LOCK_HOLDER],
@@ -197,7 +198,7 @@ def test_local_clusters_on_one_host_start_one_at_a_time():
         got = threading.Event()
 
         def take() -> None:
-            with host_lock("start-local-ray"):
+            with exclusive(LOCAL_START_LOCK):
                 got.set()
 
         taker = threading.Thread(target=take, daemon=True)

@@ -8,7 +8,6 @@ so a wrong path or split name fails in a second, not inside the workers.
 from __future__ import annotations
 
 import argparse
-import fcntl
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +25,7 @@ def generate_once(root: Path, make: Callable[[Path], object]) -> None:
     in a fresh home would both generate, and the second would then refuse to replace the first's
     dataset. The second waits on a lock file beside `root` and finds the dataset there."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.generating", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with paths.exclusive(root.parent / f".{root.name}.generating"):
         if not root.exists():
             print(f"synthetic dataset not found; generating it in {root}")
             make(root)

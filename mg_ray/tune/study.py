@@ -366,7 +366,9 @@ def conclude(
 
 
 def study_model_spec(checked: Checked) -> dict[str, Any]:
-    """The model every trial trains: the searched values change no layer of it."""
+    """The model the study's trials train, with the probe's values. A searched frame count
+    changes only the fusion module's pose projections, whose temporal kernel is the pose-to-RGB
+    frame ratio: a few percent of the small preset's state."""
     probe, index = checked.probe, checked.index
     return model_spec(
         probe.model, probe.data, index.num_classes, probe.data.pose_channels(index.layout)
