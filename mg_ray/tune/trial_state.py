@@ -15,7 +15,8 @@ reports the trial's end:
 
 Tune tells its callbacks nothing about the trials still running when the study ends early
 (`time_budget_s`, an interruption): `close_unfinished` ends those once `Tuner.fit()` has returned
-and the trials' Train workers are gone. `Session.interrupted` says whether the study ended because
+and the trials' Train workers are gone; a trial the time budget ended before it started gets its
+run then too (`close_never_started`). `Session.interrupted` says whether the study ended because
 of a Ctrl-C or a SIGTERM: Tune catches the first SIGINT and returns from `fit()` normally, so this
 callback wraps the SIGINT handler Tune installs (in `setup`, which Tune calls after installing
 it) and hands a SIGTERM to the same handler; `Session.restore_signals` undoes that after `fit()`.
@@ -34,10 +35,11 @@ from ray.tune import Callback
 from ray.util.state import list_actors
 
 from mg_ray import tracking
+from mg_ray.config import flatten, to_dict
 from mg_ray.tracking import tags
 from mg_ray.tracking.models import log_run_model
 from mg_ray.tune.scheduling import MLFLOW_RUN_ID, MLFLOW_RUN_URL, tag_optuna_trial
-from mg_ray.tune.trial import StudyContext, run_key, train_run_name
+from mg_ray.tune.trial import StudyContext, run_key, train_run_name, trial_config
 
 # A trial's state (the `mg_ray.trial_state` tag) -> the status its MLflow run ends with.
 RUN_STATUS = {
@@ -64,6 +66,7 @@ class Session:
     interrupted: bool = False
     signum: int = signal.SIGINT  # the signal that interrupted it
     sigterm_before: Any = None  # the SIGTERM handler `TrialRuns.setup` replaced
+    configs: dict[str, dict] = field(default_factory=dict)  # every trial's, as `fit()` ended
 
     def restore_signals(self) -> None:
         """Put back the SIGTERM handler of before `fit()` (Tune restores its SIGINT one)."""
@@ -112,41 +115,7 @@ class TrialRuns(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         """Open the trial's run before its function runs (the function fills in its config)."""
-        ctx = self.session.ctx
-        client = tracking.client(ctx.tracking_uri)
-        experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
-        run_id, resumed = tracking.start_or_resume_run(
-            client,
-            experiment_id,
-            run_key(ctx, trial.trial_id),
-            run_name=f"{ctx.name}_{trial.trial_id}",
-            parent_run_id=ctx.parent_run_id,
-            tags={
-                tags.STUDY: ctx.name,
-                tags.ROLE: "trial",
-                tags.TRIAL: trial.trial_id,
-                tags.TRAIN_RUN: train_run_name(ctx, trial.trial_id),
-                tags.STORAGE_PATH: ctx.train_storage,
-            },
-        )
-        if resumed:  # how it ended before no longer holds
-            client.set_tag(run_id, tags.STATE, "running")
-            if tags.STOP_REASON in client.get_run(run_id).data.tags:
-                client.delete_tag(run_id, tags.STOP_REASON)
-        self.session.open[trial.trial_id] = run_id
-        number = tag_optuna_trial(  # the Optuna trial drawn for it links back to its run
-            ctx.optuna_storage,
-            ctx.name,
-            trial.trial_id,
-            **{
-                MLFLOW_RUN_ID: run_id,
-                MLFLOW_RUN_URL: tracking.ui_link(
-                    tracking.ui_base(ctx.tracking_uri), experiment_id, run_id
-                ),
-            },
-        )
-        if number is not None:  # and the run names it: ties between trials follow it
-            client.set_tag(run_id, tags.OPTUNA_TRIAL, str(number))
+        self.session.open[trial.trial_id] = open_run(self.session.ctx, trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if epochs_seen(trial) >= self.session.ctx.max_epochs:
@@ -163,6 +132,76 @@ class TrialRuns(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         close(self.session, trial.trial_id, "failed", epochs_seen(trial))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Tune's trials as `fit()` ends, with their configs: one the time budget ended before it
+        started has no run yet (`close_never_started`)."""
+        self.session.configs = {t.trial_id: dict(t.config) for t in trials}
+
+
+def open_run(ctx: StudyContext, trial_id: str) -> str:
+    """Open (or reopen, for a resumed trial) a trial's MLflow run, and link its Optuna trial and
+    its run to each other; returns the run's id."""
+    client = tracking.client(ctx.tracking_uri)
+    experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
+    run_id, resumed = tracking.start_or_resume_run(
+        client,
+        experiment_id,
+        run_key(ctx, trial_id),
+        run_name=f"{ctx.name}_{trial_id}",
+        parent_run_id=ctx.parent_run_id,
+        tags={
+            tags.STUDY: ctx.name,
+            tags.ROLE: "trial",
+            tags.TRIAL: trial_id,
+            tags.TRAIN_RUN: train_run_name(ctx, trial_id),
+            tags.STORAGE_PATH: ctx.train_storage,
+        },
+    )
+    if resumed:  # how it ended before no longer holds
+        client.set_tag(run_id, tags.STATE, "running")
+        if tags.STOP_REASON in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, tags.STOP_REASON)
+    number = tag_optuna_trial(  # the Optuna trial drawn for it links back to its run
+        ctx.optuna_storage,
+        ctx.name,
+        trial_id,
+        **{
+            MLFLOW_RUN_ID: run_id,
+            MLFLOW_RUN_URL: tracking.ui_link(
+                tracking.ui_base(ctx.tracking_uri), experiment_id, run_id
+            ),
+        },
+    )
+    if number is not None:  # and the run names it: ties between trials follow it
+        client.set_tag(run_id, tags.OPTUNA_TRIAL, str(number))
+    return run_id
+
+
+def close_never_started(session: Session) -> list[str]:
+    """After a study its time budget ended: give each trial Tune created but had not started (its
+    config drawn, its Optuna trial RUNNING, its function not yet called) the run it would have
+    had, with its config as parameters, ended `stopped` by the time budget after 0 epochs, as a
+    trial the budget cut in its first epoch ends; returns their trial ids. Without this, Tune
+    lists such a trial TERMINATED, MLflow lacks it and Optuna keeps it RUNNING for ever."""
+    ctx = session.ctx
+    client = tracking.client(ctx.tracking_uri)
+    experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
+    with_runs = {
+        r.data.tags.get(tags.TRIAL)
+        for r in client.search_runs(
+            [experiment_id],
+            f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
+            max_results=10_000,
+        )
+    }
+    never = [t for t in session.configs if t not in with_runs]
+    for trial_id in never:
+        run_id = session.open[trial_id] = open_run(ctx, trial_id)
+        config = flatten(to_dict(trial_config(ctx, session.configs[trial_id])))
+        tracking.log_params(client, run_id, config)
+        close(session, trial_id, "stopped", 0, reason="time_budget")
+    return never
 
 
 def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True) -> list[str]:
