@@ -293,10 +293,10 @@ def _run_study(
                 f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}"
             )
         if not session.interrupted and space.study.time_budget_s:
-            never = trial_state.close_never_started(session)
-            for trial_id in never:
-                print(f"trial {trial_id}: cut by the time budget before it started")
-            unfinished += never
+            waiting = trial_state.close_not_started(session, epochs)
+            for trial_id in waiting:
+                print(f"trial {trial_id}: cut by the time budget while it waited to start")
+            unfinished += waiting
         if not session.interrupted:  # an interrupted trial resumes: its Optuna trial stays open
             prune_optuna_trials(ctx.optuna_storage, ctx.name, unfinished)
         detach_orphans(client, ctx.parent_run_id)

@@ -15,11 +15,13 @@ reports the trial's end:
 
 Tune tells its callbacks nothing about the trials still running when the study ends early
 (`time_budget_s`, an interruption): `close_unfinished` ends those once `Tuner.fit()` has returned
-and the trials' Train workers are gone; a trial the time budget ended before it started gets its
-run then too (`close_never_started`). `Session.interrupted` says whether the study ended because
-of a Ctrl-C or a SIGTERM: Tune catches the first SIGINT and returns from `fit()` normally, so this
-callback wraps the SIGINT handler Tune installs (in `setup`, which Tune calls after installing
-it) and hands a SIGTERM to the same handler; `Session.restore_signals` undoes that after `fit()`.
+and the trials' Train workers are gone; `close_not_started` ends those the time budget ended
+while they waited to start (created, or restored by a resume, but not started yet).
+
+`Session.interrupted` says whether the study ended because of a Ctrl-C or a SIGTERM: Tune catches
+the first SIGINT and returns from `fit()` normally, so this callback wraps the SIGINT handler Tune
+installs (in `setup`, which Tune calls after installing it) and hands a SIGTERM to the same
+handler; `Session.restore_signals` undoes that after `fit()`.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class TrialRuns(Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         """Tune's trials as `fit()` ends, with their configs: one the time budget ended before it
-        started has no run yet (`close_never_started`)."""
+        started has no run yet, and one a resume restored and had not restarted has its
+        run left `interrupted` (`close_not_started`)."""
         self.session.configs = {t.trial_id: dict(t.config) for t in trials}
 
 
@@ -178,30 +181,37 @@ def open_run(ctx: StudyContext, trial_id: str) -> str:
     return run_id
 
 
-def close_never_started(session: Session) -> list[str]:
-    """After a study its time budget ended: give each trial Tune created but had not started (its
-    config drawn, its Optuna trial RUNNING, its function not yet called) the run it would have
-    had, with its config as parameters, ended `stopped` by the time budget after 0 epochs, as a
-    trial the budget cut in its first epoch ends; returns their trial ids. Without this, Tune
-    lists such a trial TERMINATED, MLflow lacks it and Optuna keeps it RUNNING for ever."""
+def close_not_started(session: Session, epochs: dict[str, int]) -> list[str]:
+    """After a study its time budget ended: end the runs of the trials Tune held unstarted then,
+    which `close_unfinished` does not know (their runs are not open in this session), as the
+    budget's trials end: `stopped`/`time_budget`, with the epochs Tune saw (`epochs`, per trial
+    id). Returns their trial ids. Two kinds:
+    - a trial Tune had created but not started (its config drawn, its Optuna trial RUNNING):
+      it gets the run it would have had, with its config as parameters, after 0 epochs;
+    - a trial a resume restored and had not restarted yet: its run, left `interrupted` (KILLED)
+      by the interruption, is reopened and ended.
+    Without this, such a trial is TERMINATED in Tune, RUNNING in Optuna for ever, and missing or
+    `interrupted` in MLflow in a study that is over."""
     ctx = session.ctx
     client = tracking.client(ctx.tracking_uri)
     experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
-    with_runs = {
-        r.data.tags.get(tags.TRIAL)
+    states = {
+        r.data.tags.get(tags.TRIAL): r.data.tags.get(tags.STATE)
         for r in client.search_runs(
             [experiment_id],
             f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
             max_results=10_000,
         )
     }
-    never = [t for t in session.configs if t not in with_runs]
-    for trial_id in never:
+    ended = ("completed", "stopped", "failed")
+    left = [t for t in session.configs if t not in session.open and states.get(t) not in ended]
+    for trial_id in left:
         run_id = session.open[trial_id] = open_run(ctx, trial_id)
-        config = flatten(to_dict(trial_config(ctx, session.configs[trial_id])))
-        tracking.log_params(client, run_id, config)
-        close(session, trial_id, "stopped", 0, reason="time_budget")
-    return never
+        if trial_id not in states:
+            config = flatten(to_dict(trial_config(ctx, session.configs[trial_id])))
+            tracking.log_params(client, run_id, config)
+        close(session, trial_id, "stopped", epochs.get(trial_id, 0), reason="time_budget")
+    return left
 
 
 def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True) -> list[str]:

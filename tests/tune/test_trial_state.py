@@ -1,0 +1,91 @@
+"""How a study's driver ends the runs of trials Tune never told it about: `close_not_started`,
+on a real sqlite MLflow store and a real Optuna storage (no Ray: Tune's part is the trials'
+configs and epochs, which `TrialRuns.on_experiment_end` and the driver hand over).
+
+The e2e test of the same ending, with Tune, is
+`tests/e2e/test_study_endings.py::test_a_time_budget_that_ends_before_the_trial_starts_...`;
+the case of a trial a resume restored is only here: Tune restarts the budget's clock on resume,
+and no study can be made to hit it on purpose in a test's time."""
+
+from __future__ import annotations
+
+import optuna
+
+from mg_ray import tracking
+from mg_ray.tracking import tags
+from mg_ray.tune.scheduling import TUNE_TRIAL_ID, prune_optuna_trials
+from mg_ray.tune.space import base_config_dict, load_space
+from mg_ray.tune.trial import StudyContext
+from mg_ray.tune.trial_state import Session, close_not_started, open_run
+
+SPACE = """\
+base: small
+study: {num_trials: 3, metric: val_top1, mode: max, time_budget_s: 60}
+parameters:
+  optim.lr: {type: categorical, choices: [0.01, 0.02]}
+"""
+
+
+def test_trials_the_budget_ended_while_they_waited_to_start_end_stopped_everywhere(tmp_path):
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    client = tracking.client(uri)
+    experiment_id = tracking.get_or_create_experiment(client, "mg-ray")
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space = load_space(tmp_path / "space.yaml")
+    parent = client.create_run(experiment_id, run_name="s").info.run_id
+    ctx = StudyContext(
+        name="s",
+        base=base_config_dict(space),
+        space=space,
+        tracking_uri=uri,
+        experiment="mg-ray",
+        parent_run_id=parent,
+        train_storage=str(tmp_path / "s_train"),
+        optuna_storage=storage,
+        max_epochs=4,
+    )
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for tune_id in ("done", "restored", "new"):  # what StudySearch draws: RUNNING, tagged
+        study.ask().set_user_attr(TUNE_TRIAL_ID, tune_id)
+    study.tell(0, 0.5)
+    session = Session(ctx)
+    # "done" completed; "restored" was interrupted after 2 epochs and the study resumed
+    for tune_id, state, status in (
+        ("done", "completed", "FINISHED"),
+        ("restored", "interrupted", "KILLED"),
+    ):
+        run_id = open_run(ctx, tune_id)
+        client.set_tag(run_id, tags.STATE, state)
+        client.set_tag(run_id, tags.EPOCHS, "2")
+        tracking.terminate_run(client, run_id, status)
+    # then the budget ran out with "restored" not yet restarted and "new" not yet started
+    session.configs = {t: {"optim.lr": 0.02} for t in ("done", "restored", "new")}
+
+    left = close_not_started(session, {"done": 4, "restored": 2})
+    prune_optuna_trials(storage, "s", left)
+
+    assert sorted(left) == ["new", "restored"] and not session.open
+    children = {
+        r.data.tags[tags.TRIAL]: r
+        for r in client.search_runs([experiment_id], f"tags.`{tags.PARENT}` = '{parent}'")
+    }
+    assert children["done"].data.tags[tags.STATE] == "completed"  # untouched
+    for tune_id, epochs in (("restored", "2"), ("new", "0")):
+        run = children[tune_id]
+        assert (run.info.status, run.data.tags[tags.STATE], run.data.tags[tags.EPOCHS]) == (
+            "FINISHED",
+            "stopped",
+            epochs,
+        )
+        assert run.data.tags[tags.STOP_REASON] == "time_budget"
+    assert float(children["new"].data.params["optim.lr"]) == 0.02  # its config, as a run's
+    trials = {
+        t.user_attrs[TUNE_TRIAL_ID]: t
+        for t in optuna.load_study(study_name="s", storage=storage).trials
+    }
+    assert {k: t.state.name for k, t in trials.items()} == {
+        "done": "COMPLETE",
+        "restored": "PRUNED",
+        "new": "PRUNED",
+    }
+    assert trials["new"].user_attrs["mlflow_run_id"] == children["new"].info.run_id
