@@ -200,3 +200,22 @@ def prune_optuna_trials(storage_url: str, study_name: str, tune_trial_ids: list[
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get(TUNE_TRIAL_ID) in tune_trial_ids:
             study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+
+
+def backfill_optuna_trials(
+    storage_url: str, study_name: str, histories: dict[str, list[tuple[int, float]]]
+) -> None:
+    """Give the RUNNING Optuna trials of an interrupted study every epoch their MLflow runs hold
+    (`histories`: (epochs completed, value) per Tune trial id, `trial_state.RunHistory`). The
+    Train controller logs an epoch into MLflow as soon as its checkpoint is recorded, before
+    Tune's report of it reaches the searcher, so an interruption can leave Optuna one epoch
+    behind; the resume reports that epoch again, and `StudySearch` keeps the value for its step."""
+    storage = optuna.storages.get_storage(storage_url)
+    for tune_trial_id, history in histories.items():
+        stored_id = running_trial_id(storage, study_name, tune_trial_id)
+        if stored_id is None:
+            continue
+        held = storage.get_trial(stored_id).intermediate_values
+        for step, value in history:
+            if held.get(step) != value:
+                storage.set_trial_intermediate_value(stored_id, step, value)

@@ -47,7 +47,12 @@ from mg_ray.train.loop import SharedIndex
 from mg_ray.tune import trial_state
 from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import summarise
-from mg_ray.tune.scheduling import FinishingASHA, StudySearch, prune_optuna_trials
+from mg_ray.tune.scheduling import (
+    FinishingASHA,
+    StudySearch,
+    backfill_optuna_trials,
+    prune_optuna_trials,
+)
 from mg_ray.tune.space import SearchSpace, base_config_dict, definition_fingerprint, trial_overrides
 from mg_ray.tune.trial import StudyContext, run_trial
 from mg_ray.tune.watch import DiskWatch, ResourceWatch, StudyStopped, local_folder
@@ -299,6 +304,11 @@ def _run_study(
             unfinished += waiting
         if not session.interrupted:  # an interrupted trial resumes: its Optuna trial stays open
             prune_optuna_trials(ctx.optuna_storage, ctx.name, unfinished)
+        else:  # with every epoch its run holds
+            history = trial_state.RunHistory(ctx)
+            backfill_optuna_trials(
+                ctx.optuna_storage, ctx.name, {t: history(t) for t in unfinished}
+            )
         detach_orphans(client, ctx.parent_run_id)
         if session.interrupted:
             status = "KILLED"

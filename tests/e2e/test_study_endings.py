@@ -371,9 +371,13 @@ def check_interrupted(client, home: Path, log: Path, first_run_id: str | None = 
     assert "mg_ray.stop_reason" not in child.data.tags  # an interruption is not a stop
     assert first_run_id in (None, child.info.run_id)
     assert not client.search_registered_models()  # an interrupted study promotes nothing
-    # Optuna: the one trial is still running, to be resumed (not failed, not drawn again)
+    # Optuna: the one trial is still running, to be resumed (not failed, not drawn again), with
+    # every epoch its run holds (the last one may have reached MLflow and not Tune)
     [trial] = optuna_study(home, "stopped-by-signal").trials
     assert trial.state.name == "RUNNING" and trial.user_attrs["mlflow_run_id"] == child.info.run_id
+    scores = client.get_metric_history(child.info.run_id, "best_val_top1")
+    by_epoch = {m.step + 1: m.value for m in sorted(scores, key=lambda m: m.timestamp)}
+    assert trial.intermediate_values == by_epoch, (trial.intermediate_values, by_epoch)
     return child.info.run_id
 
 

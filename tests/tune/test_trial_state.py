@@ -1,6 +1,8 @@
-"""How a study's driver ends the runs of trials Tune never told it about: `close_not_started`,
-on a real sqlite MLflow store and a real Optuna storage (no Ray: Tune's part is the trials'
-configs and epochs, which `TrialRuns.on_experiment_end` and the driver hand over).
+"""What a study's driver writes after `fit()` about trials Tune told it nothing of, on a real
+sqlite MLflow store and a real Optuna storage (no Ray: Tune's part is the trials' configs and
+epochs, which `TrialRuns.on_experiment_end` and the driver hand over): the runs of trials the
+time budget ended while they waited to start (`close_not_started`), and the epochs an
+interruption caught between MLflow and Optuna (`backfill_optuna_trials`).
 
 The e2e test of the same ending, with Tune, is
 `tests/e2e/test_study_endings.py::test_a_time_budget_that_ends_before_the_trial_starts_...`;
@@ -13,7 +15,7 @@ import optuna
 
 from mg_ray import tracking
 from mg_ray.tracking import tags
-from mg_ray.tune.scheduling import TUNE_TRIAL_ID, prune_optuna_trials
+from mg_ray.tune.scheduling import TUNE_TRIAL_ID, backfill_optuna_trials, prune_optuna_trials
 from mg_ray.tune.space import base_config_dict, load_space
 from mg_ray.tune.trial import StudyContext
 from mg_ray.tune.trial_state import Session, close_not_started, open_run
@@ -89,3 +91,21 @@ def test_trials_the_budget_ended_while_they_waited_to_start_end_stopped_everywhe
         "new": "PRUNED",
     }
     assert trials["new"].user_attrs["mlflow_run_id"] == children["new"].info.run_id
+
+
+def test_an_interrupted_trials_optuna_trial_gets_every_epoch_its_run_holds(tmp_path):
+    """At an interruption the Train controller may have logged an epoch into MLflow that Tune's
+    report has not brought to Optuna yet: `backfill_optuna_trials` adds it (and only to trials
+    still RUNNING, the ones the resume goes on with)."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for tune_id in ("open", "over"):
+        trial = study.ask()
+        trial.set_user_attr(TUNE_TRIAL_ID, tune_id)
+        trial.report(0.25, step=1)
+    study.tell(1, 0.25)
+
+    backfill_optuna_trials(storage, "s", {"open": [(1, 0.25), (2, 0.5)], "over": [(2, 0.75)]})
+
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.intermediate_values for t in trials] == [{1: 0.25, 2: 0.5}, {1: 0.25}]
