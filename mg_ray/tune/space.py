@@ -116,6 +116,7 @@ class StudySettings:
     metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
     max_concurrent: int | None = None  # None: as many as the cluster's CPUs/GPUs allow
+    # Tune's: the seconds each run of the command may take (a resumed study gets them again)
     time_budget_s: float | None = None
     seed: int = 0
     trial_driver_cpus: float = 0.1  # the Tune trial function only waits on its Train run
