@@ -297,18 +297,18 @@ def _run_study(
             print(
                 f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}"
             )
-        if not session.interrupted and space.study.time_budget_s:
-            waiting = trial_state.close_not_started(session, epochs)
-            for trial_id in waiting:
-                print(f"trial {trial_id}: cut by the time budget while it waited to start")
-            unfinished += waiting
-        if not session.interrupted:  # an interrupted trial resumes: its Optuna trial stays open
-            prune_optuna_trials(ctx.optuna_storage, ctx.name, unfinished)
-        else:  # with every epoch its run holds
+        if session.interrupted:  # its trials resume: their Optuna trials stay open, complete
             history = trial_state.RunHistory(ctx)
             backfill_optuna_trials(
                 ctx.optuna_storage, ctx.name, {t: history(t) for t in unfinished}
             )
+        else:
+            if space.study.time_budget_s:
+                waiting = trial_state.close_not_started(session, epochs)
+                for trial_id in waiting:
+                    print(f"trial {trial_id}: cut by the time budget while it waited to start")
+                unfinished += waiting
+            prune_optuna_trials(ctx.optuna_storage, ctx.name, unfinished)
         detach_orphans(client, ctx.parent_run_id)
         if session.interrupted:
             status = "KILLED"

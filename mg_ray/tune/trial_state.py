@@ -40,6 +40,7 @@ from mg_ray import tracking
 from mg_ray.config import flatten, to_dict
 from mg_ray.tracking import tags
 from mg_ray.tracking.models import log_run_model
+from mg_ray.tune.results import study_runs
 from mg_ray.tune.scheduling import MLFLOW_RUN_ID, MLFLOW_RUN_URL, tag_optuna_trial
 from mg_ray.tune.trial import StudyContext, run_key, train_run_name, trial_config
 
@@ -197,11 +198,7 @@ def close_not_started(session: Session, epochs: dict[str, int]) -> list[str]:
     experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
     states = {
         r.data.tags.get(tags.TRIAL): r.data.tags.get(tags.STATE)
-        for r in client.search_runs(
-            [experiment_id],
-            f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
-            max_results=10_000,
-        )
+        for r in study_runs(client, experiment_id, ctx.name)
     }
     ended = ("completed", "stopped", "failed")
     left = [t for t in session.configs if t not in session.open and states.get(t) not in ended]
@@ -262,14 +259,9 @@ def log_study_progress(client, ctx: StudyContext) -> None:
     history."""
     metric, mode = ctx.space.study.metric, ctx.space.study.mode
     experiment = client.get_experiment_by_name(ctx.experiment).experiment_id
-    runs = client.search_runs(
-        [experiment],
-        f"tags.`{tags.PARENT}` = '{ctx.parent_run_id}' and tags.`{tags.ROLE}` = 'trial'",
-        max_results=10_000,
-    )
     scores = [
         tracking.run_score(r, metric)
-        for r in runs
+        for r in study_runs(client, experiment, ctx.name)
         if r.data.tags.get(tags.STATE) in ("completed", "stopped")
     ]
     scores = [s for s in scores if s is not None]
