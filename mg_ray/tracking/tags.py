@@ -21,7 +21,7 @@ DEFINITION = "mg_ray.space_sha256"  # the fingerprint of a study's space or a pi
 # shows as the run's description.
 BEST_RUN, DESCRIPTION = "best_run_id", "mlflow.note.content"
 
-# How a trial ended (`mg_ray.tune.trial_state`): its state, why it was stopped, the epochs Tune saw.
+# How a trial ended (`mg_ray.tune.trial_state`): its state, why it was stopped, the epochs it ran.
 STATE, STOP_REASON, EPOCHS = "mg_ray.trial_state", "mg_ray.stop_reason", "mg_ray.trial_epochs"
 
 # Where a training run's Train run and checkpoints live.

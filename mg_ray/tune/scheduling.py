@@ -192,8 +192,9 @@ def running_trial_id(storage, study_name: str, tune_trial_id: str) -> int | None
 
 
 def prune_optuna_trials(storage_url: str, study_name: str, tune_trial_ids: list[str]) -> None:
-    """Tell Optuna the trials the study's time budget cut are PRUNED (with their last values):
-    Tune ends a study's running trials at its time budget without telling the searcher."""
+    """Tell Optuna the trials the study's time budget cut are PRUNED, each with the value of its
+    last intermediate step (Optuna's rule for a pruned trial told no value): Tune ends a study's
+    running trials at its time budget without telling the searcher."""
     if not tune_trial_ids:
         return
     study = optuna.load_study(study_name=study_name, storage=storage_url)
@@ -205,11 +206,13 @@ def prune_optuna_trials(storage_url: str, study_name: str, tune_trial_ids: list[
 def backfill_optuna_trials(
     storage_url: str, study_name: str, histories: dict[str, list[tuple[int, float]]]
 ) -> None:
-    """Give the RUNNING Optuna trials of an interrupted study every epoch their MLflow runs hold
-    (`histories`: (epochs completed, value) per Tune trial id, `trial_state.RunHistory`). The
-    Train controller logs an epoch into MLflow as soon as its checkpoint is recorded, before
-    Tune's report of it reaches the searcher, so an interruption can leave Optuna one epoch
-    behind; the resume reports that epoch again, and `StudySearch` keeps the value for its step."""
+    """Give the RUNNING Optuna trials of a study that ended early (interrupted, or cut by its time
+    budget) every epoch their MLflow runs hold (`histories`: (epochs completed, value) per Tune
+    trial id, `trial_state.RunHistory`). The Train controller logs an epoch into MLflow as soon
+    as its checkpoint is recorded, before Tune's report of it reaches the searcher, so such an
+    ending can leave Optuna one epoch behind. An interrupted trial's resume reports that epoch
+    again, and `StudySearch` keeps the value for its step; a cut one is then pruned with it
+    (`prune_optuna_trials`)."""
     storage = optuna.storages.get_storage(storage_url)
     for tune_trial_id, history in histories.items():
         stored_id = running_trial_id(storage, study_name, tune_trial_id)

@@ -47,12 +47,7 @@ from mg_ray.train.loop import SharedIndex
 from mg_ray.tune import trial_state
 from mg_ray.tune.lock import driver_lock
 from mg_ray.tune.results import summarise
-from mg_ray.tune.scheduling import (
-    FinishingASHA,
-    StudySearch,
-    backfill_optuna_trials,
-    prune_optuna_trials,
-)
+from mg_ray.tune.scheduling import FinishingASHA, StudySearch
 from mg_ray.tune.space import SearchSpace, base_config_dict, definition_fingerprint, trial_overrides
 from mg_ray.tune.trial import StudyContext, run_trial
 from mg_ray.tune.watch import DiskWatch, ResourceWatch, StudyStopped, local_folder
@@ -297,18 +292,12 @@ def _run_study(
             print(
                 f"trial {trial_id}: {'interrupted' if session.interrupted else 'cut by the time budget'}"
             )
-        if session.interrupted:  # its trials resume: their Optuna trials stay open, complete
-            history = trial_state.RunHistory(ctx)
-            backfill_optuna_trials(
-                ctx.optuna_storage, ctx.name, {t: history(t) for t in unfinished}
-            )
-        else:
-            if space.study.time_budget_s:
-                waiting = trial_state.close_not_started(session, epochs)
-                for trial_id in waiting:
-                    print(f"trial {trial_id}: cut by the time budget while it waited to start")
-                unfinished += waiting
-            prune_optuna_trials(ctx.optuna_storage, ctx.name, unfinished)
+        if not session.interrupted and space.study.time_budget_s:
+            waiting = trial_state.close_not_started(session, epochs)
+            for trial_id in waiting:
+                print(f"trial {trial_id}: cut by the time budget while it waited to start")
+            unfinished += waiting
+        trial_state.settle_optuna_trials(session, unfinished)
         detach_orphans(client, ctx.parent_run_id)
         if session.interrupted:
             status = "KILLED"

@@ -41,7 +41,13 @@ from mg_ray.config import flatten, to_dict
 from mg_ray.tracking import tags
 from mg_ray.tracking.models import log_run_model
 from mg_ray.tune.results import study_runs
-from mg_ray.tune.scheduling import MLFLOW_RUN_ID, MLFLOW_RUN_URL, tag_optuna_trial
+from mg_ray.tune.scheduling import (
+    MLFLOW_RUN_ID,
+    MLFLOW_RUN_URL,
+    backfill_optuna_trials,
+    prune_optuna_trials,
+    tag_optuna_trial,
+)
 from mg_ray.tune.trial import StudyContext, run_key, train_run_name, trial_config
 
 # A trial's state (the `mg_ray.trial_state` tag) -> the status its MLflow run ends with.
@@ -202,37 +208,56 @@ def close_not_started(session: Session, epochs: dict[str, int]) -> list[str]:
     }
     ended = ("completed", "stopped", "failed")
     left = [t for t in session.configs if t not in session.open and states.get(t) not in ended]
+    held = RunHistory(ctx)
     for trial_id in left:
         run_id = session.open[trial_id] = open_run(ctx, trial_id)
         if trial_id not in states:
             config = flatten(to_dict(trial_config(ctx, session.configs[trial_id])))
             tracking.log_params(client, run_id, config)
-        close(session, trial_id, "stopped", epochs.get(trial_id, 0), reason="time_budget")
+        ran = max(epochs.get(trial_id, 0), held.epochs(trial_id))
+        close(session, trial_id, "stopped", ran, reason="time_budget")
     return left
 
 
 def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True) -> list[str]:
     """After `Tuner.fit()`: end the runs of trials that were still running when the study ended
     (the time budget, or a Ctrl-C), once their Train workers are gone (`wait`); returns their
-    trial ids. `epochs`: the epochs Tune saw, per trial id."""
+    trial ids. `epochs`: the epochs Tune saw, per trial id. A run's `mg_ray.trial_epochs` counts
+    the epochs it holds, which can be one more than Tune saw: the Train controller logs an epoch
+    as soon as its checkpoint is recorded, before Tune's report of it arrives (and the driver
+    gives Optuna that epoch too, `scheduling.backfill_optuna_trials`)."""
     if not session.open:
         return []
     if wait:
         wait_for_train_actors_to_end()
     state, reason = ("interrupted", None) if session.interrupted else ("stopped", "time_budget")
+    held = RunHistory(session.ctx)
     ended = list(session.open)
     for trial_id in ended:
         try:
-            close(session, trial_id, state, epochs.get(trial_id, 0), reason=reason)
+            ran = max(epochs.get(trial_id, 0), held.epochs(trial_id))
+            close(session, trial_id, state, ran, reason=reason)
         except Exception as err:  # noqa: BLE001 (one run that cannot be closed must not keep the others open)
             print(f"warning: trial {trial_id}: its MLflow run could not be closed ({err})")
     return ended
 
 
+def settle_optuna_trials(session: Session, trial_ids: list[str]) -> None:
+    """After `close_unfinished` (and `close_not_started`) ended these trials' runs: their Optuna
+    trials get every epoch the runs hold, as `mg_ray.trial_epochs` counts them (one may have
+    reached MLflow and not Tune). An interrupted study's stay RUNNING and resume from there; the
+    time budget's are PRUNED, with the last of those epochs as their value."""
+    ctx = session.ctx
+    history = RunHistory(ctx)
+    backfill_optuna_trials(ctx.optuna_storage, ctx.name, {t: history(t) for t in trial_ids})
+    if not session.interrupted:
+        prune_optuna_trials(ctx.optuna_storage, ctx.name, trial_ids)
+
+
 def close(
     session: Session, trial_id: str, state: str, epochs: int, reason: str | None = None
 ) -> None:
-    """End a trial's run: its state and the epochs Tune saw as tags, the matching run status. The
+    """End a trial's run: its state and the epochs it ran as tags, the matching run status. The
     trial stays among the open ones until its run has ended: cut short (a second Ctrl-C, say), the
     study's last `close_unfinished` ends it."""
     run_id = session.open.get(trial_id)
@@ -278,7 +303,8 @@ def log_study_progress(client, ctx: StudyContext) -> None:
 class RunHistory:
     """What a study's trial reported before, read back from its MLflow run: (epochs completed,
     the study's objective, `tracking.score_name`) per epoch, the last value logged at each step.
-    `FinishingASHA` replays it into its rungs when a resumed study restores the trial."""
+    `FinishingASHA` replays it into its rungs when a resumed study restores the trial, and a study
+    that ends early counts a trial's epochs from it (`close_unfinished`, `settle_optuna_trials`)."""
 
     ctx: StudyContext
 
@@ -297,6 +323,11 @@ class RunHistory:
         )
         by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
         return [(step + 1, value) for step, value in sorted(by_step.items())]
+
+    def epochs(self, trial_id: str) -> int:
+        """How many epochs the trial's run holds (0 for none, or no run)."""
+        history = self(trial_id)
+        return history[-1][0] if history else 0
 
 
 def epochs_seen(trial: Any) -> int:

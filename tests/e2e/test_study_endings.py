@@ -303,18 +303,22 @@ def budget_study(tiny_dataset, tmp_path: Path, budget_s: float = 55) -> tuple[st
         child.data.tags["mg_ray.trial_state"] == "stopped"
         and child.data.tags["mg_ray.stop_reason"] == "time_budget"
     )
-    # Its run holds the epochs Tune saw, and perhaps the one that ended as the budget ran out
-    # (logged before Tune got it); nothing after the run was ended.
+    # Its run counts every epoch it holds, the one that ended as the budget ran out included
+    # (logged before Tune got it: the driver reads the run, not Tune); nothing after the run was
+    # ended. Optuna holds the same epochs and has the trial pruned with the run's score.
     history = client.get_metric_history(child.info.run_id, "val_top1")
     seen = int(child.data.tags["mg_ray.trial_epochs"])
-    assert 0 <= seen <= epochs_logged(client, child.info.run_id) <= seen + 1 and seen < 200
+    assert seen == epochs_logged(client, child.info.run_id) and seen < 200
     assert all(m.timestamp <= child.info.end_time for m in history)
-    [cut] = optuna_study(home, "budget").trials  # pruned in Optuna, with its last score if any
-    assert cut.state.name == "PRUNED" and len(cut.intermediate_values) == seen
+    [cut] = optuna_study(home, "budget").trials
+    assert cut.state.name == "PRUNED" and sorted(cut.intermediate_values) == list(
+        range(1, seen + 1)
+    )
     if seen:
         scores = client.get_metric_history(child.info.run_id, "best_val_top1")
         assert cut.value == {m.step + 1: m.value for m in scores}[seen]
-    else:  # cut before Tune saw an epoch: Optuna has no score (the run may hold that epoch)
+        assert cut.value == child.data.metrics["best_val_top1"]
+    else:  # cut before its first epoch ended: no score anywhere
         assert cut.value is None
 
     again = run(home, *args)  # the same command: the study is over, nothing fails, nothing is added
@@ -384,6 +388,8 @@ def check_interrupted(client, home: Path, log: Path, first_run_id: str | None = 
     held = {m.step + 1: by_epoch[m.step + 1] for m in scores if m.timestamp <= child.info.end_time}
     optuna_held = trial.intermediate_values
     assert held.items() <= optuna_held.items() <= by_epoch.items(), (optuna_held, by_epoch)
+    # and the run counts the epochs it held then (read from it just before it was ended)
+    assert int(child.data.tags["mg_ray.trial_epochs"]) == max(held, default=0), (child, held)
     return child.info.run_id
 
 
