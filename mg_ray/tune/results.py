@@ -262,25 +262,26 @@ def log_optuna_plots(study: str, optuna_storage: str, logger) -> None:
     """Optuna's interactive plots of the study (plotly), in one HTML file the MLflow UI renders
     (`study/optuna_plots.html`, plotly.js inside it: the UI may have no internet): optimisation
     history, parallel coordinates (log axes for log-scaled parameters) and parameter importances.
-    A plot that cannot be drawn (importances need 2 completed trials) says why in its place."""
+    A plot that cannot be drawn (the history needs a completed trial, the others 2) says why in
+    its place."""
     # Imported here: heavy (plotly), and only the end of a study draws.
     from optuna import visualization
 
     loaded = optuna.load_study(study_name=study, storage=optuna_storage)
     complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    plots = {
-        "Optimisation history": visualization.plot_optimization_history,
-        "Parallel coordinates": visualization.plot_parallel_coordinate,
-        "Parameter importances": visualization.plot_param_importances,
+    plots = {  # title: (plot, the completed trials it needs)
+        "Optimisation history": (visualization.plot_optimization_history, 1),
+        "Parallel coordinates": (visualization.plot_parallel_coordinate, 2),
+        "Parameter importances": (visualization.plot_param_importances, 2),
     }
     parts, with_js = [], True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for title, plot in plots.items():
+        for title, (plot, needs) in plots.items():
             parts.append(f"<h2>{html.escape(title)}</h2>")
             try:
-                if plot is not visualization.plot_optimization_history and len(complete) < 2:
-                    raise ValueError("needs at least 2 completed trials")
+                if len(complete) < needs:  # (Optuna would warn, and draw an empty history)
+                    raise ValueError(f"needs {needs} completed trial{'s' * (needs > 1)}")
                 parts.append(plot(loaded).to_html(full_html=False, include_plotlyjs=with_js))
                 with_js = False  # once per page
             except Exception as err:  # noqa: BLE001 (plots are a convenience: never fail the study on one)

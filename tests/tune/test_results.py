@@ -6,6 +6,7 @@ other studies are not looked at."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -169,3 +170,41 @@ def test_the_study_page_links_the_best_trial_and_ranks_every_trial(store):
     assert [r.split(" | ")[1].split("]")[0] for r in rows] == ["[s-2", "[s-1", "[s-3", "[s-4"]
     assert rows[0].startswith("| 1 |") and rows[2].startswith("|  |")  # stopped: no rank
     assert f"runs/{low})" in rows[1] and "| 0.8123 |" in rows[0]
+
+
+@pytest.mark.parametrize("completed", [0, 2])
+def test_optuna_plots_need_completed_trials_and_say_so(tmp_path, caplog, completed):
+    """The study's plot page (a real MLflow run's artifact): with no completed trial (all of them
+    pruned, say) no plot is drawn and each says why, without Optuna's warning of an empty
+    history; with 2, all three are drawn."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from mg_ray.tracking.reports import RunLogger
+    from mg_ray.tune.results import log_optuna_plots
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    lr = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
+    for k in range(3):
+        trial = study.ask(lr)
+        trial.report(0.1 * k, step=1)
+        if k < completed:
+            study.tell(trial, 0.1 * k)
+        else:
+            study.tell(trial, state=TrialState.PRUNED)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id = client.create_run(client.create_experiment("plots")).info.run_id
+
+    with caplog.at_level("WARNING", logger="optuna"):
+        log_optuna_plots("s", storage, RunLogger(uri, run_id))
+
+    (tmp_path / "page").mkdir()
+    page = client.download_artifacts(run_id, "study/optuna_plots.html", str(tmp_path / "page"))
+    text = Path(page).read_text()
+    assert "no complete trials" not in caplog.text.lower()
+    if completed:
+        assert "not plotted" not in text and text.count("plotly-graph-div") >= 3
+    else:
+        assert text.count("not plotted: needs") == 3 and "needs 1 completed trial<" in text
