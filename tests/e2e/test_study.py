@@ -348,8 +348,9 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     study_page = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90)
-        # Each page is dumped again (at most three times) until what it is checked for has
-        # rendered: on a loaded machine the UI may still be fetching when the dump is taken.
+        # Each page is dumped again (at most three times; the artifact view, the slowest to
+        # render, five) until what it is checked for has rendered: on a loaded machine the UI
+        # may still be fetching when the dump is taken.
         dom = dump_dom(chromium, home, url, until='col-id="metrics.`best_val_top1`"')
         page = dump_dom(chromium, home, study_page, until="Best trial")
         artifact = dump_dom(
@@ -357,6 +358,7 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
             home,
             f"{study_page}/artifacts/study/optuna_plots.html",
             until="mlflow-html-iframe",
+            tries=5,
         )
         model_id = client.get_run(best_run_id).outputs.model_outputs[0].model_id
         model_page = dump_dom(

@@ -497,11 +497,14 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
     # The trial's checkpoints but its oldest are truncated (a disk that filled up, say): the
     # resume skips the one Ray Train holds as latest, with a warning naming it, and takes an
     # older one. (Which is latest is Ray Train's to say: a kill between writing a checkpoint and
-    # registering it leaves a newer folder Ray Train never uses.)
-    _oldest, *newer = sorted(
+    # registering it leaves a newer folder Ray Train never uses.) Ray Train keeps the best and
+    # the latest, which are one checkpoint when the latest epoch is the best so far: that one is
+    # truncated, and the resume skips it and trains from the start.
+    checkpoints = sorted(
         (home / "ray_results" / "stopped-by-signal_train").glob("*/checkpoint_*/checkpoint.pt"),
         key=lambda f: f.parent.name,
     )
+    newer = checkpoints[1:] or checkpoints
     for checkpoint in newer:
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
 
@@ -513,7 +516,7 @@ def interrupt_resume_and_complete(tiny_dataset, tmp_path: Path, disk: Path | Non
         client, home, "stopped-by-signal", trials=1, parent_status="FINISHED"
     ).values()
     assert resumed.info.run_id == run_id and resumed.data.tags["mg_ray.trial_state"] == "completed"
-    assert epochs_logged(client, resumed.info.run_id) == EPOCHS  # resumed twice, not rerun
+    assert epochs_logged(client, resumed.info.run_id) == EPOCHS  # in the one run, each once
     [trial] = optuna_study(home, "stopped-by-signal").trials  # the same Optuna trial, completed
     assert trial.state.name == "COMPLETE"
     assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
