@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,9 +349,9 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     study_page = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=90)
-        # Each page is dumped again (at most three times; the artifact view, the slowest to
-        # render, five) until what it is checked for has rendered: on a loaded machine the UI
-        # may still be fetching when the dump is taken.
+        # Each page is dumped again until what it is checked for has rendered: on a loaded
+        # machine the UI may still be fetching when the dump is taken (the artifact view says
+        # "Artifact loading" while it reads the 4.6 MB page of plots).
         dom = dump_dom(chromium, home, url, until='col-id="metrics.`best_val_top1`"')
         page = dump_dom(chromium, home, study_page, until="Best trial")
         artifact = dump_dom(
@@ -358,7 +359,6 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
             home,
             f"{study_page}/artifacts/study/optuna_plots.html",
             until="mlflow-html-iframe",
-            tries=5,
         )
         model_id = client.get_run(best_run_id).outputs.model_outputs[0].model_id
         model_page = dump_dom(
@@ -392,10 +392,13 @@ def check_mlflow_view(home: Path, client, stdout: str, parent, children) -> None
     assert drawn.count("js-plotly-plot") >= 2 and "parcoords" in drawn, drawn[:2000]
 
 
-def dump_dom(chromium: str, home: Path, url: str, until: str = "", tries: int = 3) -> str:
-    """The DOM of `url` once headless Chromium has run its scripts (20 s of virtual time),
-    taken again, up to `tries` times, while it lacks `until`; the last dump is returned."""
-    for _ in range(tries):
+def dump_dom(chromium: str, home: Path, url: str, until: str = "", patience_s: float = 180) -> str:
+    """The DOM of `url` once headless Chromium has run its scripts (20 s of virtual time), taken
+    again while it lacks `until`, for up to `patience_s` seconds; the last dump is returned. On
+    a loaded machine a dump can end after a few seconds with the page still fetching (three
+    tries, then five, ran out that way in CI), so the patience is counted in seconds."""
+    deadline = time.monotonic() + patience_s
+    while True:
         dom = subprocess.run(
             [
                 chromium,
@@ -418,9 +421,8 @@ def dump_dom(chromium: str, home: Path, url: str, until: str = "", tries: int = 
             timeout=180,
             check=False,
         ).stdout
-        if until in dom:
-            break
-    return dom
+        if until in dom or time.monotonic() > deadline:
+            return dom
 
 
 def check_optuna_dashboard(
@@ -483,7 +485,6 @@ def free_port() -> int:
 
 
 def wait_for_http(url: str, timeout: float) -> None:
-    import time
     import urllib.request
 
     deadline = time.monotonic() + timeout
