@@ -76,6 +76,8 @@ class Session:
     signum: int = signal.SIGINT  # the signal that interrupted it
     sigterm_before: Any = None  # the SIGTERM handler `TrialRuns.setup` replaced
     configs: dict[str, dict] = field(default_factory=dict)  # every trial's, as `fit()` ended
+    # per trial the study's early end closed: the (epoch, score) its run held then (`close_early`)
+    held: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def restore_signals(self) -> None:
         """Put back the SIGTERM handler of before `fit()` (Tune restores its SIGINT one)."""
@@ -208,48 +210,50 @@ def close_not_started(session: Session, epochs: dict[str, int]) -> list[str]:
     }
     ended = ("completed", "stopped", "failed")
     left = [t for t in session.configs if t not in session.open and states.get(t) not in ended]
-    held = RunHistory(ctx)
     for trial_id in left:
         run_id = session.open[trial_id] = open_run(ctx, trial_id)
         if trial_id not in states:
             config = flatten(to_dict(trial_config(ctx, session.configs[trial_id])))
             tracking.log_params(client, run_id, config)
-        ran = max(epochs.get(trial_id, 0), held.epochs(trial_id))
-        close(session, trial_id, "stopped", ran, reason="time_budget")
+        close_early(session, trial_id, "stopped", epochs.get(trial_id, 0), reason="time_budget")
     return left
 
 
 def close_unfinished(session: Session, epochs: dict[str, int], wait: bool = True) -> list[str]:
     """After `Tuner.fit()`: end the runs of trials that were still running when the study ended
     (the time budget, or a Ctrl-C), once their Train workers are gone (`wait`); returns their
-    trial ids. `epochs`: the epochs Tune saw, per trial id. A run's `mg_ray.trial_epochs` counts
-    the epochs it holds, which can be one more than Tune saw: the Train controller logs an epoch
-    as soon as its checkpoint is recorded, before Tune's report of it arrives (and the driver
-    gives Optuna that epoch too, `scheduling.backfill_optuna_trials`)."""
+    trial ids. `epochs`: the epochs Tune saw, per trial id."""
     if not session.open:
         return []
     if wait:
         wait_for_train_actors_to_end()
     state, reason = ("interrupted", None) if session.interrupted else ("stopped", "time_budget")
-    held = RunHistory(session.ctx)
     ended = list(session.open)
     for trial_id in ended:
         try:
-            ran = max(epochs.get(trial_id, 0), held.epochs(trial_id))
-            close(session, trial_id, state, ran, reason=reason)
+            close_early(session, trial_id, state, epochs.get(trial_id, 0), reason=reason)
         except Exception as err:  # noqa: BLE001 (one run that cannot be closed must not keep the others open)
             print(f"warning: trial {trial_id}: its MLflow run could not be closed ({err})")
     return ended
 
 
+def close_early(session: Session, trial_id: str, state: str, seen: int, reason: str | None) -> None:
+    """End the run of a trial the study's early end caught (its time budget, an interruption)
+    with the epochs the run holds, `seen` (Tune's count) or one more: the Train controller logs
+    an epoch as soon as its checkpoint is recorded, before Tune's report of it arrives. What the
+    run held is kept in `session.held`, for `settle_optuna_trials` to give Optuna the same."""
+    held = session.held[trial_id] = RunHistory(session.ctx)(trial_id)
+    close(session, trial_id, state, max(seen, held[-1][0] if held else 0), reason=reason)
+
+
 def settle_optuna_trials(session: Session, trial_ids: list[str]) -> None:
     """After `close_unfinished` (and `close_not_started`) ended these trials' runs: their Optuna
-    trials get every epoch the runs hold, as `mg_ray.trial_epochs` counts them (one may have
-    reached MLflow and not Tune). An interrupted study's stay RUNNING and resume from there; the
+    trials get every epoch the runs held then (`session.held`), the epochs their
+    `mg_ray.trial_epochs` counts. An interrupted study's stay RUNNING and resume from there; the
     time budget's are PRUNED, with the last of those epochs as their value."""
     ctx = session.ctx
-    history = RunHistory(ctx)
-    backfill_optuna_trials(ctx.optuna_storage, ctx.name, {t: history(t) for t in trial_ids})
+    histories = {t: session.held.get(t, []) for t in trial_ids}
+    backfill_optuna_trials(ctx.optuna_storage, ctx.name, histories)
     if not session.interrupted:
         prune_optuna_trials(ctx.optuna_storage, ctx.name, trial_ids)
 
@@ -304,7 +308,7 @@ class RunHistory:
     """What a study's trial reported before, read back from its MLflow run: (epochs completed,
     the study's objective, `tracking.score_name`) per epoch, the last value logged at each step.
     `FinishingASHA` replays it into its rungs when a resumed study restores the trial, and a study
-    that ends early counts a trial's epochs from it (`close_unfinished`, `settle_optuna_trials`)."""
+    that ends early counts a trial's epochs from it (`close_early`)."""
 
     ctx: StudyContext
 
@@ -323,11 +327,6 @@ class RunHistory:
         )
         by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
         return [(step + 1, value) for step, value in sorted(by_step.items())]
-
-    def epochs(self, trial_id: str) -> int:
-        """How many epochs the trial's run holds (0 for none, or no run)."""
-        history = self(trial_id)
-        return history[-1][0] if history else 0
 
 
 def epochs_seen(trial: Any) -> int:
